@@ -1,0 +1,271 @@
+"""AdaptationPlan: for every target module its rank, shared group, block count and adapter kind.
+
+A plan is plain data (frozen dataclasses, JSON on disk). Adapter kinds and their factors:
+
+- ``lora``:  A ``(r, d_in)``, B ``(d_out, r)``; with ``blocks = n > 1`` they are block-diagonal
+  (MELoRA): n blocks ``A_i (r, d_in/n)``, ``B_i (d_out/n, r)`` — same parameter count.
+- ``dora``:  A, B as ``lora`` plus a per-module magnitude ``m (d_out)``, never shared.
+- ``vera``:  frozen A ``(R, d_in)`` and B ``(d_out, R)``; trainable ``d (r)`` and ``b (d_out)``.
+- ``lori``:  frozen A ``(r, d_in)``; trainable B ``(d_out, r)`` under a fixed sparsity mask that
+  keeps ``lori_kept(d_out * r, sparsity)`` entries.
+- ``flex``:  P ``(d_out, c)``, λ ``(c)``, Q ``(c, d_in)`` with capacity c, r directions active.
+
+``ModulePlan.shared`` maps a factor name (``"A"``, ``"B"``, ``"d"``, ``"b"``) to a group id; the
+group's tensor is one parameter of rank ``GroupPlan.rank`` referenced by every member, and a
+member of rank ``r < GroupPlan.rank`` uses its first r rows of A / columns of B (the
+E²ShareLoRA slice). ``ModulePlan.group`` is the module's sharing interval (or type-wide group for
+ShareLoRA), null when nothing is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .files import atomic_write_text
+from .targets import get_module, is_linear, linear_dims
+
+FORMAT = "entrolora.plan"
+FORMAT_VERSION = 1
+KINDS = ("lora", "dora", "vera", "lori", "flex")
+FROZEN_FACTORS = {"vera": ("A", "B"), "lori": ("A",)}
+
+
+def lori_kept(numel: int, sparsity: float) -> int:
+    """Entries of a LoRI B matrix left trainable by a mask of the given sparsity."""
+    return numel - int(round(sparsity * numel))
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """The adapter of one target module (see the module docstring for kinds and factors)."""
+
+    rank: int
+    d_in: int
+    d_out: int
+    module_type: str
+    layer: int
+    kind: str = "lora"
+    group: str | None = None
+    blocks: int = 1
+    shared: dict[str, str] = field(default_factory=dict)
+    capacity: int | None = None  # flex only
+    sparsity: float | None = None  # lori only
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
+        n = self.blocks
+        if n < 1 or n & (n - 1) or self.d_in % n or self.d_out % n:
+            raise ValueError(
+                f"blocks={n} must be a power of two dividing d_in={self.d_in} and d_out={self.d_out}"
+            )
+        if self.kind == "flex" and (self.capacity is None or self.capacity < self.rank):
+            raise ValueError(f"a flex module needs capacity ≥ rank; got {self.capacity}")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """A shared group: its members (ordered by layer), the factors they share and their rank."""
+
+    members: tuple[str, ...]
+    factors: tuple[str, ...]
+    rank: int
+    module_type: str
+
+
+@dataclass(frozen=True)
+class AdaptationPlan:
+    """Where LoRA capacity goes: one ``ModulePlan`` per target module, plus shared groups."""
+
+    method: str
+    modules: dict[str, ModulePlan]
+    groups: dict[str, GroupPlan] = field(default_factory=dict)
+    lora_alpha: float = 16.0
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError("a plan needs at least one module")
+        for name, m in self.modules.items():
+            for factor, gid in m.shared.items():
+                g = self.groups.get(gid)
+                if g is None:
+                    raise ValueError(f"module {name!r} shares {factor} with unknown group {gid!r}")
+                if name not in g.members or factor not in g.factors:
+                    raise ValueError(f"group {gid!r} does not list module {name!r} / factor {factor}")
+                if factor in ("A", "B", "d") and m.rank > g.rank:
+                    raise ValueError(f"module {name!r} has rank {m.rank} above its group's {g.rank}")
+            if m.group is not None and m.group not in self.groups:
+                raise ValueError(f"module {name!r} names unknown group {m.group!r}")
+
+    # -- counting -----------------------------------------------------------------------------
+    def num_trainable_params(self) -> int:
+        """Trainable parameters, each shared tensor counted once (flex: active directions)."""
+        total = 0
+        seen: set[tuple[str, str]] = set()
+        for m in self.modules.values():
+            for factor, numel in _trainable_factors(m).items():
+                gid = m.shared.get(factor)
+                if gid is None:
+                    total += numel
+                elif (gid, factor) not in seen:
+                    seen.add((gid, factor))
+                    total += _group_numel(self.groups[gid], factor, m)
+        return total
+
+    @property
+    def max_rank(self) -> int:
+        """Largest per-module exported rank (block-diagonal: blocks·rank)."""
+        return max(m.rank * m.blocks for m in self.modules.values())
+
+    # -- checks -------------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Raise ValueError naming the first module that is missing, not linear or mis-shaped."""
+        for name, m in self.modules.items():
+            module = get_module(model, name)
+            if not is_linear(module):
+                raise ValueError(
+                    f"plan module {name!r} is a {type(module).__name__} in this model, not a "
+                    "linear layer; the plan was made for another model"
+                )
+            d_in, d_out = linear_dims(module)
+            if (d_in, d_out) != (m.d_in, m.d_out):
+                raise ValueError(
+                    f"plan module {name!r} expects d_in×d_out {m.d_in}×{m.d_out} but the model has "
+                    f"{d_in}×{d_out}; the plan was made for another model"
+                )
+
+    # -- presentation -------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A plain-text table: one row per module type, one column per layer, ``rank/group/blocks``."""
+        by_type: dict[str, dict[int, ModulePlan]] = {}
+        for m in self.modules.values():
+            by_type.setdefault(m.module_type, {})[m.layer] = m
+        layers = sorted({m.layer for m in self.modules.values()})
+        lines = [
+            f"method {self.method}  lora_alpha {self.lora_alpha:g}  modules {len(self.modules)}  "
+            f"groups {len(self.groups)}  trainable params {self.num_trainable_params():,}",
+            "cell: rank[xblocks][@group]",
+        ]
+        width = max(len(t) for t in by_type)
+        cells = {
+            t: {layer: _cell(m) for layer, m in row.items()} for t, row in by_type.items()
+        }
+        colw = max(3, *(len(c) for row in cells.values() for c in row.values()))
+        lines.append(" " * width + " | " + " ".join(f"{layer:>{colw}}" for layer in layers))
+        for t, row in cells.items():
+            lines.append(
+                f"{t:<{width}} | " + " ".join(f"{row.get(layer, '-'):>{colw}}" for layer in layers)
+            )
+        return "\n".join(lines)
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "lora_alpha": self.lora_alpha,
+            "options": self.options,
+            "modules": {n: asdict(m) for n, m in self.modules.items()},
+            "groups": {g: asdict(v) for g, v in self.groups.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AdaptationPlan:
+        if d.get("format", FORMAT) != FORMAT:
+            raise ValueError("not an entrolora plan (its 'format' field differs)")
+        if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ValueError(
+                f"plan format version {d.get('format_version')} is not {FORMAT_VERSION}; "
+                "make the plan again with this entrolora version"
+            )
+        missing = {"method", "modules"} - set(d)
+        if missing:
+            raise ValueError(f"plan is missing the field(s) {sorted(missing)}")
+        try:
+            modules = {n: ModulePlan(**m) for n, m in d["modules"].items()}
+            groups = {
+                g: GroupPlan(
+                    members=tuple(v["members"]),
+                    factors=tuple(v["factors"]),
+                    rank=v["rank"],
+                    module_type=v["module_type"],
+                )
+                for g, v in d.get("groups", {}).items()
+            }
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"plan has a malformed module or group entry: {e}") from None
+        return cls(
+            method=d["method"],
+            modules=modules,
+            groups=groups,
+            lora_alpha=float(d.get("lora_alpha", 16.0)),
+            options=dict(d.get("options", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON, atomically; returns the path."""
+        return atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AdaptationPlan:
+        """Read a plan written by ``save``; ValueError on a missing or malformed file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"plan file {str(path)!r} does not exist; run `entrolora plan`")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"plan file {str(path)!r} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def _cell(m: ModulePlan) -> str:
+    s = str(m.rank)
+    if m.blocks > 1:
+        s += f"x{m.blocks}"
+    if m.group is not None:
+        s += f"@{m.group.rsplit(':', 1)[-1]}"
+    return s
+
+
+def _trainable_factors(m: ModulePlan) -> dict[str, int]:
+    """Trainable element count of each factor of one module at its own rank."""
+    r, d_in, d_out = m.rank, m.d_in, m.d_out
+    if m.kind == "lora":
+        return {"A": r * d_in, "B": d_out * r}
+    if m.kind == "dora":
+        return {"A": r * d_in, "B": d_out * r, "m": d_out}
+    if m.kind == "vera":
+        return {"d": r, "b": d_out}
+    if m.kind == "lori":
+        return {"B": lori_kept(d_out * r, m.sparsity or 0.0)}
+    return {"P": d_out * r, "lambda": r, "Q": r * d_in}  # flex: active directions
+
+
+def _group_numel(g: GroupPlan, factor: str, m: ModulePlan) -> int:
+    """Element count of a shared factor stored at the group's rank."""
+    r = g.rank
+    if factor == "A":
+        return r * m.d_in
+    if factor == "B":
+        if m.kind == "lori":
+            return lori_kept(m.d_out * r, m.sparsity or 0.0)
+        return m.d_out * r
+    if factor == "d":
+        return r
+    if factor == "b":
+        return m.d_out
+    raise ValueError(f"factor {factor!r} cannot be shared")
