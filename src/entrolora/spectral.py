@@ -16,7 +16,7 @@ import torch
 
 
 def singular_values(grads: torch.Tensor) -> torch.Tensor:
-    """Singular values of a batch ``(b, m, n)`` of matrices, float64, descending, ``(b, min(m, n))``."""
+    """Singular values of a batch ``(b, m, n)``: float64, descending, shape ``(b, min(m, n))``."""
     g = grads.to(torch.float64)
     # Gram of the smaller side: (b, k, k) with k = min(m, n)
     gram = g @ g.mT if g.shape[-2] <= g.shape[-1] else g.mT @ g
@@ -35,24 +35,29 @@ def erank_from_singular_values(sv: torch.Tensor) -> torch.Tensor:
     return torch.exp(-plogp.sum(-1))
 
 
-def effective_ranks(grads: Sequence[torch.Tensor], max_batch_bytes: int = 2**30) -> list[float]:
-    """Effective rank of each 2-D gradient, in input order (NaN for an all-zero matrix).
+def effective_ranks(
+    grads: Sequence[torch.Tensor],
+    max_batch_bytes: int = 2**30,
+    device: torch.device | str | None = None,
+) -> list[float]:
+    """Effective rank (RaLoRA eq. 3) of each 2-D gradient, in input order (NaN if all-zero).
 
     Same-shape gradients are stacked and processed together, at most ``max_batch_bytes`` of
-    float64 at a time so that memory stays bounded on large models.
+    float64 at a time so that memory stays bounded on large models. ``device``: where to compute
+    (default: where each gradient lives).
     """
     out: list[float] = [float("nan")] * len(grads)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, g in enumerate(grads):
         if g.dim() != 2:
             raise ValueError(f"effective rank needs 2-D matrices, got shape {tuple(g.shape)}")
-        by_shape[(tuple(g.shape), g.device)].append(i)
-    for (shape, _), idx in by_shape.items():
+        by_shape[(tuple(g.shape), g.device if device is None else torch.device(device))].append(i)
+    for (shape, dev), idx in by_shape.items():
         per = 8 * shape[0] * shape[1] + 8 * min(shape) ** 2
         chunk = max(1, max_batch_bytes // per)
         for start in range(0, len(idx), chunk):
             part = idx[start : start + chunk]
-            batch = torch.stack([grads[i] for i in part])  # (b, d_out, d_in)
+            batch = torch.stack([grads[i].to(dev) for i in part])  # (b, d_out, d_in)
             eranks = erank_from_singular_values(singular_values(batch))
             for i, e in zip(part, eranks.tolist()):
                 out[i] = e

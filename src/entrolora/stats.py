@@ -103,11 +103,16 @@ class GradientStats:
         steps: int = 1,
         keep_gradients: bool = True,
         meta: dict | None = None,
+        device: torch.device | str | None = None,
     ) -> GradientStats:
         """Statistics of ``{module name: G}`` (``d_out × d_in``), optionally with ``{name: W}``.
 
-        Names must carry a layer index (``...layers.3.q_proj``). Raises ValueError on an empty
-        mapping, a non-2-D or non-finite gradient, or a weight whose shape differs from ``G``.
+        METHODS.md §2: mean, population std, proxy entropy (E²LoRA eq. 1), effective rank
+        (RaLoRA eq. 3) and, given W, sensitivity ``mean|W ⊙ G|`` (RaLoRA eq. 5), all in float64.
+        ``device``: where the statistics are computed (default: each gradient's own device), so
+        that host-held gradients can still use the accelerator. Names must carry a layer index
+        (``...layers.3.q_proj``). Raises ValueError on an empty mapping, a non-2-D or non-finite
+        gradient, or a weight whose shape differs from ``G``.
         """
         if not grads:
             raise ValueError("no gradients given: pass {module name: gradient tensor}")
@@ -129,17 +134,22 @@ class GradientStats:
                 )
         located = {name: split_module_name(name) for name in grads}
         order = sorted(grads, key=lambda n: located[n])
-        moments = {n: _moments(grads[n]) for n in order}
+
+        def on(t: torch.Tensor) -> torch.Tensor:
+            return t.detach() if device is None else t.detach().to(device)
+
+        moments = {n: _moments(on(grads[n])) for n in order}
         live = [n for n in order if moments[n][1] > 0]
-        eranks = dict(zip(live, effective_ranks([grads[n] for n in live])))
+        eranks = dict(zip(live, effective_ranks([grads[n] for n in live], device=device)))
         modules = {}
         for n in order:
             g = grads[n]
             mean, std = moments[n]
             sens = None
             if n in weights:
-                w = weights[n].detach().to(device=g.device, dtype=torch.float64)
-                sens = float((w * g.detach().to(torch.float64)).abs().mean())
+                g64 = on(g).to(torch.float64)
+                w = weights[n].detach().to(device=g64.device, dtype=torch.float64)
+                sens = float((w * g64).abs().mean())
             modules[n] = ModuleStats(
                 name=n,
                 module_type=located[n][0],
@@ -205,7 +215,9 @@ class GradientStats:
                 f"unknown similarity kind {kind!r}; choose one of {', '.join(SIMILARITY_KINDS)}"
             )
         if rmi_scale not in RMI_SCALES:
-            raise ValueError(f"unknown rmi_scale {rmi_scale!r}; choose one of {', '.join(RMI_SCALES)}")
+            raise ValueError(
+                f"unknown rmi_scale {rmi_scale!r}; choose one of {', '.join(RMI_SCALES)}"
+            )
         names = self.types[module_type]
         mods = [self.modules[n] for n in names]
         live = [not m.degenerate for m in mods]
@@ -227,14 +239,16 @@ class GradientStats:
             )
         shapes = {tuple(self.gradients[n].shape) for n in names}
         if len(shapes) != 1:
-            raise ValueError(f"similarity {kind!r} needs same-shape gradients; got {sorted(shapes)}")
+            raise ValueError(
+                f"similarity {kind!r} needs same-shape gradients; got {sorted(shapes)}"
+            )
         g = torch.stack([self.gradients[n].reshape(-1) for n in names]).to(torch.float64)
         if kind == "cosine":
             unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
             return unit @ unit.T
         if kind == "l1":
-            return 1.0 / (1.0 + torch.cdist(g, g, p=1) / g.shape[1])
-        return 1.0 / (1.0 + torch.cdist(g, g, p=2) / math.sqrt(g.shape[1]))
+            return 1.0 / (1.0 + torch.cdist(g, g, p=1, compute_mode="donot_use_mm_for_euclid_dist") / g.shape[1])
+        return 1.0 / (1.0 + torch.cdist(g, g, p=2, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(g.shape[1]))
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, keep_gradients: bool = False) -> Path:
@@ -248,7 +262,10 @@ class GradientStats:
             raise ValueError("keep_gradients=True but these statistics hold no gradients")
         tensors = {}
         if keep_gradients:
-            tensors = {n: g.detach().to("cpu", torch.float32).contiguous() for n, g in self.gradients.items()}
+            tensors = {
+                n: g.detach().to("cpu", torch.float32).contiguous()
+                for n, g in self.gradients.items()
+            }
         meta = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -308,7 +325,9 @@ def _rmi(mods: list[ModuleStats], live: list[bool], scale: str) -> torch.Tensor:
     ni, nj = n[:, None], n[None, :]
     tot = ni + nj
     mu_ij = (ni * mu[:, None] + nj * mu[None, :]) / tot
-    second = (ni * (sd[:, None] ** 2 + mu[:, None] ** 2) + nj * (sd[None, :] ** 2 + mu[None, :] ** 2)) / tot
+    second = (
+        ni * (sd[:, None] ** 2 + mu[:, None] ** 2) + nj * (sd[None, :] ** 2 + mu[None, :] ** 2)
+    ) / tot
     var_ij = (second - mu_ij**2).clamp_min(torch.finfo(torch.float64).tiny)
     h_ij = 0.5 * torch.log(var_ij) + HALF_LOG_2PI_PLUS_HALF
     denom = torch.minimum(h[:, None], h[None, :])

@@ -97,7 +97,9 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[
         by_pattern = {}
         for pattern in target_modules:
             if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"target_modules entries must be non-empty strings, got {pattern!r}")
+                raise ValueError(
+                    f"target_modules entries must be non-empty strings, got {pattern!r}"
+                )
             picked = [(n, m) for n, m in named if _matches(pattern, n)]
             if not picked:
                 raise ValueError(
@@ -110,9 +112,7 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[
     for pattern, picked in by_pattern.items():
         for name, module in picked:
             if not is_linear(module):
-                linear_leaves = sorted(
-                    {n.rsplit(".", 1)[-1] for n, m in named if is_linear(m)}
-                )
+                linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if is_linear(m)})
                 raise ValueError(
                     f"target module pattern {pattern!r} matches {name!r}, a "
                     f"{type(module).__name__}, not a linear layer; entrolora adapts nn.Linear and "

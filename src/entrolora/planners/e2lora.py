@@ -1,0 +1,444 @@
+"""E²LoRA planners (METHODS.md §3): sharing intervals from gradient similarity, ranks from entropy.
+
+Per module type: LSS splits the type's N layers into contiguous intervals (greedy Algorithm 2,
+or the Appendix G dynamic programme), HRA gives each interval a rank from its maximal proxy
+entropy (eqs. 5–7) by largest remainder. The variants differ only in what they share (§3 "What is
+shared"): E²LoRA an (A, B) per interval, E²ShareLoRA one A per type and a B per interval, E²DoRA
+as E²LoRA plus a per-module magnitude, E²VeRA trainable (d, b) per interval on type-wide frozen
+(A, B), E²LoRI a frozen A and a sparse trainable B per interval.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..plans import AdaptationPlan, GroupPlan, ModulePlan
+from ..stats import RMI_SCALES, SIMILARITY_KINDS, GradientStats
+from .basic import check_choice, check_float, check_int, require_stats, resolve_alpha
+
+PARTITIONS = ("greedy", "dp")
+ALLOCATIONS = ("shifted", "literal", "uniform")
+BUDGETS = ("intervals", "layers")
+SHARINGS = ("intervals", "none")
+# Similarities within this (relative) distance of a threshold count as equal to it, so float
+# noise in the similarity matrix cannot split layers whose gradients have identical moments.
+TIE_TOL = 1e-9
+
+
+# -- LSS: sharing intervals -------------------------------------------------------------------
+def greedy_intervals(
+    sim: Sequence[Sequence[float]], degenerate: Sequence[bool], threshold: float | None = None
+) -> tuple[list[tuple[int, int]], list[float | None]]:
+    """Algorithm 2 (METHODS.md §3 LSS): ``([(s, e), ...], [τ_s per interval])``.
+
+    ``τ_s = mean_{k≠s} sim[s][k]`` unless ``threshold`` is given; an interval grows while the next
+    layer's similarity with the interval's *start* is ≥ τ_s. A degenerate layer is always an
+    interval of its own (its τ is None).
+    """
+    n = len(sim)
+    out: list[tuple[int, int]] = []
+    taus: list[float | None] = []
+    p = 0
+    while p < n:
+        s = p
+        if degenerate[s]:
+            out.append((s, s))
+            taus.append(None)
+            p = s + 1
+            continue
+        row = sim[s]
+        if threshold is not None:
+            tau = threshold
+        elif n == 1:
+            tau = 1.0
+        else:
+            tau = (math.fsum(row) - row[s]) / (n - 1)
+        limit = tau - TIE_TOL * max(1.0, abs(tau))
+        e = s
+        while e + 1 < n and not degenerate[e + 1] and sim[e + 1][s] >= limit:
+            e += 1
+        out.append((s, e))
+        taus.append(float(tau))
+        p = e + 1
+    return out, taus
+
+
+def dp_intervals(
+    sim: Sequence[Sequence[float]], degenerate: Sequence[bool], lam: float
+) -> list[tuple[int, int]]:
+    """Appendix G: minimise ``Σ_k C(i_k, j_k) + λ·K`` exactly, ``C(i, j) = −mean(sim[i..j, i..j])``.
+
+    Degenerate layers stay singletons. Ties (within TIE_TOL) go to the longer last interval.
+    """
+    m = np.asarray(sim, dtype=np.float64)
+    n = m.shape[0]
+    # 2-D prefix sums: block sum of [i..j]×[i..j] in O(1)
+    ps = np.zeros((n + 1, n + 1))
+    ps[1:, 1:] = m.cumsum(0).cumsum(1)
+    bad = np.concatenate([[0], np.cumsum(np.asarray(degenerate, dtype=np.int64))])
+    best = [0.0] + [math.inf] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):  # best partition of the first j layers
+        for i in range(j):  # last interval = [i, j-1]
+            length = j - i
+            if length > 1 and bad[j] - bad[i] > 0:
+                continue
+            block = ps[j, j] - ps[i, j] - ps[j, i] + ps[i, i]
+            cost = best[i] - block / (length * length) + lam
+            if cost < best[j] - TIE_TOL * max(1.0, abs(best[j])) or best[j] == math.inf:
+                best[j], start[j] = cost, i
+    out = []
+    j = n
+    while j > 0:
+        out.append((start[j], j - 1))
+        j = start[j]
+    return out[::-1]
+
+
+# -- HRA: ranks ---------------------------------------------------------------------------------
+def largest_remainder(fractions: Sequence[float | None], total: int) -> list[int]:
+    """Integer ranks summing to ``total`` from shares ``F_k`` (METHODS.md §3 "Integer ranks").
+
+    ``None`` marks a degenerate interval: rank 1, outside the normalisation; the others share
+    ``total`` minus those units. ``r_k = max(1, floor(F_k·R))``; leftover units go to the largest
+    fractional parts (ties: lower index); an excess from the floor of 1 is taken back from the
+    largest ranks above 1 (ties: higher index).
+    """
+    live = [k for k, f in enumerate(fractions) if f is not None]
+    ranks = [1] * len(fractions)
+    budget = total - (len(fractions) - len(live))
+    if not live:
+        return ranks
+    if budget < len(live):
+        raise ValueError(f"a rank budget of {total} cannot give {len(fractions)} intervals rank ≥ 1")
+    exact = {k: fractions[k] * budget for k in live}
+    floors = {k: math.floor(x + TIE_TOL) for k, x in exact.items()}
+    for k in live:
+        ranks[k] = max(1, floors[k])
+    # fractional parts compared at 1e-9 so that float noise cannot reorder equal remainders
+    order = sorted(live, key=lambda k: (-round(exact[k] - floors[k], 9), k))
+    left = budget - sum(ranks[k] for k in live)
+    i = 0
+    while left > 0:
+        ranks[order[i % len(order)]] += 1
+        left -= 1
+        i += 1
+    while left < 0:
+        k = max((k for k in live if ranks[k] > 1), key=lambda k: (ranks[k], k))
+        ranks[k] -= 1
+        left += 1
+    return ranks
+
+
+def interval_weights(entropies: Sequence[float | None], allocation: str) -> list[float | None]:
+    """HRA weights ``w_k`` (METHODS.md §3): shifted ``1 + H_k − min H``, literal ``H_k``, uniform 1.
+
+    ``None`` (a degenerate interval) stays None. ``literal`` warns when an entropy is negative,
+    since ``H_k / ΣH`` then gives more rank to less informative intervals.
+    """
+    live = [h for h in entropies if h is not None]
+    if allocation == "uniform":
+        return [None if h is None else 1.0 for h in entropies]
+    if allocation == "literal":
+        if any(h < 0 for h in live):
+            warnings.warn(
+                "allocation='literal' with negative proxy entropies: w_k = H_k gives MORE rank to "
+                "LESS informative intervals (E²LoRA eq. 6 as written); use allocation='shifted' "
+                "for ranks increasing with entropy",
+                UserWarning,
+                stacklevel=6,
+            )
+        if live and math.fsum(live) == 0.0:
+            raise ValueError(
+                "allocation='literal' needs Σ H_k ≠ 0 but the interval entropies sum to 0; "
+                "use allocation='shifted' or 'uniform'"
+            )
+        return list(entropies)
+    low = min(live) if live else 0.0
+    return [None if h is None else 1.0 + (h - low) for h in entropies]
+
+
+def hra_ranks(
+    entropies: Sequence[float | None], r: int, n_layers: int, allocation: str, budget: str
+) -> tuple[list[int], list[float | None], int]:
+    """``(ranks, weights, R)`` for intervals of max entropies ``H_k`` (eqs. 5–7, §3 "Budget")."""
+    k = len(entropies)
+    total = k * r if budget == "intervals" else n_layers * r
+    weights = interval_weights(entropies, allocation)
+    live = [w for w in weights if w is not None]
+    s = math.fsum(live)
+    fractions = [None if w is None else w / s for w in weights]
+    return largest_remainder(fractions, total), weights, total
+
+
+# -- the planner --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TypeAllocation:
+    """One module type's LSS/HRA outcome (positions index the type's layer-ordered modules)."""
+
+    names: list[str]
+    intervals: list[tuple[int, int]]
+    ranks: list[int]
+    diagnostics: dict
+
+
+def allocate(
+    stats: GradientStats,
+    module_type: str,
+    r: int,
+    threshold: float | None,
+    partition: str,
+    lam: float,
+    similarity: str,
+    rmi_scale: str,
+    allocation: str,
+    budget: str,
+    sharing: str,
+) -> TypeAllocation:
+    """LSS then HRA for one module type (METHODS.md §3)."""
+    names = stats.types[module_type]
+    mods = [stats.modules[n] for n in names]
+    n = len(names)
+    degenerate = [m.entropy is None for m in mods]
+    taus: list[float | None] | None = None
+    if sharing == "none":
+        intervals = [(i, i) for i in range(n)]
+    elif n == 1:
+        intervals, taus = [(0, 0)], [None]
+    else:
+        sim = stats.similarity(module_type, kind=similarity, rmi_scale=rmi_scale).tolist()
+        if partition == "greedy":
+            intervals, taus = greedy_intervals(sim, degenerate, threshold)
+        else:
+            intervals = dp_intervals(sim, degenerate, lam)
+    ent: list[float | None] = []
+    for s, e in intervals:
+        live = [mods[i].entropy for i in range(s, e + 1) if mods[i].entropy is not None]
+        ent.append(max(live) if live else None)
+    ranks, weights, total = hra_ranks(ent, r, n, allocation, budget)
+    diagnostics = {
+        "layers": [m.layer for m in mods],
+        "intervals": [[s, e] for s, e in intervals],
+        "entropies": ent,
+        "weights": weights,
+        "ranks": ranks,
+        "budget": total,
+        "degenerate": [m.layer for m, d in zip(mods, degenerate) if d],
+    }
+    if taus is not None:
+        diagnostics["thresholds"] = taus
+    return TypeAllocation(names, intervals, ranks, diagnostics)
+
+
+def _resolve(
+    stats: Any,
+    method: str,
+    r: Any,
+    threshold: Any,
+    partition: Any,
+    lam: Any,
+    similarity: Any,
+    rmi_scale: Any,
+    allocation: Any,
+    budget: Any,
+    sharing: Any,
+    lora_alpha: Any,
+) -> tuple[GradientStats, dict]:
+    """Checked options, resolved defaults included (``plan.options`` minus diagnostics)."""
+    stats = require_stats(stats, method)
+    r = check_int("r", r)
+    partition = check_choice("partition", partition, PARTITIONS)
+    if threshold is not None:
+        threshold = check_float("threshold", threshold)
+        if partition != "greedy":
+            raise ValueError("threshold applies to partition='greedy' only; drop it or use greedy")
+    options = {
+        "r": r,
+        "threshold": threshold,
+        "partition": partition,
+        "lam": check_float("lam", lam, low=0.0),
+        "similarity": check_choice("similarity", similarity, SIMILARITY_KINDS),
+        "rmi_scale": check_choice("rmi_scale", rmi_scale, RMI_SCALES),
+        "allocation": check_choice("allocation", allocation, ALLOCATIONS),
+        "budget": check_choice("budget", budget, BUDGETS),
+        "sharing": check_choice("sharing", sharing, SHARINGS),
+        "lora_alpha": resolve_alpha(lora_alpha, r),
+    }
+    return stats, options
+
+
+def _build(stats: GradientStats, method: str, options: dict, variant: str, **extra: Any):
+    """Allocate every type, then lay out modules and groups for ``variant`` (§3 "What is shared")."""
+    keys = ("threshold", "partition", "lam", "similarity", "rmi_scale", "allocation", "budget")
+    args = {k: options[k] for k in keys}
+    shared_intervals = options["sharing"] == "intervals"
+    modules: dict[str, ModulePlan] = {}
+    groups: dict[str, GroupPlan] = {}
+    diagnostics: dict[str, dict] = {}
+    kind = {"e2lora": "lora", "e2sharelora": "lora", "e2dora": "dora"}.get(variant, variant[2:])
+    for t in stats.types:
+        a = allocate(stats, t, options["r"], sharing=options["sharing"], **args)
+        diagnostics[t] = a.diagnostics
+        top = max(a.ranks)
+        type_gid = None
+        if variant == "e2sharelora":
+            type_gid = f"{t}:A"
+            groups[type_gid] = GroupPlan(tuple(a.names), ("A",), top, t)
+        elif variant == "e2vera":
+            type_gid = f"{t}:AB"
+            groups[type_gid] = GroupPlan(tuple(a.names), ("A", "B"), top, t)
+        for k, ((s, e), rank) in enumerate(zip(a.intervals, a.ranks)):
+            members = a.names[s : e + 1]
+            gid = None
+            shared: dict[str, str] = {}
+            if variant in ("e2sharelora", "e2vera"):
+                shared = dict.fromkeys(("A",) if variant == "e2sharelora" else ("A", "B"), type_gid)
+            if shared_intervals:
+                gid = f"{t}:i{k}"
+                factors = {"e2sharelora": ("B",), "e2vera": ("d", "b")}.get(variant, ("A", "B"))
+                groups[gid] = GroupPlan(tuple(members), factors, rank, t)
+                shared.update(dict.fromkeys(factors, gid))
+            elif variant == "e2sharelora":
+                gid = type_gid  # ShareLoRA's own layout: the type-wide A is the module's group
+            for name in members:
+                ms = stats.modules[name]
+                modules[name] = ModulePlan(
+                    rank, ms.d_in, ms.d_out, t, ms.layer, kind=kind, group=gid,
+                    shared=dict(shared), **extra,
+                )  # fmt: skip
+    options = {**options, **extra, "types": diagnostics}
+    return AdaptationPlan(method, modules, groups, options["lora_alpha"], options)
+
+
+_DOC_OPTIONS = """
+
+    Options (METHODS.md §3): ``threshold`` None (adaptive τ_s, Algorithm 2) or a constant;
+    ``partition`` greedy | dp (Appendix G, penalty ``lam``); ``similarity`` rmi | cosine | l1 |
+    l2 | kl; ``rmi_scale`` reference | raw (§2); ``allocation`` shifted | literal | uniform;
+    ``budget`` intervals (R = K·r) | layers (R = N·r); ``sharing`` intervals | none (HRA only);
+    ``lora_alpha`` default 2·r. ``plan.options["types"]`` records, per module type, the
+    intervals (positions into ``layers``), thresholds τ, interval entropies H_k, weights w_k,
+    ranks, the budget R and the degenerate layers.
+    """
+
+
+def plan_e2lora(
+    stats: GradientStats,
+    r: int = 8,
+    *,
+    threshold: float | None = None,
+    partition: str = "greedy",
+    lam: float = 0.5,
+    similarity: str = "rmi",
+    rmi_scale: str = "reference",
+    allocation: str = "shifted",
+    budget: str = "intervals",
+    sharing: str = "intervals",
+    lora_alpha: float | None = None,
+) -> AdaptationPlan:
+    """E²LoRA: one (A, B) per sharing interval at the interval's rank r_k."""
+    stats, opts = _resolve(
+        stats, "e2lora", r, threshold, partition, lam, similarity, rmi_scale, allocation,
+        budget, sharing, lora_alpha,
+    )  # fmt: skip
+    return _build(stats, "e2lora", opts, "e2lora")
+
+
+def plan_e2sharelora(
+    stats: GradientStats,
+    r: int = 8,
+    *,
+    threshold: float | None = None,
+    partition: str = "greedy",
+    lam: float = 0.5,
+    similarity: str = "rmi",
+    rmi_scale: str = "reference",
+    allocation: str = "shifted",
+    budget: str = "intervals",
+    sharing: str = "intervals",
+    lora_alpha: float | None = None,
+) -> AdaptationPlan:
+    """E²ShareLoRA: one A per type (``"<type>:A"``, rank max r_k), one B per interval at r_k."""
+    stats, opts = _resolve(
+        stats, "e2sharelora", r, threshold, partition, lam, similarity, rmi_scale, allocation,
+        budget, sharing, lora_alpha,
+    )  # fmt: skip
+    return _build(stats, "e2sharelora", opts, "e2sharelora")
+
+
+def plan_e2dora(
+    stats: GradientStats,
+    r: int = 8,
+    *,
+    threshold: float | None = None,
+    partition: str = "greedy",
+    lam: float = 0.5,
+    similarity: str = "rmi",
+    rmi_scale: str = "reference",
+    allocation: str = "shifted",
+    budget: str = "intervals",
+    sharing: str = "intervals",
+    lora_alpha: float | None = None,
+) -> AdaptationPlan:
+    """E²DoRA: kind ``dora``; (A, B) shared per interval, each module its own magnitude."""
+    stats, opts = _resolve(
+        stats, "e2dora", r, threshold, partition, lam, similarity, rmi_scale, allocation,
+        budget, sharing, lora_alpha,
+    )  # fmt: skip
+    return _build(stats, "e2dora", opts, "e2dora")
+
+
+def plan_e2vera(
+    stats: GradientStats,
+    r: int = 8,
+    *,
+    threshold: float | None = None,
+    partition: str = "greedy",
+    lam: float = 0.5,
+    similarity: str = "rmi",
+    rmi_scale: str = "reference",
+    allocation: str = "shifted",
+    budget: str = "intervals",
+    sharing: str = "intervals",
+    lora_alpha: float | None = None,
+) -> AdaptationPlan:
+    """E²VeRA: frozen (A, B) per type (``"<type>:AB"``, rank max r_k); (d, b) per interval."""
+    stats, opts = _resolve(
+        stats, "e2vera", r, threshold, partition, lam, similarity, rmi_scale, allocation,
+        budget, sharing, lora_alpha,
+    )  # fmt: skip
+    return _build(stats, "e2vera", opts, "e2vera")
+
+
+def plan_e2lori(
+    stats: GradientStats,
+    r: int = 8,
+    *,
+    sparsity: float = 0.9,
+    threshold: float | None = None,
+    partition: str = "greedy",
+    lam: float = 0.5,
+    similarity: str = "rmi",
+    rmi_scale: str = "reference",
+    allocation: str = "shifted",
+    budget: str = "intervals",
+    sharing: str = "intervals",
+    lora_alpha: float | None = None,
+) -> AdaptationPlan:
+    """E²LoRI: frozen A and sparse trainable B (``sparsity`` of entries masked) per interval."""
+    stats, opts = _resolve(
+        stats, "e2lori", r, threshold, partition, lam, similarity, rmi_scale, allocation,
+        budget, sharing, lora_alpha,
+    )  # fmt: skip
+    sparsity = check_float("sparsity", sparsity, low=0.0, high=1.0)
+    return _build(stats, "e2lori", opts, "e2lori", sparsity=sparsity)
+
+
+for _f in (plan_e2lora, plan_e2sharelora, plan_e2dora, plan_e2vera, plan_e2lori):
+    _f.__doc__ = (_f.__doc__ or "") + _DOC_OPTIONS

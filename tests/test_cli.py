@@ -1,0 +1,271 @@
+"""The ``entrolora`` command line on tiny random models and a tiny CSV (no real assets).
+
+Every command: its happy path and ``--help``; bad inputs give one line on stderr, exit status 1,
+and leave nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_data import save_tiny_model, write_csv
+from typer.testing import CliRunner
+
+from entrolora.cli import app
+
+runner = CliRunner()
+COMMANDS = ("train", "demo", "probe", "plan", "report", "export")
+FAST = ["--epochs", "1", "--batch-size", "8", "--quiet", "--probe-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {
+        "bert": str(save_tiny_model(root, "bert")),
+        "llama": str(save_tiny_model(root, "llama")),
+        "csv": str(write_csv(root / "d.csv", n=48)),
+    }
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, match: str) -> None:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("error: ") and match in err, err
+    assert "Traceback" not in result.output
+
+
+def no_leftovers(parent: Path, name: str) -> None:
+    """Nothing named after the output (temporary staging folders included) was left behind."""
+    left = [p.name for p in parent.iterdir() if name in p.name]
+    assert left == [], left
+
+
+# -- help ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_examples(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Examples" in result.output
+    assert f"entrolora {command}" in result.output
+
+
+def test_no_args_shows_commands():
+    result = invoke()
+    for c in COMMANDS:
+        assert c in result.output
+
+
+# -- train: happy paths ------------------------------------------------------------------------------
+def test_train_peft_baseline_writes_run(assets, tmp_path):
+    out = tmp_path / "dora"
+    result = invoke("train", "--model", assets["bert"], "--data", assets["csv"],
+                    "--method", "dora", "--label-column", "label", "--output", out, *FAST)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "dora" and 0 <= m["accuracy"] <= 1
+    assert m["trainable_params"] > 0 and m["head_params"] == 32 * 2 + 2
+    assert m["peak_memory_kind"] == "cpu_ru_maxrss"
+    assert (out / "peft" / "adapter_config.json").is_file()
+    assert (out / "report.html").is_file()
+    assert "dora" in result.stdout
+
+
+def test_train_e2lora_writes_everything(assets, tmp_path):
+    out = tmp_path / "e2"
+    result = invoke("train", "--model", assets["bert"], "--data", assets["csv"],
+                    "--method", "e2lora", "--r", "4", "--output", out, *FAST)
+    assert result.exit_code == 0, result.output
+    for name in ("metrics.json", "stats.safetensors", "plan.json", "report.html",
+                 "similarity_entropy.png", "erank.png", "plan.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert (out / "adapter" / "head.safetensors").is_file()
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert "classifier" in peft_cfg["modules_to_save"]
+    plan = json.loads((out / "plan.json").read_text())
+    # BERT default targets: attention q/k/v and the attention output, never the MLP output
+    assert all(".attention." in n for n in plan["modules"])
+    assert any(n.endswith("attention.output.dense") for n in plan["modules"])
+
+
+def test_train_flexlora_history_and_figure(assets, tmp_path):
+    out = tmp_path / "flex"
+    result = invoke("train", "--model", assets["bert"], "--data", assets["csv"],
+                    "--method", "flexlora", "--r", "2", "--epochs", "3", "--batch-size", "4",
+                    "--quiet", "--output", out, "-o", "b0=1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "flex_history.json").read_text())
+    assert (out / "rank_evolution.png").stat().st_size > 0
+
+
+def test_train_causal_lm(assets, tmp_path):
+    out = tmp_path / "lm"
+    result = invoke("train", "--model", assets["llama"], "--data", assets["csv"], "--task",
+                    "causal-lm", "--method", "lora", "--r", "2", "--output", out, *FAST)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["accuracy"] is None and m["perplexity"] > 1
+
+
+def test_train_overwrite_replaces(assets, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["train", "--model", assets["bert"], "--data", assets["csv"], "--method", "vera",
+            "--output", out, *FAST]  # fmt: skip
+    one_line_error(invoke(*args), "already holds a run; pass --overwrite")
+    assert (out / "old.txt").read_text() == "old"  # untouched
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    result = invoke(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists() and (out / "metrics.json").is_file()
+    no_leftovers(tmp_path, ".run.")
+
+
+# -- train: bad inputs -------------------------------------------------------------------------------
+def test_train_missing_data_file(assets, tmp_path):
+    out = tmp_path / "o"
+    r = invoke("train", "--model", assets["bert"], "--data", tmp_path / "nope.csv", "--output", out)
+    one_line_error(r, "does not exist; check --data")
+    assert not out.exists()
+    no_leftovers(tmp_path, "o.")
+
+
+def test_train_missing_model(assets, tmp_path):
+    r = invoke("train", "--model", tmp_path / "nomodel", "--data", assets["csv"],
+               "--output", tmp_path / "o")  # fmt: skip
+    one_line_error(r, "model folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_wrong_column(assets, tmp_path):
+    r = invoke("train", "--model", assets["bert"], "--data", assets["csv"], "--text-column",
+               "review", "--output", tmp_path / "o")  # fmt: skip
+    one_line_error(r, "column 'review' is not in d.csv")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_unknown_method(assets, tmp_path):
+    r = invoke("train", "--model", assets["bert"], "--data", assets["csv"], "--method", "superlora",
+               "--output", tmp_path / "o")  # fmt: skip
+    one_line_error(r, "unknown method 'superlora'; choose one of lora")
+
+
+def test_train_unknown_option(assets, tmp_path):
+    r = invoke("train", "--model", assets["bert"], "--data", assets["csv"], "--method", "dora",
+               "-o", "bogus=1", "--output", tmp_path / "o")  # fmt: skip
+    one_line_error(r, "unknown option 'bogus' for method dora")
+
+
+def test_train_option_without_equals(assets, tmp_path):
+    r = invoke("train", "--data", assets["csv"], "-o", "n_max", "--output", tmp_path / "o")
+    one_line_error(r, "is not key=value")
+
+
+def test_train_plan_for_another_model(assets, tmp_path):
+    from entrolora.plans import AdaptationPlan, ModulePlan
+
+    plan = AdaptationPlan(
+        method="lora",
+        modules={"model.layers.0.self_attn.q_proj": ModulePlan(
+            rank=2, d_in=32, d_out=32, module_type="model.layers.*.self_attn.q_proj", layer=0)},
+    )  # fmt: skip
+    plan.save(tmp_path / "llama-plan.json")
+    out = tmp_path / "o"
+    r = invoke("train", "--model", assets["bert"], "--data", assets["csv"], "--method", "lora",
+               "--plan", tmp_path / "llama-plan.json", "--output", out, *FAST)  # fmt: skip
+    one_line_error(r, "the plan or statistics were made for another model")
+    assert not out.exists()
+    no_leftovers(tmp_path, ".o.")
+
+
+def test_train_debug_shows_traceback(assets, tmp_path):
+    r = invoke("train", "--data", tmp_path / "nope.csv", "--output", tmp_path / "o", "--debug")
+    assert r.exit_code != 0
+    assert isinstance(r.exception, FileNotFoundError)
+
+
+# -- probe / plan / report / export ------------------------------------------------------------------
+def test_probe_plan_report_export_chain(assets, tmp_path):
+    stats = tmp_path / "s.safetensors"
+    r = invoke("probe", "--model", assets["llama"], "--data", assets["csv"], "--task", "causal-lm",
+               "--probe-steps", "2", "--batch-size", "8", "--quiet", "--output", stats)
+    assert r.exit_code == 0, r.output
+    assert stats.is_file() and "q_proj" in r.stdout
+    one_line_error(invoke("probe", "--model", assets["llama"], "--data", assets["csv"],
+                          "--output", stats), "already exists; pass --overwrite")  # fmt: skip
+
+    plan = tmp_path / "plan.json"
+    r = invoke("plan", stats, "--method", "ralora", "--r", "2", "-o", "n_max=4", "--output", plan)
+    assert r.exit_code == 0, r.output
+    assert json.loads(plan.read_text())["method"] in ("ralora", "RaLoRA")
+    assert "trainable params" in r.stdout
+
+    run = tmp_path / "run"
+    r = invoke("train", "--model", assets["llama"], "--data", assets["csv"], "--task", "causal-lm",
+               "--method", "ralora", "--plan", plan, "--output", run, *FAST)  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+    rep = tmp_path / "rep"
+    r = invoke("report", stats, plan, "--output", rep)
+    assert r.exit_code == 0, r.output
+    for name in ("report.html", "similarity_entropy.png", "erank.png", "plan.png"):
+        assert (rep / name).stat().st_size > 0
+
+    peft_out = tmp_path / "peft-out"
+    r = invoke("export", run, "--output", peft_out)
+    assert r.exit_code == 0, r.output
+    assert (peft_out / "adapter_config.json").is_file()
+    one_line_error(invoke("export", run, "--output", peft_out), "already holds a run")
+
+
+def test_plan_from_model(assets, tmp_path):
+    r = invoke("plan", "--model", assets["bert"], "--method", "sharelora", "--r", "2",
+               "--output", tmp_path / "p.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.json").is_file()
+
+
+def test_plan_needs_stats_for_e2lora(assets, tmp_path):
+    r = invoke("plan", "--model", assets["bert"], "--method", "e2lora", "--output", tmp_path / "p")
+    one_line_error(r, "plans from gradient statistics")
+    assert not (tmp_path / "p").exists()
+
+
+def test_plan_missing_stats_file(tmp_path):
+    one_line_error(invoke("plan", tmp_path / "none.safetensors"), "does not exist")
+
+
+def test_plan_unknown_method(tmp_path):
+    one_line_error(invoke("plan", tmp_path / "s", "--method", "nope"), "unknown method 'nope'")
+
+
+def test_report_nothing_to_report(tmp_path):
+    one_line_error(invoke("report", tmp_path, "--output", tmp_path / "r"), "not a run folder")
+
+
+def test_export_not_a_run(tmp_path):
+    one_line_error(invoke("export", tmp_path, "--output", tmp_path / "x"), "holds no adapter")
+
+
+def test_demo_on_tiny_model(assets, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--model", assets["bert"], "--data", assets["csv"], "--method", "lora",
+            "--method", "e2lora", "--r", "2", "--batch-size", "8", "--probe-steps", "2",
+            "--quiet", "--output", out]  # fmt: skip
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert "lora" in r.stdout and "e2lora" in r.stdout and "accuracy" in r.stdout
+    assert (out / "accuracy_vs_params.png").stat().st_size > 0
+    assert (out / "lora" / "metrics.json").is_file() and (out / "e2lora" / "plan.json").is_file()
+    m = json.loads((out / "e2lora" / "metrics.json").read_text())
+    assert m["train_examples"] + m["test_examples"] == 48
+    assert invoke(*args).exit_code == 0  # a previous demo is replaced
+    no_leftovers(tmp_path, ".demo.")

@@ -1,0 +1,154 @@
+"""entrolora.report: every figure is a non-empty PNG; report.html links them and the tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from entrolora import report as R
+from entrolora.plans import AdaptationPlan, GroupPlan, ModulePlan
+from entrolora.stats import GradientStats
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TYPES = ("self_attn.q_proj", "self_attn.v_proj")
+
+
+def _stats(layers: int = 4, zero_layer: int | None = None) -> GradientStats:
+    g = torch.Generator().manual_seed(0)
+    grads = {}
+    for t in TYPES:
+        for layer in range(layers):
+            x = torch.randn(16, 12, generator=g) * (1e-3 * (layer + 1))
+            if layer == zero_layer:
+                x = torch.zeros_like(x)
+            grads[f"model.layers.{layer}.{t}"] = x
+    return GradientStats.from_gradients(grads)
+
+
+def _plan() -> AdaptationPlan:
+    mods, groups = {}, {}
+    for t in TYPES:
+        for layer in range(4):
+            gid = f"model.layers.*.{t}:{layer // 2}"
+            mods[f"model.layers.{layer}.{t}"] = ModulePlan(
+                rank=4 + layer, d_in=12, d_out=16, module_type=f"model.layers.*.{t}", layer=layer,
+                group=gid, blocks=2 if layer == 3 else 1,
+            )  # fmt: skip
+    for t in TYPES:
+        for k in range(2):
+            gid = f"model.layers.*.{t}:{k}"
+            groups[gid] = GroupPlan(
+                members=tuple(f"model.layers.{layer}.{t}" for layer in (2 * k, 2 * k + 1)),
+                factors=(), rank=7, module_type=f"model.layers.*.{t}",
+            )  # fmt: skip
+    return AdaptationPlan(method="e2lora", modules=mods, groups=groups)
+
+
+def _png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 5000, path
+
+
+def test_short_type():
+    assert R.short_type("model.layers.*.self_attn.q_proj") == "q_proj"
+    assert R.short_type("bert.encoder.layer.*.attention.self.query") == "query"
+    assert R.short_type("bert.encoder.layer.*.attention.output.dense") == "attention.output.dense"
+    assert R.short_type("transformer.h.*.mlp.c_proj") == "mlp.c_proj"
+
+
+def test_similarity_entropy_png(tmp_path):
+    _png(R.plot_similarity_entropy(_stats(zero_layer=2), tmp_path / "sim.png"))
+
+
+def test_erank_png(tmp_path):
+    _png(R.plot_erank(_stats(), tmp_path / "erank.png"))
+
+
+def test_plan_png(tmp_path):
+    _png(R.plot_plan(_plan(), tmp_path / "plan.png"))
+
+
+def test_accuracy_vs_params_png(tmp_path):
+    runs = [
+        {"method": "lora", "accuracy": 0.8, "trainable_params": 10000},
+        {"method": "e2lora", "accuracy": 0.82, "trainable_params": 4000},
+        {"method": "ralora", "accuracy": 0.79, "trainable_params": 10000},
+    ]
+    _png(R.plot_accuracy_vs_params(runs, tmp_path / "acc.png"))
+
+
+def test_accuracy_vs_params_needs_accuracy(tmp_path):
+    with pytest.raises(ValueError, match="no run has both accuracy and trainable_params"):
+        R.plot_accuracy_vs_params([{"method": "lm", "accuracy": None}], tmp_path / "a.png")
+
+
+def test_rank_evolution_png(tmp_path):
+    history = [(s, {f"model.layers.{i}.q_proj": 4 + (s // 10) * (1 if i % 2 else -1)
+                    for i in range(4)}) for s in range(0, 40, 10)]  # fmt: skip
+    _png(R.plot_rank_evolution(history, tmp_path / "flex.png"))
+
+
+def test_write_report_run_folder_and_gather(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stats, plan = _stats(), _plan()
+    stats.save(run / "stats.safetensors")
+    plan.save(run / "plan.json")
+    metrics = {"method": "e2lora", "accuracy": 0.75, "eval_loss": 0.5, "trainable_params": 999,
+               "train_s": 1.0, "total_s": 2.0, "config": {"r": 8}}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / R.HISTORY_FILE).write_text(json.dumps([[0, {"model.layers.0.q_proj": 4}],
+                                                  [5, {"model.layers.0.q_proj": 5}]]))
+    inputs = R.gather([run])
+    assert inputs.plan is not None and inputs.stats is not None and inputs.history
+    html = R.write_report(tmp_path / "out", inputs).read_text()
+    for name in ("similarity_entropy.png", "erank.png", "plan.png", "rank_evolution.png"):
+        _png(tmp_path / "out" / name)
+        assert f"src='{name}'" in html
+    assert "trainable params" in html  # plan summary
+    assert "0.75" in html  # metrics table
+
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    (run2 / "metrics.json").write_text(json.dumps({**metrics, "method": "lora", "accuracy": 0.7,
+                                                   "trainable_params": 4000}))
+    R.write_report(tmp_path / "cmp", R.gather([run, run2]))
+    _png(tmp_path / "cmp" / "accuracy_vs_params.png")
+    assert ">lora<" in (tmp_path / "cmp" / "report.html").read_text()
+
+
+def test_gather_stats_and_plan_files(tmp_path):
+    _stats().save(tmp_path / "s.safetensors")
+    _plan().save(tmp_path / "p.json")
+    inputs = R.gather([tmp_path / "s.safetensors", tmp_path / "p.json"])
+    assert inputs.stats is not None and inputs.plan is not None and not inputs.runs
+
+
+def test_gather_rejects_non_run_folder(tmp_path):
+    with pytest.raises(ValueError, match="is not a run folder"):
+        R.gather([tmp_path])
+
+
+def test_gather_rejects_unknown_file(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="cannot report on 'x.txt'"):
+        R.gather([tmp_path / "x.txt"])
+
+
+def test_gather_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        R.gather([tmp_path / "missing.json"])
+
+
+def test_erank_grid_matches_stats(tmp_path):
+    # the heatmap's data is the stats' erank: check it against an independent float64 SVD
+    stats = _stats()
+    for name in stats:
+        g = stats.gradients[name].double().numpy()
+        s = np.linalg.svd(g, compute_uv=False)
+        p = s / s.sum()
+        ref = float(np.exp(-(p * np.log(p)).sum()))
+        assert stats[name].erank == pytest.approx(ref, rel=1e-2)
