@@ -15,7 +15,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import entrolora as el
@@ -31,6 +30,7 @@ from entrolora.adapters import (
 )
 from entrolora.inject import adapted_modules
 from entrolora.plans import AdaptationPlan, GroupPlan, ModulePlan, lori_kept
+from tiny import tiny_bert, tiny_gpt2, tiny_llama
 
 ALPHA = 6.0
 MODELS = {
@@ -77,8 +77,8 @@ def plan_intervals(targets, kind="lora", factors=("A", "B"), sparsity=None) -> A
             r = INTERVAL_RANKS[k]
             groups[gid] = GroupPlan(tuple(t.name for t in members), tuple(factors), r, mtype)
             for t in members:
-                mods[t.name] = _module(t, r, kind=kind, group=gid,
-                                       shared=dict.fromkeys(factors, gid), sparsity=sparsity)  # fmt: skip
+                shared = dict.fromkeys(factors, gid)
+                mods[t.name] = _module(t, r, kind=kind, group=gid, shared=shared, sparsity=sparsity)
     return AdaptationPlan(f"e2{kind}", mods, groups, lora_alpha=ALPHA)
 
 
@@ -94,7 +94,10 @@ def plan_typewide(targets, kind="lora", type_factors=("A",), interval_factors=("
             r = INTERVAL_RANKS[k]
             groups[gid] = GroupPlan(tuple(t.name for t in members), interval_factors, r, mtype)
             for t in members:
-                shared = {**dict.fromkeys(type_factors, tid), **dict.fromkeys(interval_factors, gid)}
+                shared = {
+                    **dict.fromkeys(type_factors, tid),
+                    **dict.fromkeys(interval_factors, gid),
+                }
                 mods[t.name] = _module(t, r, kind=kind, group=gid, shared=shared)
     return AdaptationPlan(f"e2{kind}", mods, groups, lora_alpha=ALPHA)
 
@@ -124,7 +127,7 @@ def build(case: str, model_name: str = "llama", seed: int = 0, randomize: bool =
 
 @torch.no_grad()
 def randomize_(model, seed: int = 0) -> None:
-    """Give every trainable adapter tensor random values (B is zero at init: tests would be void)."""
+    """Random values in every trainable adapter tensor (B is zero at init: tests would be void)."""
     g = torch.Generator().manual_seed(1000 + seed)
     for p in el.trainable_parameters(model):
         p.copy_(torch.randn(p.shape, generator=g) * 0.3 + 0.05)
@@ -166,7 +169,7 @@ def numpy_delta(adapter: nn.Module, alpha: float, rank: int, w: np.ndarray) -> n
     return lora
 
 
-# -- protocol and adapters -----------------------------------------------------------------------------
+# -- protocol and adapters -------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_adapter_follows_the_protocol(case):
     model, plan = build(case)
@@ -301,7 +304,9 @@ def test_dropout_applies_only_to_the_adapter_input():
 
 def test_bad_adapter_inputs():
     with pytest.raises(ValueError, match="dropout must be in"):
-        AdaptedLinear(nn.Linear(4, 4), LowRankAdapter(torch.zeros(1, 4), torch.zeros(4, 1), 1, 1), 1.0)
+        AdaptedLinear(
+            nn.Linear(4, 4), LowRankAdapter(torch.zeros(1, 4), torch.zeros(4, 1), 1, 1), 1.0
+        )
     with pytest.raises(ValueError, match="LowRankAdapter needs A"):
         LowRankAdapter(torch.zeros(1, 4), torch.zeros(4, 1), 2, 1.0)
     with pytest.raises(ValueError, match="same block count"):

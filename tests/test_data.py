@@ -113,7 +113,9 @@ def test_missing_file(tmp_path):
 
 def test_wrong_text_column(tmp_path):
     p = write_csv(tmp_path / "d.csv")
-    with pytest.raises(ValueError, match=r"column 'review' is not in d.csv \(columns: text, label\)"):
+    with pytest.raises(
+        ValueError, match=r"column 'review' is not in d.csv \(columns: text, label\)"
+    ):
         D.load_data(p, text_column="review")
 
 

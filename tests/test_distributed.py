@@ -177,7 +177,11 @@ def plans_worker(rank: int, world: int) -> dict:
         "src_none": _catch(lambda: eld.broadcast_plan(None if rank == 0 else hand, src=0)),
     }
     info = eld.world_info()
+    model = torch.nn.Linear(2, 2)
     return {
+        "shard": list(eld.shard(iter(range(7)), per_rank=3)),
+        "launcher": eld.init_from_launcher(torch.device("cpu")),  # a group exists: not ours
+        "ddp": type(eld.wrap_ddp(model, torch.device("cpu"))).__name__,
         "plans": plans,
         "broadcast": sent.to_json(),
         "digest": digest,
@@ -302,6 +306,23 @@ def test_broadcast_plan_without_plan_on_source_fails_on_every_rank(plans_run):
     peer_kind, peer_msg = plans_run[1]["errors"]["src_none"]
     assert src_kind == "TypeError" and "needs an AdaptationPlan, got None" in src_msg
     assert peer_kind == "ValueError" and "rank 0 had no plan to broadcast" in peer_msg
+
+
+def test_launcher_helpers_inside_a_process_group(plans_run):
+    # equal step counts on every rank (DDP needs them), disjoint shares of one order
+    assert [r["shard"] for r in plans_run] == [[0, 2, 4], [1, 3, 5]]
+    assert [r["launcher"] for r in plans_run] == [False, False]
+    assert [r["ddp"] for r in plans_run] == ["DistributedDataParallel"] * 2
+
+
+def test_launcher_helpers_in_a_single_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert list(eld.shard(range(5), per_rank=3)) == [0, 1, 2]
+    assert not eld.init_from_launcher(torch.device("cpu"))
+    model = torch.nn.Linear(2, 2)
+    assert eld.wrap_ddp(model, torch.device("cpu")) is model
+    assert eld.local_device(torch.device("cpu")) == torch.device("cpu")
+    eld.barrier()  # nothing to wait for
 
 
 def test_broadcast_plan_single_process_returns_plan_unchanged():
@@ -453,11 +474,34 @@ def test_fsdp_units_split_exactly_the_layers_that_share(owner):
     factors = {k: torch.nn.Parameter(torch.zeros(2, 4)) for k in set(owner)}
     net = torch.nn.Module()
     net.layers = torch.nn.ModuleList(_Block(factors[k]) for k in owner)
-    units = eld.fsdp_units(net, lambda m: isinstance(m, _Block))
+    groups = eld.fsdp_groups(net, lambda m: isinstance(m, _Block))
     expected = []
     for i, k in enumerate(owner):
         if owner.count(k) == 1:
-            expected.append(net.layers[i])
+            expected.append([net.layers[i]])
         else:
-            expected += [net.layers[i].base, net.layers[i].mlp]
-    assert [id(u) for u in units] == [id(u) for u in expected]
+            expected.append([net.layers[i].base, net.layers[i].mlp])
+    assert [[id(m) for m in g] for g in groups] == [[id(m) for m in g] for g in expected]
+    units = eld.fsdp_units(net, lambda m: isinstance(m, _Block))
+    assert [id(u) for u in units] == [id(m) for g in expected for m in g]
+
+
+@pytest.mark.slow
+def test_entrolora_train_under_torchrun_writes_once(tmp_path):
+    """``torchrun --nproc_per_node 2 -m entrolora.cli train`` on the CPU (gloo): one run folder,
+    one metrics table, no staging folder left behind (about a minute on 2 cores)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "entrolora.cli", "train", "--method", "e2sharelora", "--limit", "128",
+        "--max-steps", "3", "--probe-steps", "4", "--batch-size", "8", "--max-length", "32",
+        "--epochs", "1", "--output", str(out), "-q",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("entrolora train: e2sharelora") == 1
+    assert (out / "plan.json").is_file() and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

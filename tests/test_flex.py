@@ -30,33 +30,11 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 # -- builders shared with test_flex_distributed ------------------------------------------------
-class _Wrapped(nn.Module):
-    """Stand-in for inject's wrapper until entrolora.inject exists (base_layer + adapter)."""
-
-    def __init__(self, base: nn.Linear, r: int, c: int, g: torch.Generator) -> None:
-        super().__init__()
-        self.base_layer = base
-        self.adapter = FlexAdapter(base.in_features, base.out_features, r, c, generator=g)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.adapter(x)
-
-
 def flex_llama(r: int = 2, capacity: int = 4, layers: int = 2, seed: int = 0) -> nn.Module:
     """A tiny random Llama with FlexAdapters on q_proj/v_proj, via plan_flexlora → apply."""
     model = tiny_llama(layers=layers, seed=seed)
-    from entrolora.planners.basic import plan_flexlora  # TEMP
-
-    plan = plan_flexlora(model, r=r, capacity=capacity, target_modules=TARGETS)
-    torch.manual_seed(seed)
+    plan = el.plan_flexlora(model, r=r, capacity=capacity, target_modules=TARGETS)
     return el.apply(model, plan)
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in model.model.layers:
-        for name in ("q_proj", "v_proj"):
-            setattr(layer.self_attn, name, _Wrapped(getattr(layer.self_attn, name), r, capacity, g))
-    return model
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -439,7 +417,7 @@ def test_whole_run_constant_rank_and_decisions_only_when_scheduled():
     assert [s for s, _ in flex.history] == flex.schedule.steps() == [3, 6, 9, 12, 15, 18, 21, 24]
     changed = [t for t in range(1, T) if seen[t] != seen[t - 1]]
     assert changed and set(changed) <= set(flex.schedule.steps())
-    assert seen[0] == dict.fromkeys(flex.modules, 2) or 0 in flex.schedule.steps()
+    assert seen[0] == dict.fromkeys(flex.modules, 2)  # step 0 is before t_warmup
     for s, ranks in flex.history:
         assert ranks == seen[s]
     assert len({tuple(r.values()) for _, r in flex.history}) > 1  # ranks really moved
@@ -476,32 +454,26 @@ def test_resume_from_checkpoint_equals_straight_run(tmp_path, save_after):
     model, opt = fresh()
     flex = FlexLoRA(model, **opts)
     train(model, flex, opt, range(T))
-    straight = adapter_tensors(model)
+    straight, straight_history = adapter_tensors(model), flex.history
 
     model, opt = fresh()
     flex = FlexLoRA(model, **opts)
     train(model, flex, opt, range(save_after + 1))
-    weights = adapter_tensors(model)
+    el.save(model, tmp_path, flex=flex)  # weights, masks, plan, flex_state.json
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)  # the user's optimizer checkpoint (test only)
-    flex.save(tmp_path)
     del model, opt, flex
 
-    model, opt = fresh()
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, FlexAdapter):
-                for k, v in [*mod.named_parameters(), *mod.named_buffers()]:
-                    v.copy_(weights[f"{name}.{k}"])
+    model = el.load(tiny_llama(layers=2, seed=0), tmp_path)
+    opt = torch.optim.AdamW(trainable(model), lr=2e-2, weight_decay=0.01)
     buf.seek(0)
     opt.load_state_dict(torch.load(buf, weights_only=True))
     flex = FlexLoRA.from_checkpoint(model, tmp_path)
     train(model, flex, opt, range(save_after + 1, T))
     resumed = adapter_tensors(model)
 
-    straight_flex = FlexLoRA(fresh()[0], **opts)  # options round-trip
-    assert flex.options == straight_flex.options
-    assert len(flex.history) == len(FlexSchedule(T, 2, 4, 4, 4).steps())
+    assert flex.history == straight_history and len(flex.history) == 4
+    assert flex.options["seed"] == 7 and flex.options["interval"] == 4  # options round-trip
     for k in straight:
         assert torch.equal(resumed[k], straight[k]), k
 
@@ -722,7 +694,7 @@ def test_example_loop_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("flexlora_loop", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    flex = example.main(["--steps", "30", "--out", str(tmp_path)])
+    flex = example.main(["--steps", "12", "--out", str(tmp_path)])
     assert flex.history and (tmp_path / "rank_evolution.png").stat().st_size > 0
     assert (tmp_path / "adapter" / STATE_FILE).is_file()
     assert (tmp_path / "peft" / "adapter_config.json").is_file()

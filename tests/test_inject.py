@@ -7,14 +7,25 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_adapters import ALPHA, CASES, MODELS, _np, _targets, build, numpy_delta, numpy_weight
-from tiny import lm_batches, tiny_gpt2, tiny_llama
 from torch import nn
 
 import entrolora as el
 from entrolora.adapters import AdaptedLinear
 from entrolora.inject import adapted_modules, num_trainable_params
+from entrolora.io import adapter_state
 from entrolora.plans import AdaptationPlan, GroupPlan, ModulePlan
+from test_adapters import (
+    ALPHA,
+    CASES,
+    MODELS,
+    _np,
+    _targets,
+    build,
+    numpy_delta,
+    numpy_weight,
+    randomize_,
+)
+from tiny import lm_batches, tiny_gpt2, tiny_llama
 
 IDS = lm_batches(1, seed=3)[0]["input_ids"]
 
@@ -121,7 +132,9 @@ def test_sharelora_members_slice_the_typewide_a():
 def test_one_sgd_step_moves_a_shared_parameter_once(case):
     model, _ = build(case)
     lr = 0.1
-    owners: dict[int, list[tuple[str, str]]] = {}  # live parameter → every (module, factor) using it
+    owners: dict[
+        int, list[tuple[str, str]]
+    ] = {}  # live parameter → every (module, factor) using it
     for name, w in adapted_modules(model).items():
         for pname, p in w.adapter.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((name, pname))
@@ -129,7 +142,7 @@ def test_one_sgd_step_moves_a_shared_parameter_once(case):
     # parameter must equal one step with the sum of the copies' gradients
     ref = copy.deepcopy(model)
     ref_wrappers = adapted_modules(ref)
-    for name, w in ref_wrappers.items():
+    for w in ref_wrappers.values():
         for pname, p in list(w.adapter.named_parameters(recurse=False)):
             setattr(w.adapter, pname, nn.Parameter(p.detach().clone()))
     ref(IDS, labels=IDS).loss.backward()
@@ -151,7 +164,7 @@ def test_same_seed_same_adapters_and_global_rng_untouched():
     assert torch.equal(torch.random.get_rng_state(), state)
     b, _ = build("sharelora_slice", randomize=False, seed=5)
     c, _ = build("sharelora_slice", randomize=False, seed=6)
-    sa, sb, sc = (el.io.adapter_state(m) for m in (a, b, c))
+    sa, sb, sc = (adapter_state(m) for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
@@ -164,7 +177,7 @@ def test_adapted_modules_names_are_the_original_names():
     assert set(adapted_modules(model)) == set(targets)
 
 
-# -- bad inputs ---------------------------------------------------------------------------------------
+# -- bad inputs ------------------------------------------------------------------------------------
 def test_double_apply_refused():
     model, plan = build("plain")
     with pytest.raises(ValueError, match="already has entrolora adapters"):
@@ -204,3 +217,18 @@ def test_bad_apply_arguments():
         el.merge(model)
     with pytest.raises(ValueError, match="no adapter wrappers to unmerge"):
         el.unmerge(model)
+
+
+def test_dora_with_dropout_recomputes_base_output():
+    model = tiny_gpt2(layers=4)  # Conv1D with bias: the no-dropout path subtracts it
+    plan = CASES["dora"](_targets(model, ["c_attn"]))
+    el.apply(model, plan, dropout=0.1)
+    randomize_(model)
+    model.eval()  # dropout off, but the wrapper takes the recompute path (not Identity)
+    for name, wrapper in adapted_modules(model).items():
+        w = numpy_weight(wrapper.base_layer)
+        dense = w + numpy_delta(wrapper.adapter, ALPHA, plan.modules[name].rank, w)
+        x = torch.randn(4, plan.modules[name].d_in)
+        want = _np(x) @ dense.T + _np(wrapper.base_layer.bias)
+        with torch.no_grad():
+            np.testing.assert_allclose(_np(wrapper(x)), want, rtol=1e-4, atol=1e-5)

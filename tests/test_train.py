@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_data import save_tiny_model, write_csv
 
 from entrolora import train as T
+from test_data import save_tiny_model, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def cfg(assets, out, **kw) -> T.TrainConfig:
     return T.TrainConfig(**{**base, **kw})
 
 
-# -- pure helpers -----------------------------------------------------------------------------------
+# -- pure helpers ----------
 def test_lr_schedule_warmup_then_linear_decay():
     f = T._lr_lambda(total=10, warmup=2)
     got = [f(s) for s in range(10)]
@@ -76,7 +76,7 @@ def test_resolve_device_rejects_missing_cuda():
         T.resolve_device("cuda")
 
 
-# -- evaluation against numpy ------------------------------------------------------------------------
+# -- evaluation against numpy ----------
 class FixedLogits(torch.nn.Module):
     def __init__(self, logits):
         super().__init__()
@@ -129,7 +129,7 @@ def test_evaluate_causal_matches_numpy():
     assert out["perplexity"] == pytest.approx(np.exp(np.mean(losses)), rel=1e-6)
 
 
-# -- runs ------------------------------------------------------------------------------------------
+# -- runs ----------
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

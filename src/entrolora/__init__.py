@@ -37,6 +37,7 @@ _EXPORTS = {
     "merge": "inject",
     "unmerge": "inject",
     "trainable_parameters": "inject",
+    "adapted_modules": "inject",
     "FlexLoRA": "flex",
     "save": "io",
     "load": "io",

@@ -201,6 +201,10 @@ def train(
         progress=not quiet,
     )  # fmt: skip
     result = train_run(cfg)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun / accelerate: rank 0 reports
+        return
     con = _console()
     con.print(_metrics_table([result.metrics], f"entrolora train: {result.metrics['method']}"))
     con.print(f"run written to {result.output} (open {result.output / 'report.html'})")

@@ -19,16 +19,20 @@ Every function works, and communicates nothing, in a single process.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .plans import AdaptationPlan
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -279,3 +283,62 @@ def fsdp_units(model: nn.Module, wrap: Callable[[nn.Module], bool]) -> list[nn.M
     ``use_orig_params=True``.
     """
     return [m for group in fsdp_groups(model, wrap) for m in group]
+
+
+# -- for training loops started by a launcher (entrolora train under torchrun / accelerate) ------
+def init_from_launcher(device: torch.device) -> bool:
+    """Create the default process group when a launcher started several processes
+    (``WORLD_SIZE > 1``) and none exists yet: NCCL for a CUDA device, gloo otherwise. Returns
+    True when this call created it (the caller then ends it with ``end_process_group``)."""
+    info = world_info()
+    if info.initialized or info.world_size <= 1:
+        return False
+    if not dist.is_available():
+        raise ValueError(
+            f"WORLD_SIZE={info.world_size} but this torch build has no torch.distributed; "
+            "run a single process or install a torch build with distributed support"
+        )
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def end_process_group(created: bool) -> None:
+    """Destroy the default process group if ``init_from_launcher`` created it."""
+    if created and _initialized():
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This process's device: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per process)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world_info().local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def shard(items: Iterable[T], per_rank: int | None = None) -> Iterator[T]:
+    """This rank's share of ``items``: every ``world_size``-th item starting at its rank, at most
+    ``per_rank`` of them (give ``len(items) // world_size`` so that every rank takes the same
+    number of steps; DDP needs that). The whole iterable in a single process."""
+    info = world_info()
+    if not info.distributed:
+        yield from itertools.islice(items, per_rank)
+        return
+    mine = itertools.islice(items, info.rank, None, info.world_size)
+    yield from itertools.islice(mine, per_rank)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DDP (``find_unused_parameters=False``) when distributed, else unchanged."""
+    if not world_info().distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if world_info().distributed:
+        dist.barrier()

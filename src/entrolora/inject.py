@@ -192,7 +192,7 @@ def remove_adapters(model: nn.Module, requires_grad: dict[str, bool] | None = No
     return model
 
 
-# -- building the factors ----------------------------------------------------------------------------
+# -- building the factors --------------------------------------------------------------------------
 def _check_groups(plan: AdaptationPlan) -> None:
     """Members sharing a factor must agree on everything that fixes its stored shape."""
     for gid, g in plan.groups.items():
@@ -281,7 +281,7 @@ class _Factory:
 
 
 def _random_mask(d_out: int, r: int, sparsity: float, g: torch.Generator) -> torch.Tensor:
-    """A bool ``(d_out, r)`` mask keeping exactly ``lori_kept(d_out·r, sparsity)`` random entries."""
+    """A bool ``(d_out, r)`` mask keeping exactly ``lori_kept(d_out·r, sparsity)`` entries."""
     numel = d_out * r
     keep = torch.randperm(numel, generator=g)[: lori_kept(numel, sparsity)]
     mask = torch.zeros(numel, dtype=torch.bool)

@@ -52,7 +52,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, flex: Any = None) ->
 
     plan = get_plan(model)
     directory = Path(directory)
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_state(model).items()}
+    tensors = {
+        k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_state(model).items()
+    }
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
     atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     if flex is not None:
@@ -127,7 +129,7 @@ def load(
     return model
 
 
-# -- peft export ---------------------------------------------------------------------------------------
+# -- peft export -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PeftExport:
     """What ``export_peft`` wrote: the directory, the largest rank (vLLM's ``max_lora_rank``)."""
@@ -224,8 +226,8 @@ def to_peft_config(plan: AdaptationPlan, **overrides: Any):
             )
         if m.blocks > 1:
             raise ValueError(
-                f"plan {plan.method!r} has block-diagonal module {name!r} (blocks={m.blocks}); peft "
-                "has no block-diagonal LoRA. Train it with el.apply, or export after training"
+                f"plan {plan.method!r} has block-diagonal module {name!r} (blocks={m.blocks}); "
+                "peft has no block-diagonal LoRA. Train it with el.apply, or export after training"
             )
     ranks = {name: m.rank for name, m in plan.modules.items()}
     counts: dict[int, int] = {}

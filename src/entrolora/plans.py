@@ -20,6 +20,8 @@ ShareLoRA), null when nothing is shared.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from .targets import get_module, is_linear, linear_dims
 FORMAT = "entrolora.plan"
 FORMAT_VERSION = 1
 KINDS = ("lora", "dora", "vera", "lori", "flex")
+SHAREABLE_FACTORS = ("A", "B", "d", "b")
 FROZEN_FACTORS = {"vera": ("A", "B"), "lori": ("A",)}
 
 
@@ -60,15 +63,40 @@ class ModulePlan:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; known: {', '.join(KINDS)}")
+        for name in ("rank", "d_in", "d_out", "layer", "blocks"):
+            value = getattr(self, name)
+            if type(value) is int:  # the common case, without the slow ABC check below
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"ModulePlan.{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy ints → int, so JSON stays plain
         if self.rank < 1:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}")
+        if min(self.d_in, self.d_out) < 1 or self.layer < 0:
+            raise ValueError(
+                f"d_in, d_out must be ≥ 1 and layer ≥ 0; got {self.d_in}, {self.d_out}, "
+                f"{self.layer}"
+            )
+        if not isinstance(self.shared, Mapping):
+            raise ValueError(f"ModulePlan.shared must map factor → group id, got {self.shared!r}")
+        object.__setattr__(self, "shared", dict(self.shared))
+        bad = sorted(set(self.shared) - set(SHAREABLE_FACTORS))
+        if bad:
+            raise ValueError(
+                f"factor(s) {bad} cannot be shared; shareable: {', '.join(SHAREABLE_FACTORS)}"
+            )
         n = self.blocks
         if n < 1 or n & (n - 1) or self.d_in % n or self.d_out % n:
             raise ValueError(
-                f"blocks={n} must be a power of two dividing d_in={self.d_in} and d_out={self.d_out}"
+                f"blocks={n} must be a power of two dividing d_in={self.d_in} and "
+                f"d_out={self.d_out}"
             )
         if self.kind == "flex" and (self.capacity is None or self.capacity < self.rank):
             raise ValueError(f"a flex module needs capacity ≥ rank; got {self.capacity}")
+        if self.sparsity is not None and not (
+            isinstance(self.sparsity, numbers.Real) and 0.0 <= self.sparsity < 1.0
+        ):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,21 @@ class GroupPlan:
     factors: tuple[str, ...]
     rank: int
     module_type: str
+
+    def __post_init__(self) -> None:
+        # lists (from JSON or callers) become tuples so that equality survives a round trip
+        object.__setattr__(self, "members", tuple(self.members))
+        object.__setattr__(self, "factors", tuple(self.factors))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
+            raise ValueError(f"GroupPlan.rank must be an integer, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        if self.rank < 1:
+            raise ValueError(f"a group's rank must be ≥ 1, got {self.rank}")
+        bad = sorted(set(self.factors) - set(SHAREABLE_FACTORS))
+        if bad:
+            raise ValueError(
+                f"factor(s) {bad} cannot be shared; shareable: {', '.join(SHAREABLE_FACTORS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -94,15 +137,30 @@ class AdaptationPlan:
     def __post_init__(self) -> None:
         if not self.modules:
             raise ValueError("a plan needs at least one module")
+        alpha = self.lora_alpha
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, numbers.Real)
+            or not (math.isfinite(alpha) and alpha > 0)
+        ):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {alpha!r}")
+        for gid, g in self.groups.items():
+            absent = [n for n in g.members if n not in self.modules]
+            if absent:
+                raise ValueError(f"group {gid!r} lists {absent[0]!r}, which is not a plan module")
         for name, m in self.modules.items():
             for factor, gid in m.shared.items():
                 g = self.groups.get(gid)
                 if g is None:
                     raise ValueError(f"module {name!r} shares {factor} with unknown group {gid!r}")
                 if name not in g.members or factor not in g.factors:
-                    raise ValueError(f"group {gid!r} does not list module {name!r} / factor {factor}")
+                    raise ValueError(
+                        f"group {gid!r} does not list module {name!r} / factor {factor}"
+                    )
                 if factor in ("A", "B", "d") and m.rank > g.rank:
-                    raise ValueError(f"module {name!r} has rank {m.rank} above its group's {g.rank}")
+                    raise ValueError(
+                        f"module {name!r} has rank {m.rank} above its group's {g.rank}"
+                    )
             if m.group is not None and m.group not in self.groups:
                 raise ValueError(f"module {name!r} names unknown group {m.group!r}")
 
@@ -131,6 +189,9 @@ class AdaptationPlan:
         """Raise ValueError naming the first module that is missing, not linear or mis-shaped."""
         for name, m in self.modules.items():
             module = get_module(model, name)
+            base = getattr(module, "base_layer", None)
+            if not is_linear(module) and isinstance(base, nn.Module) and is_linear(base):
+                module = base  # an adapted layer: check the frozen layer it wraps
             if not is_linear(module):
                 raise ValueError(
                     f"plan module {name!r} is a {type(module).__name__} in this model, not a "
@@ -145,7 +206,7 @@ class AdaptationPlan:
 
     # -- presentation -------------------------------------------------------------------------
     def summary(self) -> str:
-        """A plain-text table: one row per module type, one column per layer, ``rank/group/blocks``."""
+        """A plain-text table: a row per module type, a column per layer, rank/blocks/group."""
         by_type: dict[str, dict[int, ModulePlan]] = {}
         for m in self.modules.values():
             by_type.setdefault(m.module_type, {})[m.layer] = m
@@ -156,9 +217,7 @@ class AdaptationPlan:
             "cell: rank[xblocks][@group]",
         ]
         width = max(len(t) for t in by_type)
-        cells = {
-            t: {layer: _cell(m) for layer, m in row.items()} for t, row in by_type.items()
-        }
+        cells = {t: {layer: _cell(m) for layer, m in row.items()} for t, row in by_type.items()}
         colw = max(3, *(len(c) for row in cells.values() for c in row.values()))
         lines.append(" " * width + " | " + " ".join(f"{layer:>{colw}}" for layer in layers))
         for t, row in cells.items():
@@ -169,6 +228,7 @@ class AdaptationPlan:
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Plain JSON-able data, with the format name and version."""
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -181,6 +241,9 @@ class AdaptationPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> AdaptationPlan:
+        """The plan ``to_dict`` wrote; ValueError naming what is wrong with a foreign dict."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a plan is a JSON object, got {type(d).__name__}")
         if d.get("format", FORMAT) != FORMAT:
             raise ValueError("not an entrolora plan (its 'format' field differs)")
         if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
@@ -192,7 +255,12 @@ class AdaptationPlan:
         if missing:
             raise ValueError(f"plan is missing the field(s) {sorted(missing)}")
         try:
-            modules = {n: ModulePlan(**m) for n, m in d["modules"].items()}
+            modules = {}
+            for n, m in d["modules"].items():
+                try:
+                    modules[n] = ModulePlan(**m)
+                except ValueError as e:
+                    raise ValueError(f"plan module {n!r}: {e}") from None
             groups = {
                 g: GroupPlan(
                     members=tuple(v["members"]),
@@ -202,7 +270,7 @@ class AdaptationPlan:
                 )
                 for g, v in d.get("groups", {}).items()
             }
-        except (TypeError, KeyError) as e:
+        except (TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"plan has a malformed module or group entry: {e}") from None
         return cls(
             method=d["method"],
@@ -213,6 +281,7 @@ class AdaptationPlan:
         )
 
     def to_json(self) -> str:
+        """``to_dict`` as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | os.PathLike) -> Path:

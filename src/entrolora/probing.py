@@ -143,6 +143,12 @@ def _check_not_sharded(model: nn.Module, weights: Mapping[str, torch.Tensor]) ->
             or getattr(w, "_is_sharded", False)
             or not isinstance(w, nn.Parameter)  # FSDP1 replaces weights by views of a flat one
         )
+        if not sharded and not w.is_floating_point():
+            raise ValueError(
+                f"target weight {name!r} is {w.dtype} (a quantized layer?); the probe needs "
+                "floating-point weights to take gradients. Probe the unquantized model (bf16 "
+                "is fine), then quantize."
+            )
         if sharded:
             raise ValueError(
                 f"target weight {name!r} is sharded or not a parameter ({type(w).__name__}); "
@@ -252,8 +258,10 @@ def probe(
     batches than ``steps`` is accepted (else a ValueError). Returns ``GradientStats`` of
     ``G = mean of the gradients`` (METHODS.md §1–2) with sensitivities (RaLoRA eq. 5), the
     gradients kept when ``keep_gradients``. Under ``torch.distributed`` every process returns
-    the statistics of the mean over all processes' batches. Parameters' ``requires_grad`` and
-    ``.grad`` and modules' train/eval mode are restored, also on error.
+    the statistics of the mean over all processes' batches (a DDP-wrapped model is probed
+    through ``model.module``, so names carry no ``module.`` prefix; FSDP/ZeRO-3 models are
+    refused: probe before wrapping). Parameters' ``requires_grad`` and ``.grad`` and modules'
+    train/eval mode are restored, also on error; the mode is not changed (eval: no dropout).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer (number of batches), got {steps!r}")
@@ -331,16 +339,17 @@ def probe(
         if error is not None:
             raise error
         accumulated = sums.finish()
-        if world > 1:
-            for acc in accumulated:
+        for acc in accumulated:
+            if world > 1:
                 _all_reduce_sum(acc)
+            acc.div_(total)  # in place: no second copy of every gradient on the device
         grads: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
         for name, t in targets.items():
             acc = accumulated[slot_of[name]]
             w = modules[name].weight.detach()
             # Conv1D stores (d_in, d_out): statistics and plans use the (d_out, d_in) orientation.
-            grads[name] = (acc.T if t.transposed else acc) / total
+            grads[name] = acc.T if t.transposed else acc
             weights[name] = w.T if t.transposed else w
     finally:
         for h in handles:

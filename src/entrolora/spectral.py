@@ -32,7 +32,8 @@ def erank_from_singular_values(sv: torch.Tensor) -> torch.Tensor:
     total = sv.sum(-1, keepdim=True)
     p = sv / total
     plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
-    return torch.exp(-plogp.sum(-1))
+    erank = torch.exp(-plogp.sum(-1))
+    return torch.where(total.squeeze(-1) > 0, erank, torch.full_like(erank, float("nan")))
 
 
 def effective_ranks(

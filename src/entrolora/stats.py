@@ -247,8 +247,15 @@ class GradientStats:
             unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
             return unit @ unit.T
         if kind == "l1":
-            return 1.0 / (1.0 + torch.cdist(g, g, p=1, compute_mode="donot_use_mm_for_euclid_dist") / g.shape[1])
-        return 1.0 / (1.0 + torch.cdist(g, g, p=2, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(g.shape[1]))
+            return 1.0 / (
+                1.0
+                + torch.cdist(g, g, p=1, compute_mode="donot_use_mm_for_euclid_dist") / g.shape[1]
+            )
+        return 1.0 / (
+            1.0
+            + torch.cdist(g, g, p=2, compute_mode="donot_use_mm_for_euclid_dist")
+            / math.sqrt(g.shape[1])
+        )
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, keep_gradients: bool = False) -> Path:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import data as D
+from . import distributed as eld
 from .files import atomic_write_text
 
 ENTROLORA_METHODS = (
@@ -517,6 +518,17 @@ def train_run(cfg: TrainConfig) -> RunResult:
     method = validate_config(cfg)
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    # under torchrun / accelerate: a process per device, rank 0 writes (docs/distributed.md)
+    created = eld.init_from_launcher(device)
+    try:
+        return _train_run(cfg, method, t_start, eld.local_device(device))
+    finally:
+        eld.end_process_group(created)
+
+
+def _train_run(cfg: TrainConfig, method: str, t_start: float, device: torch.device) -> RunResult:
+    main = eld.is_main_process()
+    world = eld.world_info().world_size if eld.world_info().distributed else 1
     train_ds, test_ds = load_splits(cfg)
     seed_everything(cfg.seed)
     model, tokenizer, family = load_model(
@@ -525,23 +537,31 @@ def train_run(cfg: TrainConfig) -> RunResult:
     model.to(device)
     targets_given = cfg.target_modules or default_targets(model)
 
-    steps_per_epoch = D.num_batches(len(train_ds), cfg.batch_size)
+    steps_per_epoch = D.num_batches(len(train_ds), cfg.batch_size) // world  # per rank
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_ds)} training examples make no full batch per process; lower "
+            "--batch-size or use more data"
+        )
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
 
     def train_batches(epoch: int):
-        return D.iter_batches(
-            tokenizer,
-            train_ds,
-            cfg.batch_size,
-            cfg.max_length,
-            cfg.task,
-            shuffle=True,
-            seed=cfg.seed + epoch,
+        return eld.shard(
+            D.iter_batches(
+                tokenizer,
+                train_ds,
+                cfg.batch_size,
+                cfg.max_length,
+                cfg.task,
+                shuffle=True,
+                seed=cfg.seed + epoch,
+            ),
+            steps_per_epoch,
         )
 
-    stage = Staging(Path(cfg.output), cfg.overwrite)
+    stage = Staging(Path(cfg.output), cfg.overwrite) if main else None
     try:
         times = {"probe_s": 0.0, "plan_s": 0.0}
         stats = plan = flex = None
@@ -585,7 +605,8 @@ def train_run(cfg: TrainConfig) -> RunResult:
         optimizer = _optimizer(model, method, cfg, opts)
         warmup = int(round(cfg.warmup_ratio * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
-        bar = _progress(total, method, cfg.progress)
+        bar = _progress(total, method, cfg.progress and main)
+        train_model = eld.wrap_ddp(model, device)
         step, losses, t0 = 0, [], time.perf_counter()
         model.train()
         if device.type == "cuda":
@@ -595,7 +616,7 @@ def train_run(cfg: TrainConfig) -> RunResult:
                 if step >= total:
                     break
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
+                loss = train_model(**batch).loss
                 if not torch.isfinite(loss):
                     raise ValueError(
                         f"training loss became {float(loss)} at step {step}; lower --lr"
@@ -625,7 +646,10 @@ def train_run(cfg: TrainConfig) -> RunResult:
         times["eval_s"] = time.perf_counter() - t0
         mem, mem_kind = peak_memory(device)
 
-        # -- write
+        # -- write: rank 0 only; the others wait until the run folder is published
+        if stage is None:
+            eld.barrier()
+            return RunResult(Path(cfg.output), dict(scores), plan, stats, None)
         out = stage.path
         history = [[s, r] for s, r in flex.history] if flex is not None else None
         max_rank = None
@@ -699,8 +723,10 @@ def train_run(cfg: TrainConfig) -> RunResult:
                 title=f"entrolora run: {method}",
             )
         published = stage.publish()
+        eld.barrier()
     except BaseException:
-        stage.discard()
+        if stage is not None:
+            stage.discard()
         raise
     return RunResult(published, metrics, plan, stats, history)
 
@@ -735,8 +761,15 @@ def run_probe(
         batches.append({k: v.to(device) for k, v in b.items()})
         if len(batches) == cfg.probe_steps:
             break
+    # each rank probes its share of the same batches; the probe sums over ranks (METHODS.md §1)
+    batches = list(eld.shard(batches))
     return el.probe(
-        model, batches, targets, steps=cfg.probe_steps, allow_fewer=True, progress=cfg.progress
+        model,
+        batches,
+        targets,
+        steps=len(batches),
+        allow_fewer=True,
+        progress=cfg.progress and eld.is_main_process(),
     )
 
 

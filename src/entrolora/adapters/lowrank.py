@@ -69,7 +69,9 @@ class LowRankAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared}" if self.shared else ""
-        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale:g}{shared}"
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale:g}{shared}"
+        )
 
 
 class BlockDiagonalAdapter(nn.Module):

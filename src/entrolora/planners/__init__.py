@@ -48,7 +48,7 @@ def _planner(method: str) -> tuple[str, Callable[..., AdaptationPlan]]:
 
 
 def planner_options(method: str) -> dict[str, Any]:
-    """``{option name: default}`` of a planner, read from its signature (``None``: resolved later)."""
+    """``{option: default}`` of a planner, read from its signature (``None``: resolved later)."""
     _, fn = _planner(method)
     params = list(inspect.signature(fn).parameters.values())[1:]  # skip stats_or_model
     return {p.name: p.default for p in params}

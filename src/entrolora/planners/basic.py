@@ -38,10 +38,11 @@ def sites_of(stats_or_model: Any, target_modules: str | Sequence[str] | None) ->
         names = list(stats_or_model.modules)
         if target_modules is not None:
             names = _select(names, target_modules)
+        keep = set(names)
         out: TypeTargets = {}
         for t, members in stats_or_model.types.items():
             for n in members:
-                if n in names:
+                if n in keep:
                     s = stats_or_model.modules[n]
                     out.setdefault(t, []).append(Site(n, t, s.layer, s.d_in, s.d_out))
         return out
@@ -108,7 +109,9 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_float(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+def check_float(
+    name: str, value: Any, low: float | None = None, high: float | None = None
+) -> float:
     """A finite real in ``[low, high)`` (either bound optional)."""
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
     ok = ok and math.isfinite(value)
@@ -201,7 +204,9 @@ def plan_flexlora(
         raise ValueError(f"capacity must be ≥ r={r} (default 2·r), got {capacity}")
     alpha = resolve_alpha(lora_alpha, r)
     modules = {
-        s.name: ModulePlan(r, s.d_in, s.d_out, s.module_type, s.layer, kind="flex", capacity=capacity)
+        s.name: ModulePlan(
+            r, s.d_in, s.d_out, s.module_type, s.layer, kind="flex", capacity=capacity
+        )
         for sites in sites_of(stats_or_model, target_modules).values()
         for s in sites
     }

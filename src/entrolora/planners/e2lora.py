@@ -10,6 +10,7 @@ as E²LoRA plus a per-module magnitude, E²VeRA trainable (d, b) per interval on
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -79,9 +80,10 @@ def dp_intervals(
     m = np.asarray(sim, dtype=np.float64)
     n = m.shape[0]
     # 2-D prefix sums: block sum of [i..j]×[i..j] in O(1)
-    ps = np.zeros((n + 1, n + 1))
-    ps[1:, 1:] = m.cumsum(0).cumsum(1)
-    bad = np.concatenate([[0], np.cumsum(np.asarray(degenerate, dtype=np.int64))])
+    arr = np.zeros((n + 1, n + 1))
+    arr[1:, 1:] = m.cumsum(0).cumsum(1)
+    ps = arr.tolist()  # Python floats: scalar indexing below is 10× faster than on an ndarray
+    bad = [0, *itertools.accumulate(int(d) for d in degenerate)]
     best = [0.0] + [math.inf] * n
     start = [0] * (n + 1)
     for j in range(1, n + 1):  # best partition of the first j layers
@@ -89,7 +91,7 @@ def dp_intervals(
             length = j - i
             if length > 1 and bad[j] - bad[i] > 0:
                 continue
-            block = ps[j, j] - ps[i, j] - ps[j, i] + ps[i, i]
+            block = ps[j][j] - ps[i][j] - ps[j][i] + ps[i][i]
             cost = best[i] - block / (length * length) + lam
             if cost < best[j] - TIE_TOL * max(1.0, abs(best[j])) or best[j] == math.inf:
                 best[j], start[j] = cost, i
@@ -116,7 +118,9 @@ def largest_remainder(fractions: Sequence[float | None], total: int) -> list[int
     if not live:
         return ranks
     if budget < len(live):
-        raise ValueError(f"a rank budget of {total} cannot give {len(fractions)} intervals rank ≥ 1")
+        raise ValueError(
+            f"a rank budget of {total} cannot give {len(fractions)} intervals rank ≥ 1"
+        )
     exact = {k: fractions[k] * budget for k in live}
     floors = {k: math.floor(x + TIE_TOL) for k, x in exact.items()}
     for k in live:
@@ -200,9 +204,10 @@ def allocate(
     allocation: str,
     budget: str,
     sharing: str,
+    names: list[str] | None = None,
 ) -> TypeAllocation:
-    """LSS then HRA for one module type (METHODS.md §3)."""
-    names = stats.types[module_type]
+    """LSS then HRA for one module type (METHODS.md §3); ``names``: the type's modules by layer."""
+    names = stats.types[module_type] if names is None else names
     mods = [stats.modules[n] for n in names]
     n = len(names)
     degenerate = [m.entropy is None for m in mods]
@@ -212,7 +217,7 @@ def allocate(
     elif n == 1:
         intervals, taus = [(0, 0)], [None]
     else:
-        sim = stats.similarity(module_type, kind=similarity, rmi_scale=rmi_scale).tolist()
+        sim = stats.similarity(module_type, kind=similarity, rmi_scale=rmi_scale).numpy().tolist()
         if partition == "greedy":
             intervals, taus = greedy_intervals(sim, degenerate, threshold)
         else:
@@ -274,7 +279,7 @@ def _resolve(
 
 
 def _build(stats: GradientStats, method: str, options: dict, variant: str, **extra: Any):
-    """Allocate every type, then lay out modules and groups for ``variant`` (§3 "What is shared")."""
+    """Allocate every type, then lay out modules and groups of ``variant`` (§3 What is shared)."""
     keys = ("threshold", "partition", "lam", "similarity", "rmi_scale", "allocation", "budget")
     args = {k: options[k] for k in keys}
     shared_intervals = options["sharing"] == "intervals"
@@ -282,8 +287,8 @@ def _build(stats: GradientStats, method: str, options: dict, variant: str, **ext
     groups: dict[str, GroupPlan] = {}
     diagnostics: dict[str, dict] = {}
     kind = {"e2lora": "lora", "e2sharelora": "lora", "e2dora": "dora"}.get(variant, variant[2:])
-    for t in stats.types:
-        a = allocate(stats, t, options["r"], sharing=options["sharing"], **args)
+    for t, names in stats.types.items():
+        a = allocate(stats, t, options["r"], sharing=options["sharing"], names=names, **args)
         diagnostics[t] = a.diagnostics
         top = max(a.ranks)
         type_gid = None

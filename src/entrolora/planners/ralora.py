@@ -40,7 +40,7 @@ def block_count(erank: float | None, r: int, n_max: int, d_in: int, d_out: int) 
 def sensitivity_ranks(
     stats: GradientStats, r_ref: int, r_min: int, r_max: int
 ) -> dict[str, tuple[int, float]]:
-    """``{name: (r_l, unclamped P_total·α_l/√(d_in+d_out))}`` (RaLoRA eqs. 5–8, all types together)."""
+    """``{name: (r_l, unclamped P_total·α_l/√(d_in+d_out))}`` (RaLoRA eqs. 5–8, all types)."""
     missing = [n for n, s in stats.modules.items() if s.sensitivity is None]
     if missing:
         raise ValueError(

@@ -1,0 +1,511 @@
+"""Do the papers' quality claims hold? A grid of methods × seeds trained by ``train_run``.
+
+    python bench/quality.py --config cpu              # MiniLM, CPU-sized subset (< 1 h on 2 cores)
+    python bench/quality.py --config gpu              # MiniLM, full data, for a GPU
+    python bench/quality.py --config cpu --model smollm2   # SmolLM2-135M instead of MiniLM
+    python bench/quality.py --smoke                   # tiny random BERT + tiny CSV, CI
+
+Every cell is a method with its options (``CELLS``); all cells of a configuration share the
+data (Rotten Tomatoes snippets, split by film), seed set, epochs, learning rate, batch size and
+length, so the only difference between two cells is the adapter. Each (cell, seed) runs in its
+own process (so that the CPU peak RSS is that run's own) and is appended to
+``bench/results/<config>/runs.csv`` as soon as it finishes; a rerun skips the finished pairs.
+After every run the summary is rewritten: ``table.md`` / ``table.csv`` (mean ± std over seeds),
+``claims.md`` (each paper claim tested on the means) and ``accuracy_vs_params.png``.
+
+The probe statistics of a seed are computed once (by the first cell that needs them) and reused
+by the later cells of the same seed (``TrainConfig.stats``); their cost is the ``probe s``
+column of the cell that probed. The cosine / L1 / L2 similarity ablations need the raw
+gradients, which the saved statistics do not keep, so they probe for themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from entrolora.files import atomic_write_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+WORK = ROOT / "runs" / "bench-quality"  # run folders (adapters, plans): large, not committed
+PROBE_FREE = ("lora", "sharelora", "flexlora", "dora", "adalora", "vera", "lora-plus")
+RAW_GRADIENT_SIMILARITIES = ("cosine", "l1", "l2")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a method, its rank and options, and the comparison it belongs to."""
+
+    key: str  # stable id in runs.csv
+    label: str
+    method: str
+    r: int = 8
+    options: Mapping[str, Any] = field(default_factory=dict)
+    group: str = "methods"
+
+
+CELLS: tuple[Cell, ...] = (
+    Cell("lora-r8", "LoRA r=8", "lora", 8),
+    Cell("lora-r4", "LoRA r=4", "lora", 4),
+    Cell("sharelora-r8", "ShareLoRA r=8", "sharelora", 8),
+    Cell("e2lora-r8", "E²LoRA r=8", "e2lora", 8),
+    Cell("e2sharelora-r8", "E²ShareLoRA r=8", "e2sharelora", 8),
+    Cell("e2lora-r8-layers", "E²LoRA r=8 budget=layers", "e2lora", 8, {"budget": "layers"}),
+    Cell("ralora-r8", "RaLoRA r=8", "ralora", 8),
+    Cell("ralora-pro-r8", "RaLoRA-Pro r_ref=8", "ralora-pro", 8),
+    Cell("flexlora-r8", "FlexLoRA r=8 (capacity 2r)", "flexlora", 8),
+    # peft's plain LoRA: train_run reaches peft's LoraConfig through its LoRA+ baseline; an
+    # LR ratio of 1 makes LoRA+'s optimizer plain AdamW at one learning rate.
+    Cell("peft-lora-r8", "peft LoRA r=8", "lora-plus", 8, {"loraplus_lr_ratio": 1.0}, "peft"),
+    Cell("peft-dora-r8", "peft DoRA r=8", "dora", 8, {}, "peft"),
+    Cell("peft-adalora-r8", "peft AdaLoRA 12→8", "adalora", 8, {}, "peft"),
+    Cell("peft-vera-r256", "peft VeRA r=256", "vera", 256, {}, "peft"),
+    # E²LoRA Table 4 ablations (full method = e2lora-r8: LSS + HRA, RMI similarity).
+    Cell("e2lora-lss-only", "E²LoRA LSS only", "e2lora", 8, {"allocation": "uniform"}, "table4"),
+    Cell("e2lora-hra-only", "E²LoRA HRA only", "e2lora", 8, {"sharing": "none"}, "table4"),
+    Cell("e2lora-cosine", "E²LoRA sim=cosine", "e2lora", 8, {"similarity": "cosine"}, "table4"),
+    Cell("e2lora-l1", "E²LoRA sim=L1", "e2lora", 8, {"similarity": "l1"}, "table4"),
+    Cell("e2lora-l2", "E²LoRA sim=L2", "e2lora", 8, {"similarity": "l2"}, "table4"),
+    Cell("e2lora-kl", "E²LoRA sim=KL", "e2lora", 8, {"similarity": "kl"}, "table4"),
+    # E²LoRA Table 5 (parameter-matched): e2lora-r8 vs lora-r4 above, and r=16 vs lora-r8.
+    Cell("e2lora-r16", "E²LoRA r=16", "e2lora", 16, {}, "table5"),
+)
+SMOKE_CELLS = ("lora-r8", "e2lora-r8", "peft-lora-r8")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Training settings shared by every cell of a configuration."""
+
+    name: str
+    model: str | None
+    data: str | None
+    seeds: tuple[int, ...]
+    epochs: int
+    limit: int | None
+    max_length: int
+    batch_size: int = 32
+    lr: float = 2e-3
+    probe_steps: int = 64
+    max_steps: int | None = None
+    cells: tuple[str, ...] = tuple(c.key for c in CELLS)
+    isolate: bool = True  # one process per run, so that a CPU peak RSS is that run's own
+
+
+CONFIGS = {
+    # Sized on this 2-core VM: ≈ 40 s a run (shared cores), 20 cells × 3 seeds under an hour
+    # only with the CPU to itself; see docs/benchmarks.md for what finished.
+    "cpu": Setup("cpu", None, None, (0, 1, 2), epochs=1, limit=2000, max_length=64,
+                 probe_steps=16),
+    "gpu": Setup("gpu", None, None, (0, 1, 2), epochs=3, limit=None, max_length=128,
+                 probe_steps=64),
+}  # fmt: skip
+
+RUN_FIELDS = (
+    "config", "cell", "label", "group", "method", "r", "options", "seed", "accuracy",
+    "eval_loss", "trainable_params", "head_params", "plan_params", "probe_s", "train_s",
+    "total_s", "steps", "peak_memory_mib", "peak_memory_kind", "train_examples",
+    "test_examples", "stats_reused", "device", "torch_version",
+)  # fmt: skip
+
+
+# -- one run ----------------------------------------------------------------------------------
+def train_config(setup: Setup, cell: Cell, seed: int, output: Path, stats: str | None) -> dict:
+    """The ``TrainConfig`` fields of one (cell, seed) run, as a JSON-able dict."""
+    return {
+        "model": setup.model,
+        "data": setup.data,
+        "method": cell.method,
+        "r": cell.r,
+        "options": dict(cell.options),
+        "probe_steps": setup.probe_steps,
+        "stats": stats,
+        "epochs": setup.epochs,
+        "max_steps": setup.max_steps,
+        "lr": setup.lr,
+        "batch_size": setup.batch_size,
+        "max_length": setup.max_length,
+        "limit": setup.limit,
+        "seed": seed,
+        "output": str(output),
+        "overwrite": True,
+        "progress": False,
+        "report": False,
+    }
+
+
+def worker(config_json: str) -> None:
+    """Subprocess entry: train one run (its metrics land in the run folder's metrics.json)."""
+    from entrolora.train import TrainConfig, train_run
+
+    train_run(TrainConfig(**json.loads(config_json)))
+
+
+def run_cell(setup: Setup, cell: Cell, seed: int, work: Path, stats: str | None) -> dict:
+    """Train (cell, seed), in a fresh process when ``setup.isolate``; returns its runs.csv row.
+
+    RuntimeError with the run's last output lines when the subprocess fails.
+    """
+    out = work / f"{cell.key}-seed{seed}"
+    cfg = train_config(setup, cell, seed, out, stats)
+    if setup.isolate:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"{cell.key} seed {seed} failed (exit {proc.returncode}):\n{tail}")
+    else:
+        worker(json.dumps(cfg))
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    return {
+        "config": setup.name,
+        "cell": cell.key,
+        "label": cell.label,
+        "group": cell.group,
+        "method": cell.method,
+        "r": cell.r,
+        "options": json.dumps(dict(cell.options), sort_keys=True),
+        "seed": seed,
+        **{k: m.get(k) for k in RUN_FIELDS if k in m and k not in ("config", "method", "seed")},
+        "stats_reused": bool(stats),
+    }
+
+
+def needs_own_probe(cell: Cell) -> bool:
+    return cell.options.get("similarity") in RAW_GRADIENT_SIMILARITIES
+
+
+# -- the summary ------------------------------------------------------------------------------
+def summarize(rows: Sequence[Mapping[str, str]], cells: Sequence[Cell]) -> list[dict]:
+    """One dict per cell with any finished run: mean ± std accuracy and mean times/memory."""
+    out = []
+    for cell in cells:
+        runs = [r for r in rows if r["cell"] == cell.key]
+        if not runs:
+            continue
+        acc = [100 * float(r["accuracy"]) for r in runs]
+        mean, std = common.mean_std(acc)
+        mems = [float(r["peak_memory_mib"]) for r in runs if r.get("peak_memory_mib")]
+        out.append(
+            {
+                "cell": cell,
+                "n": len(runs),
+                "seeds": sorted(int(r["seed"]) for r in runs),
+                "acc_mean": mean,
+                "acc_std": std,
+                "params": int(runs[0]["trainable_params"]),
+                "head": int(runs[0]["head_params"] or 0),
+                "train_s": common.mean_std([float(r["train_s"]) for r in runs])[0],
+                "probe_s": max(float(r["probe_s"] or 0) for r in runs),
+                "mem": max(mems) if mems else None,
+            }
+        )
+    return out
+
+
+def table_rows(summary: Sequence[Mapping[str, Any]], n_seeds: int) -> list[dict[str, str]]:
+    return [
+        {
+            "method": s["cell"].label,
+            "group": s["cell"].group,
+            "trainable params": f"{s['params']:,}",
+            "accuracy % (mean ± std)": f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}",
+            "seeds": f"{s['n']}/{n_seeds}",
+            "train s": f"{s['train_s']:.1f}",
+            "probe s": f"{s['probe_s']:.1f}" if s["probe_s"] else "",
+            "peak MiB": common.fmt(s["mem"], 0),
+        }
+        for s in summary
+    ]
+
+
+TABLE_COLUMNS = (
+    "method", "group", "trainable params", "accuracy % (mean ± std)", "seeds", "train s",
+    "probe s", "peak MiB",
+)  # fmt: skip
+
+# (claim, candidate cell, reference cell, kind): "beats" needs a higher mean; "matches" a mean
+# no lower than the reference's by more than the noise (2 standard errors, at least 0.5 pp).
+CLAIMS = (
+    ("E²LoRA matches LoRA with about half the parameters (E²LoRA)", "e2lora-r8", "lora-r8",
+     "matches"),
+    ("E²ShareLoRA beats ShareLoRA with fewer parameters (E²LoRA)", "e2sharelora-r8",
+     "sharelora-r8", "beats"),
+    ("E²LoRA r=8 beats LoRA r=4 at matched parameters (E²LoRA Table 5)", "e2lora-r8", "lora-r4",
+     "beats"),
+    ("E²LoRA r=16 beats LoRA r=8 at matched parameters (E²LoRA Table 5)", "e2lora-r16",
+     "lora-r8", "beats"),
+    ("full E²LoRA beats LSS only (E²LoRA Table 4)", "e2lora-r8", "e2lora-lss-only", "beats"),
+    ("full E²LoRA beats HRA only (E²LoRA Table 4)", "e2lora-r8", "e2lora-hra-only", "beats"),
+    ("RMI similarity beats cosine (E²LoRA Table 4)", "e2lora-r8", "e2lora-cosine", "beats"),
+    ("RMI similarity beats L1 (E²LoRA Table 4)", "e2lora-r8", "e2lora-l1", "beats"),
+    ("RMI similarity beats L2 (E²LoRA Table 4)", "e2lora-r8", "e2lora-l2", "beats"),
+    ("RMI similarity beats KL (E²LoRA Table 4)", "e2lora-r8", "e2lora-kl", "beats"),
+    ("RaLoRA beats LoRA at equal parameters (RaLoRA)", "ralora-r8", "lora-r8", "beats"),
+    ("RaLoRA-Pro beats LoRA (RaLoRA)", "ralora-pro-r8", "lora-r8", "beats"),
+    ("FlexLoRA beats AdaLoRA at equal budget (FlexLoRA)", "flexlora-r8", "peft-adalora-r8",
+     "beats"),
+    ("entrolora LoRA matches peft LoRA (sanity)", "lora-r8", "peft-lora-r8", "matches"),
+)  # fmt: skip
+
+
+def verdict(kind: str, delta: float, se: float, n: int) -> str:
+    """``held`` / ``not held`` (and whether the gap exceeds 2 standard errors of the means)."""
+    noise = 2 * se
+    if kind == "beats":
+        if delta > 0:
+            return "held" if (n > 1 and delta > noise) else "held (within noise)"
+        return "not held" if (n > 1 and -delta > noise) else "not held (within noise)"
+    return "held" if delta >= -max(0.5, noise) else "not held"
+
+
+def claims_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    by_key = {s["cell"].key: s for s in summary}
+    rows = []
+    for text, a, b, kind in CLAIMS:
+        if a not in by_key or b not in by_key:
+            rows.append({"claim": text, "verdict": "pending (cells not run yet)"})
+            continue
+        sa, sb = by_key[a], by_key[b]
+        delta = sa["acc_mean"] - sb["acc_mean"]
+        se = (sa["acc_std"] ** 2 / sa["n"] + sb["acc_std"] ** 2 / sb["n"]) ** 0.5
+        rows.append(
+            {
+                "claim": text,
+                "ours": f"{sa['cell'].label}: {sa['acc_mean']:.2f} vs "
+                f"{sb['cell'].label}: {sb['acc_mean']:.2f}",
+                "Δ acc (pp)": f"{delta:+.2f} ± {se:.2f}",
+                "params ratio": f"{sa['params'] / sb['params']:.2f}",
+                "seeds": f"{min(sa['n'], sb['n'])}",
+                "verdict": verdict(kind, delta, se, min(sa["n"], sb["n"])),
+            }
+        )
+    return rows
+
+
+CLAIM_COLUMNS = ("claim", "ours", "Δ acc (pp)", "params ratio", "seeds", "verdict")
+
+
+def write_summary(folder: Path, setup: Setup, cells: Sequence[Cell], header: str) -> None:
+    """Rewrite table.md, table.csv, claims.md and the plot from runs.csv (atomic writes)."""
+    rows = common.read_rows(folder / "runs.csv")
+    summary = summarize(rows, cells)
+    trows = table_rows(summary, len(setup.seeds))
+    done = sum(s["n"] for s in summary)
+    total = len(cells) * len(setup.seeds)
+    settings = (
+        f"model {setup.model or 'MiniLM (all-MiniLM-L6-v2)'}, data "
+        f"{setup.data or 'Rotten Tomatoes snippets, film split'}, limit {setup.limit}, "
+        f"{setup.epochs} epoch(s), max_steps {setup.max_steps}, batch {setup.batch_size}, "
+        f"max length {setup.max_length}, lr {setup.lr}, probe steps {setup.probe_steps}, "
+        f"seeds {list(setup.seeds)}"
+    )
+    note = (
+        f"Configuration `{setup.name}`: {settings}.\n\n{header}\n\n"
+        f"Finished runs: {done} of {total} (cells × seeds).\n\n"
+        "Trainable parameters exclude the classifier head, which every method trains "
+        f"({summary[0]['head'] if summary else 0:,} parameters). `train s` is the training "
+        "loop's mean time; `probe s` the gradient probe of the run that computed the "
+        "statistics (later cells of the same seed reuse them); `peak MiB` is CUDA "
+        "max_memory_allocated on a GPU, the run process's peak RSS on the CPU.\n\n"
+    )
+    atomic_write_text(folder / "table.md", note + common.markdown_table(trows, TABLE_COLUMNS))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(trows)
+    atomic_write_text(folder / "table.csv", buf.getvalue())
+    crows = claims_rows(summary)
+    atomic_write_text(
+        folder / "claims.md",
+        f"Configuration `{setup.name}`; {done} of {total} runs finished. Δ is the difference of "
+        "mean accuracies ± its standard error; a claim is `held` when the gap has the claimed "
+        "sign and exceeds twice the standard error, `(within noise)` when it does not; "
+        "`matches` holds when the candidate is at most max(0.5 pp, 2 SE) below.\n\n"
+        + common.markdown_table(crows, CLAIM_COLUMNS),
+    )
+    if summary:
+        try:
+            from entrolora.report import plot_accuracy_vs_params
+
+            runs = [
+                {"method": s["cell"].label, "accuracy": s["acc_mean"] / 100,
+                 "trainable_params": s["params"]}
+                for s in summary
+            ]  # fmt: skip
+            plot_accuracy_vs_params(runs, folder / "accuracy_vs_params.png")
+        except ImportError:  # matplotlib is optional
+            pass
+
+
+# -- the smoke configuration ------------------------------------------------------------------
+def smoke_assets(root: Path) -> tuple[str, str]:
+    """A tiny random BERT classifier with a word-level tokenizer, and a learnable CSV."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = [f"w{i}" for i in range(40)] + ["good", "great", "bad", "awful"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2, pad_token_id=0,
+    )  # fmt: skip
+    model_dir = root / "tiny-bert"
+    BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    lines = ["text,label"]
+    for i in range(64):
+        pos = i % 2 == 0
+        text = [rng.choice(words[:40]) for _ in range(rng.randint(3, 8))]
+        text.insert(rng.randint(0, len(text)), rng.choice(words[40:42] if pos else words[42:]))
+        lines.append(f"{' '.join(text)},{'pos' if pos else 'neg'}")
+    data = root / "tiny.csv"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(model_dir), str(data)
+
+
+# -- the grid ---------------------------------------------------------------------------------
+def run_grid(
+    setup: Setup, folder: Path, work: Path, header: str, progress: bool = True
+) -> list[dict]:
+    """Run every unfinished (cell, seed) of ``setup``, seed-major; returns runs.csv's rows."""
+    cells = [c for c in CELLS if c.key in setup.cells]
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {(r["cell"], int(r["seed"])) for r in common.read_rows(folder / "runs.csv")}
+    # Seed-major: a partial grid has every method at seed 0 before any at seed 1.
+    todo = [(c, s) for s in setup.seeds for c in cells if (c.key, s) not in done]
+    write_summary(folder, setup, cells, header)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cells) * len(setup.seeds), initial=len(done), unit="run")
+    stats_file = {
+        s: str(work / f"stats-seed{s}.safetensors")
+        for s in setup.seeds
+        if (work / f"stats-seed{s}.safetensors").is_file()
+    }
+    for cell, seed in todo:
+        if bar is not None:
+            bar.set_description(f"{cell.key} seed {seed}")
+        shared = (
+            None if cell.method in PROBE_FREE or needs_own_probe(cell) else stats_file.get(seed)
+        )
+        row = run_cell(setup, cell, seed, work, shared)
+        if shared is None and cell.method not in PROBE_FREE and not needs_own_probe(cell):
+            # Keep this seed's statistics outside the run folder, which a rerun replaces.
+            src = work / f"{cell.key}-seed{seed}" / "stats.safetensors"
+            dst = work / f"stats-seed{seed}.safetensors"
+            shutil.copyfile(src, dst)
+            stats_file[seed] = str(dst)
+        common.append_row(folder / "runs.csv", {**row, "config": setup.name}, RUN_FIELDS)
+        write_summary(folder, setup, cells, header)
+        msg = (
+            f"{cell.label} seed {seed}: accuracy {100 * float(row['accuracy']):.2f}%, "
+            f"{int(row['trainable_params']):,} params, train {float(row['train_s']):.1f} s"
+        )
+        if bar is not None:
+            bar.update(1)
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+    if bar is not None:
+        bar.close()
+    return common.read_rows(folder / "runs.csv")
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Parse arguments, run (the rest of) the grid, print the table; returns the results folder."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    ap.add_argument("--model", default=None, help="smollm2, or a local model folder")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed, few steps")
+    ap.add_argument("--results", default=str(RESULTS), help="folder for <config>/ outputs")
+    ap.add_argument("--work", default=None, help="folder for run folders (default runs/…)")
+    ap.add_argument("--cells", default=None, help="comma-separated cell keys (default: all)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        worker(args.worker)
+        return Path(".")
+    keys = {c.key for c in CELLS}
+    tmp = None
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="entrolora-bench-smoke-"))
+        model, data = smoke_assets(tmp)
+        setup = Setup("smoke", model, data, (0,), epochs=1, limit=None, max_length=16,
+                      batch_size=8, probe_steps=2, max_steps=2, cells=SMOKE_CELLS,
+                      isolate=False)  # fmt: skip
+    else:
+        setup = CONFIGS[args.config]
+        if args.model:
+            name = Path(args.model).name if args.model != "smollm2" else "smollm2"
+            setup = Setup(**{**asdict(setup), "name": f"{setup.name}-{name}", "model": args.model})
+    if args.cells:
+        chosen = tuple(k.strip() for k in args.cells.split(",") if k.strip())
+        unknown = sorted(set(chosen) - keys)
+        if unknown:
+            raise ValueError(f"unknown cell(s) {unknown}; choose from {', '.join(sorted(keys))}")
+        setup = Setup(**{**asdict(setup), "cells": chosen})
+    if args.seeds:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        setup = Setup(**{**asdict(setup), "seeds": seeds})
+    folder = Path(args.results) / setup.name
+    work = Path(args.work) if args.work else (tmp or WORK) / setup.name
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = common.machine_info(device)
+    cmd = "python bench/quality.py " + (
+        "--smoke"
+        if args.smoke
+        else f"--config {args.config}" + (f" --model {args.model}" if args.model else "")
+    )
+    header = f"Measured on {common.describe(info)}. Regenerate: `{cmd}` (resumes; delete " \
+        f"`{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}/runs.csv` " \
+        "to start over)."  # fmt: skip
+    try:
+        run_grid(setup, folder, work, header, progress=not args.quiet)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print((folder / "table.md").read_text(encoding="utf-8"))
+    print((folder / "claims.md").read_text(encoding="utf-8"))
+    return folder
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""bench/probe.py --smoke runs end to end (so the benchmark cannot rot); no timing asserts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "probe.py"
+
+
+def test_bench_probe_smoke(capsys):
+    spec = importlib.util.spec_from_file_location("bench_probe", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    tiny = "--layers 2 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 64 --steps 2"
+    out = bench.main(["--smoke", "--device", "cpu", *tiny.split()])
+    assert out["modules"] == 8  # q, k, v, o of 2 layers
+    assert out["config"].seq == 64 and out["config"].dtype == "fp32"
+    for key in ("plain_s", "probe_s", "probe_offload_s", "stats_s", "erank_s"):
+        assert out[key] > 0
+    assert out["peak_plain_mib"] is None  # no GPU: reported as n/a, never invented
+    text = capsys.readouterr().out
+    for line in (
+        "plain fwd+bwd x S",
+        "probe offload=None",
+        'probe offload="cpu"',
+        "statistics alone",
+        "effective ranks alone",
+        "n/a (CPU)",
+    ):
+        assert line in text

@@ -1,0 +1,167 @@
+"""bench/quality.py and bench/common.py: the smoke grid runs end to end and resumes; the summary
+matches a numpy computation on runs.csv; bad input is refused. No timing asserts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+quality = _load("quality")
+common = _load("common")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    results = tmp_path_factory.mktemp("quality-results")
+    folder = quality.main(["--smoke", "--results", str(results), "--quiet"])
+    return folder
+
+
+def test_smoke_grid_rows_and_tables(smoke):
+    rows = common.read_rows(smoke / "runs.csv")
+    assert [r["cell"] for r in rows] == list(quality.SMOKE_CELLS)
+    assert {r["seed"] for r in rows} == {"0"}
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        assert int(r["steps"]) == 2
+    by_cell = {r["cell"]: r for r in rows}
+    # Tiny BERT: 3 layers × 4 attention targets (32×32), LoRA r=8 has A (8×32) and B (32×8).
+    assert int(by_cell["lora-r8"]["trainable_params"]) == 3 * 4 * (8 * 32 + 32 * 8)
+    assert by_cell["peft-lora-r8"]["trainable_params"] == by_cell["lora-r8"]["trainable_params"]
+    assert by_cell["e2lora-r8"]["stats_reused"] == "False"  # the first probing cell probes
+    table = (smoke / "table.md").read_text(encoding="utf-8")
+    for label in ("LoRA r=8", "E²LoRA r=8", "peft LoRA r=8"):
+        assert f"| {label} |" in table
+    assert "Finished runs: 3 of 3" in table
+    claims = (smoke / "claims.md").read_text(encoding="utf-8")
+    assert "entrolora LoRA matches peft LoRA (sanity)" in claims
+    assert "pending (cells not run yet)" in claims  # ShareLoRA etc. are not in the smoke grid
+    assert (smoke / "table.csv").is_file()
+    pytest.importorskip("matplotlib")
+    assert (smoke / "accuracy_vs_params.png").stat().st_size > 0
+
+
+def test_smoke_grid_resumes_without_rerunning(smoke, capsys):
+    before = (smoke / "runs.csv").read_text(encoding="utf-8")
+    quality.main(["--smoke", "--results", str(smoke.parent), "--quiet"])
+    assert (smoke / "runs.csv").read_text(encoding="utf-8") == before
+    assert "seed 0: accuracy" not in capsys.readouterr().out  # no run reported as trained
+
+
+def _rows(accs: dict[str, list[float]], params: dict[str, int]) -> list[dict[str, str]]:
+    return [
+        {"cell": k, "seed": str(s), "accuracy": str(a), "trainable_params": str(params[k]),
+         "head_params": "10", "train_s": str(1.0 + s), "probe_s": "", "peak_memory_mib": "5"}
+        for k, vals in accs.items() for s, a in enumerate(vals)
+    ]  # fmt: skip
+
+
+def test_summary_matches_numpy():
+    accs = {"lora-r8": [0.80, 0.82, 0.77], "e2lora-r8": [0.81, 0.79, 0.80]}
+    params = {"lora-r8": 1000, "e2lora-r8": 520}
+    cells = [c for c in quality.CELLS if c.key in accs]
+    summary = {s["cell"].key: s for s in quality.summarize(_rows(accs, params), cells)}
+    for key, vals in accs.items():
+        v = 100 * np.array(vals, dtype=np.float64)
+        assert summary[key]["acc_mean"] == pytest.approx(v.mean(), abs=1e-12)
+        assert summary[key]["acc_std"] == pytest.approx(v.std(ddof=1), abs=1e-12)
+        assert summary[key]["train_s"] == pytest.approx(2.0)
+    claim = next(
+        r for r in quality.claims_rows(list(summary.values()))
+        if r["claim"].startswith("E²LoRA matches LoRA")
+    )  # fmt: skip
+    a, b = 100 * np.array(accs["e2lora-r8"]), 100 * np.array(accs["lora-r8"])
+    delta = a.mean() - b.mean()
+    se = np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3)
+    assert claim["Δ acc (pp)"] == f"{delta:+.2f} ± {se:.2f}"
+    assert claim["params ratio"] == "0.52"
+    assert claim["verdict"] == "held"
+
+
+@pytest.mark.parametrize(
+    "kind, delta, se, n, want",
+    [
+        ("beats", 1.0, 0.2, 3, "held"),
+        ("beats", 0.3, 0.2, 3, "held (within noise)"),
+        ("beats", -0.3, 0.2, 3, "not held (within noise)"),
+        ("beats", -1.0, 0.2, 3, "not held"),
+        ("beats", 1.0, 0.0, 1, "held (within noise)"),  # one seed: never "clearly"
+        ("matches", -0.4, 0.1, 3, "held"),
+        ("matches", -0.6, 0.1, 3, "not held"),
+        ("matches", -0.6, 0.4, 3, "held"),
+    ],
+)
+def test_verdict(kind, delta, se, n, want):
+    assert quality.verdict(kind, delta, se, n) == want
+
+
+def test_cells_are_unique_and_valid_for_train_run():
+    from entrolora.train import check_options, normalize_method
+
+    keys = [c.key for c in quality.CELLS]
+    assert len(keys) == len(set(keys))
+    for cell in quality.CELLS:
+        check_options(normalize_method(cell.method), cell.options)
+    for _, a, b, _ in quality.CLAIMS:
+        assert a in keys and b in keys
+    assert set(quality.SMOKE_CELLS) <= set(keys)
+
+
+def test_unknown_cell_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown cell\(s\) \['nope'\]; choose from"):
+        quality.main(["--smoke", "--cells", "nope", "--results", str(tmp_path), "--quiet"])
+
+
+def test_append_row_round_trip_and_keeps_extra_columns(tmp_path):
+    path = tmp_path / "runs.csv"
+    common.append_row(path, {"a": 1, "b": "x,y"}, ["a", "b"])
+    common.append_row(path, {"a": 2}, ["a", "b"])
+    assert common.read_rows(path) == [{"a": "1", "b": "x,y"}, {"a": "2", "b": ""}]
+    common.append_row(path, {"b": "z"}, ["b"])  # column a is kept from the existing header
+    assert common.read_rows(path)[-1] == {"b": "z", "a": ""}
+    assert not [p for p in tmp_path.iterdir() if p.name != "runs.csv"]  # no temporary left
+
+
+def test_time_steps_excludes_warmup():
+    calls = []
+    t = common.time_steps(calls.append, steps=4, warmup=2)
+    assert calls == list(range(6))
+    assert len(t.seconds) == 4
+    assert t.median_ms == pytest.approx(1e3 * float(np.median(t.seconds)))
+
+
+def test_time_steps_needs_a_step():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        common.time_steps(lambda i: None, steps=0, warmup=1)
+    with pytest.raises(ValueError, match="warmup must be >= 0"):
+        common.time_steps(lambda i: None, steps=1, warmup=-1)
+
+
+def test_mean_std_against_numpy_and_empty():
+    vals = [3.0, 1.5, 2.25, 8.0]
+    m, s = common.mean_std(vals)
+    assert (m, s) == pytest.approx((np.mean(vals), np.std(vals, ddof=1)))
+    assert common.mean_std([2.0]) == (2.0, 0.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        common.mean_std([])
+
+
+def test_markdown_table_escapes_pipes():
+    out = common.markdown_table([{"a": "x|y", "b": None}], ["a", "b"])
+    assert out.splitlines() == ["| a | b |", "|---|---|", "| x\\|y |  |"]

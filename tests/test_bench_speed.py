@@ -1,0 +1,57 @@
+"""bench/speed.py: runs every benchmark script's --smoke under one entry point (so none can rot),
+records each output, and keeps going past a missing or broken script. No timing asserts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_speed", BENCH / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+speed = _load()
+
+
+def test_speed_smoke_runs_every_present_script(tmp_path, capsys):
+    outcomes = speed.main(["--smoke", "--results", str(tmp_path)])
+    assert list(outcomes) == list(speed.SCRIPTS)
+    for name, o in outcomes.items():
+        present = (BENCH / f"{name}.py").is_file()
+        assert o.status == ("ok" if present else "missing"), o.output
+        saved = (tmp_path / "speed-smoke" / f"{name}.txt").read_text(encoding="utf-8")
+        assert f"# status: {o.status}" in saved and f"python bench/{name}.py --smoke" in saved
+        assert o.output in saved
+    assert outcomes["flexlora"].status == "ok"
+    assert "FlexLoRA r=8 c=16" in outcomes["flexlora"].output  # its table was captured
+    out = capsys.readouterr().out
+    assert "| flexlora | ok |" in out
+
+
+def test_broken_and_missing_scripts_do_not_stop_the_others(tmp_path):
+    (tmp_path / "good.py").write_text("def main(argv):\n    print('figures', argv)\n    return 7\n")
+    (tmp_path / "bad.py").write_text("def main(argv):\n    raise RuntimeError('boom')\n")
+    (tmp_path / "nomain.py").write_text("X = 1\n")
+    good = speed.run_script("good", ["--smoke"], tmp_path)
+    assert (good.status, good.value) == ("ok", 7)
+    assert good.output == "figures ['--smoke']\n"
+    bad = speed.run_script("bad", [], tmp_path)
+    assert bad.status == "failed" and "RuntimeError: boom" in bad.output
+    assert speed.run_script("nomain", [], tmp_path).status == "failed"
+    assert speed.run_script("absent", [], tmp_path).status == "missing"
+
+
+def test_unknown_benchmark_is_refused():
+    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) \['nope'\]; choose from"):
+        speed.main(["--smoke", "--only", "nope", "--no-save"])
