@@ -12,7 +12,9 @@ import io
 import math
 import os
 import platform
+import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,3 +172,38 @@ def describe(info: Mapping[str, str]) -> str:
         f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}, "
         f"entrolora {info['entrolora']}; {info['date']}"
     )
+
+
+# -- docs ---------------------------------------------------------------------------------------
+INCLUDE = re.compile(
+    r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.DOTALL
+)
+
+
+def refresh_includes(doc: str | os.PathLike, root: str | os.PathLike = ".") -> Path:
+    """Replace each ``<!-- include: PATH -->`` … ``<!-- end include -->`` block of ``doc`` with
+    the current text of ``root/PATH`` (so generated tables are copied verbatim, never typed).
+
+    A file that does not exist yet becomes a line saying so. Written atomically.
+    """
+    doc = Path(doc)
+    text = doc.read_text(encoding="utf-8")
+
+    def body(m: re.Match) -> str:
+        src = Path(root) / m["path"]
+        inner = (
+            src.read_text(encoding="utf-8")
+            if src.is_file()
+            else f"*({m['path']} not generated yet)*\n"
+        )
+        if src.suffix == ".txt":  # benchmark console output: keep its alignment
+            inner = f"```text\n{inner.rstrip()}\n```\n"
+        return f"{m.group(1)}{inner.rstrip()}\n{m.group(4)}"
+
+    return atomic_write_text(doc, INCLUDE.sub(body, text))
+
+
+if __name__ == "__main__":
+    # python bench/common.py docs/benchmarks.md — copy the generated tables into the doc
+    for arg in sys.argv[1:]:
+        print(refresh_includes(arg, Path(__file__).resolve().parents[1]))

@@ -59,20 +59,21 @@ class Cell:
 
 
 CELLS: tuple[Cell, ...] = (
+    # Ordered by the claims they test first, so that a partial grid answers the main ones.
     Cell("lora-r8", "LoRA r=8", "lora", 8),
-    Cell("lora-r4", "LoRA r=4", "lora", 4),
-    Cell("sharelora-r8", "ShareLoRA r=8", "sharelora", 8),
     Cell("e2lora-r8", "E²LoRA r=8", "e2lora", 8),
+    Cell("sharelora-r8", "ShareLoRA r=8", "sharelora", 8),
     Cell("e2sharelora-r8", "E²ShareLoRA r=8", "e2sharelora", 8),
-    Cell("e2lora-r8-layers", "E²LoRA r=8 budget=layers", "e2lora", 8, {"budget": "layers"}),
     Cell("ralora-r8", "RaLoRA r=8", "ralora", 8),
-    Cell("ralora-pro-r8", "RaLoRA-Pro r_ref=8", "ralora-pro", 8),
     Cell("flexlora-r8", "FlexLoRA r=8 (capacity 2r)", "flexlora", 8),
+    Cell("peft-adalora-r8", "peft AdaLoRA 12→8", "adalora", 8, {}, "peft"),
+    Cell("lora-r4", "LoRA r=4", "lora", 4),
+    Cell("ralora-pro-r8", "RaLoRA-Pro r_ref=8", "ralora-pro", 8),
+    Cell("e2lora-r8-layers", "E²LoRA r=8 budget=layers", "e2lora", 8, {"budget": "layers"}),
     # peft's plain LoRA: train_run reaches peft's LoraConfig through its LoRA+ baseline; an
     # LR ratio of 1 makes LoRA+'s optimizer plain AdamW at one learning rate.
     Cell("peft-lora-r8", "peft LoRA r=8", "lora-plus", 8, {"loraplus_lr_ratio": 1.0}, "peft"),
     Cell("peft-dora-r8", "peft DoRA r=8", "dora", 8, {}, "peft"),
-    Cell("peft-adalora-r8", "peft AdaLoRA 12→8", "adalora", 8, {}, "peft"),
     Cell("peft-vera-r256", "peft VeRA r=256", "vera", 256, {}, "peft"),
     # E²LoRA Table 4 ablations (full method = e2lora-r8: LSS + HRA, RMI similarity).
     Cell("e2lora-lss-only", "E²LoRA LSS only", "e2lora", 8, {"allocation": "uniform"}, "table4"),
@@ -104,6 +105,7 @@ class Setup:
     max_steps: int | None = None
     cells: tuple[str, ...] = tuple(c.key for c in CELLS)
     isolate: bool = True  # one process per run, so that a CPU peak RSS is that run's own
+    threads: int | None = None  # torch CPU threads per run (None: torch's default)
 
 
 CONFIGS = {
@@ -148,8 +150,12 @@ def train_config(setup: Setup, cell: Cell, seed: int, output: Path, stats: str |
     }
 
 
-def worker(config_json: str) -> None:
+def worker(config_json: str, threads: int | None = None) -> None:
     """Subprocess entry: train one run (its metrics land in the run folder's metrics.json)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from entrolora.train import TrainConfig, train_run
 
     train_run(TrainConfig(**json.loads(config_json)))
@@ -164,8 +170,11 @@ def run_cell(setup: Setup, cell: Cell, seed: int, work: Path, stats: str | None)
     cfg = train_config(setup, cell, seed, out, stats)
     if setup.isolate:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+        threads = ["--threads", str(setup.threads)] if setup.threads else []
+        if setup.threads:  # OpenMP spin-waits badly on a shared machine with too many threads
+            env["OMP_NUM_THREADS"] = str(setup.threads)
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg), *threads],
             capture_output=True,
             text=True,
             env=env,
@@ -174,7 +183,7 @@ def run_cell(setup: Setup, cell: Cell, seed: int, work: Path, stats: str | None)
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"{cell.key} seed {seed} failed (exit {proc.returncode}):\n{tail}")
     else:
-        worker(json.dumps(cfg))
+        worker(json.dumps(cfg), setup.threads)
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return {
         "config": setup.name,
@@ -305,8 +314,13 @@ def claims_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
 CLAIM_COLUMNS = ("claim", "ours", "Δ acc (pp)", "params ratio", "seeds", "verdict")
 
 
-def write_summary(folder: Path, setup: Setup, cells: Sequence[Cell], header: str) -> None:
-    """Rewrite table.md, table.csv, claims.md and the plot from runs.csv (atomic writes)."""
+def write_summary(
+    folder: Path, setup: Setup, cells: Sequence[Cell], header: str, failed: Sequence[str] = ()
+) -> None:
+    """Rewrite table.md, table.csv, claims.md and the plot from runs.csv (atomic writes).
+
+    ``failed`` names the runs of this invocation that failed (they are retried on resume).
+    """
     rows = common.read_rows(folder / "runs.csv")
     summary = summarize(rows, cells)
     trows = table_rows(summary, len(setup.seeds))
@@ -317,11 +331,13 @@ def write_summary(folder: Path, setup: Setup, cells: Sequence[Cell], header: str
         f"{setup.data or 'Rotten Tomatoes snippets, film split'}, limit {setup.limit}, "
         f"{setup.epochs} epoch(s), max_steps {setup.max_steps}, batch {setup.batch_size}, "
         f"max length {setup.max_length}, lr {setup.lr}, probe steps {setup.probe_steps}, "
-        f"seeds {list(setup.seeds)}"
+        f"seeds {list(setup.seeds)}, torch threads per run {setup.threads or 'default'}"
     )
     note = (
         f"Configuration `{setup.name}`: {settings}.\n\n{header}\n\n"
-        f"Finished runs: {done} of {total} (cells × seeds).\n\n"
+        f"Finished runs: {done} of {total} (cells × seeds)."
+        + (f" Failed in the last invocation: {', '.join(failed)}." if failed else "")
+        + "\n\n"
         "Trainable parameters exclude the classifier head, which every method trains "
         f"({summary[0]['head'] if summary else 0:,} parameters). `train s` is the training "
         "loop's mean time; `probe s` the gradient probe of the run that computed the "
@@ -416,13 +432,22 @@ def run_grid(
         for s in setup.seeds
         if (work / f"stats-seed{s}.safetensors").is_file()
     }
+    failed: list[str] = []
     for cell, seed in todo:
         if bar is not None:
             bar.set_description(f"{cell.key} seed {seed}")
         shared = (
             None if cell.method in PROBE_FREE or needs_own_probe(cell) else stats_file.get(seed)
         )
-        row = run_cell(setup, cell, seed, work, shared)
+        try:
+            row = run_cell(setup, cell, seed, work, shared)
+        except RuntimeError as e:  # one broken method must not stop the grid; a rerun retries it
+            failed.append(f"{cell.key} seed {seed}")
+            write_summary(folder, setup, cells, header, failed)
+            (bar.write if bar is not None else print)(str(e))
+            if bar is not None:
+                bar.update(1)
+            continue
         if shared is None and cell.method not in PROBE_FREE and not needs_own_probe(cell):
             # Keep this seed's statistics outside the run folder, which a rerun replaces.
             src = work / f"{cell.key}-seed{seed}" / "stats.safetensors"
@@ -430,7 +455,7 @@ def run_grid(
             shutil.copyfile(src, dst)
             stats_file[seed] = str(dst)
         common.append_row(folder / "runs.csv", {**row, "config": setup.name}, RUN_FIELDS)
-        write_summary(folder, setup, cells, header)
+        write_summary(folder, setup, cells, header, failed)
         msg = (
             f"{cell.label} seed {seed}: accuracy {100 * float(row['accuracy']):.2f}%, "
             f"{int(row['trainable_params']):,} params, train {float(row['train_s']):.1f} s"
@@ -442,6 +467,8 @@ def run_grid(
             print(msg, flush=True)
     if bar is not None:
         bar.close()
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (rerun to retry): {', '.join(failed)}")
     return common.read_rows(folder / "runs.csv")
 
 
@@ -455,11 +482,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--work", default=None, help="folder for run folders (default runs/…)")
     ap.add_argument("--cells", default=None, help="comma-separated cell keys (default: all)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        worker(args.worker)
+        worker(args.worker, args.threads)
         return Path(".")
     keys = {c.key for c in CELLS}
     tmp = None
@@ -480,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if unknown:
             raise ValueError(f"unknown cell(s) {unknown}; choose from {', '.join(sorted(keys))}")
         setup = Setup(**{**asdict(setup), "cells": chosen})
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        setup = Setup(**{**asdict(setup), "threads": args.threads})
     if args.seeds:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         setup = Setup(**{**asdict(setup), "seeds": seeds})

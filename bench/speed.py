@@ -36,8 +36,8 @@ SCRIPTS = ("probe", "adapters", "flexlora", "planner")
 # Extra arguments on a CPU without --smoke: the scripts size themselves for a GPU or a smoke run;
 # on the CPU we ask for the issue's ≥ 20 timed steps after warm-up.
 CPU_ARGS: dict[str, list[str]] = {
-    "probe": [],
-    "adapters": [],
+    "probe": ["--steps", "20", "--warmup", "3"],
+    "adapters": [],  # has no step flags: its CPU run is its smoke size (3 timed steps)
     "flexlora": ["--steps", "20", "--warmup", "3"],
     "planner": [],
 }

@@ -14,7 +14,8 @@ def test_bench_probe_smoke(capsys):
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    tiny = "--layers 2 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 64 --steps 2"
+    tiny = "--layers 2 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 64"
+    tiny += " --steps 2 --repeats 1"
     out = bench.main(["--smoke", "--device", "cpu", *tiny.split()])
     assert out["modules"] == 8  # q, k, v, o of 2 layers
     assert out["config"].seq == 64 and out["config"].dtype == "fp32"

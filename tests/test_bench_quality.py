@@ -165,3 +165,45 @@ def test_mean_std_against_numpy_and_empty():
 def test_markdown_table_escapes_pipes():
     out = common.markdown_table([{"a": "x|y", "b": None}], ["a", "b"])
     assert out.splitlines() == ["| a | b |", "|---|---|", "| x\\|y |  |"]
+
+
+def test_refresh_includes_copies_files_verbatim(tmp_path):
+    (tmp_path / "t.md").write_text("| a |\n|---|\n| 1 |\n", encoding="utf-8")
+    (tmp_path / "o.txt").write_text("x    y\n", encoding="utf-8")
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "intro\n<!-- include: t.md -->\nstale\n<!-- end include -->\nmid\n"
+        "<!-- include: o.txt -->\n<!-- end include -->\n<!-- include: none.md -->\nold\n"
+        "<!-- end include -->\n",
+        encoding="utf-8",
+    )
+    common.refresh_includes(doc, tmp_path)
+    want = (
+        "intro\n<!-- include: t.md -->\n| a |\n|---|\n| 1 |\n<!-- end include -->\nmid\n"
+        "<!-- include: o.txt -->\n```text\nx    y\n```\n<!-- end include -->\n"
+        "<!-- include: none.md -->\n*(none.md not generated yet)*\n<!-- end include -->\n"
+    )
+    assert doc.read_text(encoding="utf-8") == want
+    common.refresh_includes(doc, tmp_path)  # idempotent
+    assert doc.read_text(encoding="utf-8") == want
+
+
+def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch):
+    def fake_run_cell(setup, cell, seed, work, stats):
+        if cell.key == "lora-r8":
+            raise RuntimeError("lora-r8 seed 0 failed (exit 1):\nboom")
+        return {
+            "cell": cell.key, "seed": seed, "accuracy": 0.5, "trainable_params": 10,
+            "head_params": 2, "train_s": 1.0, "probe_s": 0.0, "peak_memory_mib": 3.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    setup = quality.Setup("t", None, None, (0,), 1, None, 8, cells=("lora-r8", "lora-r4"))
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed \(rerun to retry\): lora-r8 seed 0"):
+        quality.run_grid(setup, tmp_path / "t", tmp_path / "w", "header", progress=False)
+    assert [r["cell"] for r in common.read_rows(tmp_path / "t" / "runs.csv")] == ["lora-r4"]
+    table = (tmp_path / "t" / "table.md").read_text(encoding="utf-8")
+    assert (
+        "Finished runs: 1 of 2 (cells × seeds). Failed in the last invocation: lora-r8 seed 0"
+        in table
+    )

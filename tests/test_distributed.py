@@ -505,3 +505,21 @@ def test_entrolora_train_under_torchrun_writes_once(tmp_path):
     assert done.stdout.count("entrolora train: e2sharelora") == 1
     assert (out / "plan.json").is_file() and (out / "metrics.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_example_launcher_configs_parse():
+    """The configs docs/distributed.md points to load with accelerate's own reader."""
+    import json
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    ddp = load_config_from_file(str(examples / "accelerate_config_ddp.yaml"))
+    fsdp = load_config_from_file(str(examples / "accelerate_config_fsdp.yaml"))
+    assert (ddp.distributed_type.value, ddp.num_processes) == ("MULTI_GPU", 2)
+    assert fsdp.distributed_type.value == "FSDP"
+    assert fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "NO_WRAP"  # shared factors: see docs
+    ds = json.loads((examples / "deepspeed_zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
