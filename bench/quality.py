@@ -121,7 +121,7 @@ RUN_FIELDS = (
     "config", "cell", "label", "group", "method", "r", "options", "seed", "accuracy",
     "eval_loss", "trainable_params", "head_params", "plan_params", "probe_s", "train_s",
     "total_s", "steps", "peak_memory_mib", "peak_memory_kind", "train_examples",
-    "test_examples", "stats_reused", "device", "torch_version",
+    "test_examples", "stats_reused", "device", "torch_version", "machine", "finished",
 )  # fmt: skip
 
 
@@ -237,7 +237,9 @@ def table_rows(summary: Sequence[Mapping[str, Any]], n_seeds: int) -> list[dict[
             "method": s["cell"].label,
             "group": s["cell"].group,
             "trainable params": f"{s['params']:,}",
-            "accuracy % (mean ± std)": f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}",
+            "accuracy % (mean ± std)": f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}"
+            if s["n"] > 1
+            else f"{s['acc_mean']:.2f} (one seed)",
             "seeds": f"{s['n']}/{n_seeds}",
             "train s": f"{s['train_s']:.1f}",
             "probe s": f"{s['probe_s']:.1f}" if s["probe_s"] else "",
@@ -252,28 +254,31 @@ TABLE_COLUMNS = (
     "probe s", "peak MiB",
 )  # fmt: skip
 
-# (claim, candidate cell, reference cell, kind): "beats" needs a higher mean; "matches" a mean
-# no lower than the reference's by more than the noise (2 standard errors, at least 0.5 pp).
+# (claim, candidate cell, reference cell, kind, largest parameter ratio candidate/reference the
+# claim allows or None): "beats" needs a higher mean; "matches" a mean no lower than the
+# reference's by more than the noise (2 standard errors, at least 0.5 pp). A claim made "with
+# fewer parameters" also fails when the candidate has more than the allowed ratio.
 CLAIMS = (
     ("E²LoRA matches LoRA with about half the parameters (E²LoRA)", "e2lora-r8", "lora-r8",
-     "matches"),
+     "matches", 0.75),
     ("E²ShareLoRA beats ShareLoRA with fewer parameters (E²LoRA)", "e2sharelora-r8",
-     "sharelora-r8", "beats"),
+     "sharelora-r8", "beats", 0.999),
     ("E²LoRA r=8 beats LoRA r=4 at matched parameters (E²LoRA Table 5)", "e2lora-r8", "lora-r4",
-     "beats"),
+     "beats", None),
     ("E²LoRA r=16 beats LoRA r=8 at matched parameters (E²LoRA Table 5)", "e2lora-r16",
-     "lora-r8", "beats"),
-    ("full E²LoRA beats LSS only (E²LoRA Table 4)", "e2lora-r8", "e2lora-lss-only", "beats"),
-    ("full E²LoRA beats HRA only (E²LoRA Table 4)", "e2lora-r8", "e2lora-hra-only", "beats"),
-    ("RMI similarity beats cosine (E²LoRA Table 4)", "e2lora-r8", "e2lora-cosine", "beats"),
-    ("RMI similarity beats L1 (E²LoRA Table 4)", "e2lora-r8", "e2lora-l1", "beats"),
-    ("RMI similarity beats L2 (E²LoRA Table 4)", "e2lora-r8", "e2lora-l2", "beats"),
-    ("RMI similarity beats KL (E²LoRA Table 4)", "e2lora-r8", "e2lora-kl", "beats"),
-    ("RaLoRA beats LoRA at equal parameters (RaLoRA)", "ralora-r8", "lora-r8", "beats"),
-    ("RaLoRA-Pro beats LoRA (RaLoRA)", "ralora-pro-r8", "lora-r8", "beats"),
+     "lora-r8", "beats", None),
+    ("full E²LoRA beats LSS only (E²LoRA Table 4)", "e2lora-r8", "e2lora-lss-only", "beats", None),
+    ("full E²LoRA beats HRA only (E²LoRA Table 4; not in the paper either)", "e2lora-r8",
+     "e2lora-hra-only", "beats", None),
+    ("RMI similarity beats cosine (E²LoRA Table 4)", "e2lora-r8", "e2lora-cosine", "beats", None),
+    ("RMI similarity beats L1 (E²LoRA Table 4)", "e2lora-r8", "e2lora-l1", "beats", None),
+    ("RMI similarity beats L2 (E²LoRA Table 4)", "e2lora-r8", "e2lora-l2", "beats", None),
+    ("RMI similarity beats KL (E²LoRA Table 4)", "e2lora-r8", "e2lora-kl", "beats", None),
+    ("RaLoRA beats LoRA at equal parameters (RaLoRA)", "ralora-r8", "lora-r8", "beats", None),
+    ("RaLoRA-Pro beats LoRA (RaLoRA)", "ralora-pro-r8", "lora-r8", "beats", None),
     ("FlexLoRA beats AdaLoRA at equal budget (FlexLoRA)", "flexlora-r8", "peft-adalora-r8",
-     "beats"),
-    ("entrolora LoRA matches peft LoRA (sanity)", "lora-r8", "peft-lora-r8", "matches"),
+     "beats", None),
+    ("entrolora LoRA matches peft LoRA (sanity)", "lora-r8", "peft-lora-r8", "matches", None),
 )  # fmt: skip
 
 
@@ -290,22 +295,28 @@ def verdict(kind: str, delta: float, se: float, n: int) -> str:
 def claims_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     by_key = {s["cell"].key: s for s in summary}
     rows = []
-    for text, a, b, kind in CLAIMS:
+    for text, a, b, kind, max_ratio in CLAIMS:
         if a not in by_key or b not in by_key:
             rows.append({"claim": text, "verdict": "pending (cells not run yet)"})
             continue
         sa, sb = by_key[a], by_key[b]
         delta = sa["acc_mean"] - sb["acc_mean"]
         se = (sa["acc_std"] ** 2 / sa["n"] + sb["acc_std"] ** 2 / sb["n"]) ** 0.5
+        ratio = sa["params"] / sb["params"]
+        said = verdict(kind, delta, se, min(sa["n"], sb["n"]))
+        if max_ratio is not None and ratio > max_ratio:
+            said = f"not held (parameter ratio {ratio:.2f} > {max_ratio:g}; accuracy: {said})"
         rows.append(
             {
                 "claim": text,
                 "ours": f"{sa['cell'].label}: {sa['acc_mean']:.2f} vs "
                 f"{sb['cell'].label}: {sb['acc_mean']:.2f}",
-                "Δ acc (pp)": f"{delta:+.2f} ± {se:.2f}",
-                "params ratio": f"{sa['params'] / sb['params']:.2f}",
+                "Δ acc (pp)": f"{delta:+.2f} ± {se:.2f}"
+                if min(sa["n"], sb["n"]) > 1
+                else f"{delta:+.2f} (one seed: no error bar)",
+                "params ratio": f"{ratio:.2f}",
                 "seeds": f"{min(sa['n'], sb['n'])}",
-                "verdict": verdict(kind, delta, se, min(sa["n"], sb["n"])),
+                "verdict": said,
             }
         )
     return rows
@@ -333,8 +344,17 @@ def write_summary(
         f"max length {setup.max_length}, lr {setup.lr}, probe steps {setup.probe_steps}, "
         f"seeds {list(setup.seeds)}, torch threads per run {setup.threads or 'default'}"
     )
+    machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    dates = sorted(r["finished"] for r in rows if r.get("finished"))
+    unlogged = sum(1 for r in rows if not r.get("machine"))
+    measured = "Nothing measured yet." if not rows else (
+        f"Measured on {' / '.join(machines) or 'an unrecorded machine'}"
+        + (f"; runs finished {dates[0]} – {dates[-1]}" if dates else "")
+        + (f" ({unlogged} run(s) written before machine and date were logged)" if unlogged else "")
+        + "."
+    )  # fmt: skip
     note = (
-        f"Configuration `{setup.name}`: {settings}.\n\n{header}\n\n"
+        f"Configuration `{setup.name}`: {settings}.\n\n{measured} {header}\n\n"
         f"Finished runs: {done} of {total} (cells × seeds)."
         + (f" Failed in the last invocation: {', '.join(failed)}." if failed else "")
         + "\n\n"
@@ -416,6 +436,8 @@ def run_grid(
     setup: Setup, folder: Path, work: Path, header: str, progress: bool = True
 ) -> list[dict]:
     """Run every unfinished (cell, seed) of ``setup``, seed-major; returns runs.csv's rows."""
+    import torch
+
     cells = [c for c in CELLS if c.key in setup.cells]
     folder.mkdir(parents=True, exist_ok=True)
     done = {(r["cell"], int(r["seed"])) for r in common.read_rows(folder / "runs.csv")}
@@ -454,7 +476,10 @@ def run_grid(
             dst = work / f"stats-seed{seed}.safetensors"
             shutil.copyfile(src, dst)
             stats_file[seed] = str(dst)
-        common.append_row(folder / "runs.csv", {**row, "config": setup.name}, RUN_FIELDS)
+        info = common.machine_info(torch.device(row.get("device") or "cpu"))
+        row = {**row, "config": setup.name, "finished": info.pop("date")}
+        row["machine"] = common.describe({**info, "date": ""}).rstrip("; ")
+        common.append_row(folder / "runs.csv", row, RUN_FIELDS)
         write_summary(folder, setup, cells, header, failed)
         msg = (
             f"{cell.label} seed {seed}: accuracy {100 * float(row['accuracy']):.2f}%, "
@@ -484,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="rewrite the tables from runs.csv, train nothing",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
@@ -517,20 +547,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         setup = Setup(**{**asdict(setup), "seeds": seeds})
     folder = Path(args.results) / setup.name
     work = Path(args.work) if args.work else (tmp or WORK) / setup.name
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = common.machine_info(device)
     cmd = "python bench/quality.py " + (
         "--smoke"
         if args.smoke
         else f"--config {args.config}" + (f" --model {args.model}" if args.model else "")
     )
-    header = f"Measured on {common.describe(info)}. Regenerate: `{cmd}` (resumes; delete " \
-        f"`{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}/runs.csv` " \
-        "to start over)."  # fmt: skip
+    cmd += f" --threads {args.threads}" if args.threads else ""
+    shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    header = f"Regenerate: `{cmd}` (resumes; delete `{shown}/runs.csv` to start over)."
     try:
-        run_grid(setup, folder, work, header, progress=not args.quiet)
+        if args.summary_only:
+            write_summary(folder, setup, [c for c in CELLS if c.key in setup.cells], header)
+        else:
+            run_grid(setup, folder, work, header, progress=not args.quiet)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

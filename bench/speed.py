@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import io
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Outcome:
     status: str
     output: str
     value: Any = None
+    seconds: float = 0.0  # wall time of the whole script, setup included
 
 
 class _Tee(io.TextIOBase):
@@ -127,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Outcome]:
         extra = ["--smoke"] if args.smoke else ([] if cuda else list(CPU_ARGS.get(name, [])))
         cmd = f"python bench/{name}.py {' '.join(extra)}".strip()
         print(f"\n=== {name}: {cmd}", flush=True)
+        t0 = time.perf_counter()
         outcome = run_script(name, extra)
+        outcome.seconds = time.perf_counter() - t0
         outcomes[name] = outcome
         if not args.no_save:
             text = (
@@ -136,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Outcome]:
             )
             atomic_write_text(Path(args.results) / f"speed-{tag}" / f"{name}.txt", text)
     print("\n" + common.markdown_table(
-        [{"benchmark": n, "status": o.status} for n, o in outcomes.items()],
-        ("benchmark", "status"),
+        [{"benchmark": n, "status": o.status, "script s": f"{o.seconds:.1f}"}
+         for n, o in outcomes.items()],
+        ("benchmark", "status", "script s"),
     ))  # fmt: skip
     return outcomes
 

@@ -49,6 +49,7 @@ def test_smoke_grid_rows_and_tables(smoke):
     for label in ("LoRA r=8", "E²LoRA r=8", "peft LoRA r=8"):
         assert f"| {label} |" in table
     assert "Finished runs: 3 of 3" in table
+    assert "(one seed)" in table  # no ± 0.00 pretending to be an error bar
     claims = (smoke / "claims.md").read_text(encoding="utf-8")
     assert "entrolora LoRA matches peft LoRA (sanity)" in claims
     assert "pending (cells not run yet)" in claims  # ShareLoRA etc. are not in the smoke grid
@@ -92,6 +93,11 @@ def test_summary_matches_numpy():
     assert claim["Δ acc (pp)"] == f"{delta:+.2f} ± {se:.2f}"
     assert claim["params ratio"] == "0.52"
     assert claim["verdict"] == "held"
+    # The same accuracies with E²LoRA at 0.8× LoRA's parameters: not "about half".
+    params["e2lora-r8"] = 800
+    summary = quality.summarize(_rows(accs, params), cells)
+    claim = quality.claims_rows(summary)[0]
+    assert claim["verdict"] == "not held (parameter ratio 0.80 > 0.75; accuracy: held)"
 
 
 @pytest.mark.parametrize(
@@ -118,7 +124,7 @@ def test_cells_are_unique_and_valid_for_train_run():
     assert len(keys) == len(set(keys))
     for cell in quality.CELLS:
         check_options(normalize_method(cell.method), cell.options)
-    for _, a, b, _ in quality.CLAIMS:
+    for _, a, b, _, _ in quality.CLAIMS:
         assert a in keys and b in keys
     assert set(quality.SMOKE_CELLS) <= set(keys)
 
