@@ -127,14 +127,31 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any], fields: Sequence
 
     ``fields`` is the header; a column of the existing file that is not in ``fields`` is kept.
     """
-    rows = read_rows(path)
-    header = list(fields) + [k for r in rows[:1] for k in r if k not in fields]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in [*rows, row]:
-        w.writerow({k: r.get(k, "") for k in header})
-    return atomic_write_text(path, buf.getvalue())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Two grid runners (e.g. one per seed) may append at once: lock the folder around the
+    # read-modify-rename so that neither loses the other's row.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        _lock(fd)
+        rows = read_rows(path)
+        header = list(fields) + [k for r in rows[:1] for k in r if k not in fields]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in [*rows, row]:
+            w.writerow({k: r.get(k, "") for k in header})
+        return atomic_write_text(path, buf.getvalue())
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: one runner at a time
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 # -- the machine ----------------------------------------------------------------------------------

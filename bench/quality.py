@@ -106,6 +106,7 @@ class Setup:
     cells: tuple[str, ...] = tuple(c.key for c in CELLS)
     isolate: bool = True  # one process per run, so that a CPU peak RSS is that run's own
     threads: int | None = None  # torch CPU threads per run (None: torch's default)
+    only_seeds: tuple[int, ...] | None = None  # run just these now (tables still count ``seeds``)
 
 
 CONFIGS = {
@@ -292,34 +293,49 @@ def verdict(kind: str, delta: float, se: float, n: int) -> str:
     return "held" if delta >= -max(0.5, noise) else "not held"
 
 
-def claims_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    by_key = {s["cell"].key: s for s in summary}
-    rows = []
+def claims_rows(
+    rows: Sequence[Mapping[str, str]], cells: Sequence[Cell] = CELLS
+) -> list[dict[str, str]]:
+    """Each claim of ``CLAIMS`` tested on the seeds both of its cells finished.
+
+    A seed fixes the data subset and split, so the two cells are compared pairwise: Δ is the
+    mean over common seeds of (candidate − reference) accuracy, ± the standard error of those
+    per-seed differences.
+    """
+    acc: dict[str, dict[int, float]] = {}
+    params: dict[str, int] = {}
+    for r in rows:
+        acc.setdefault(r["cell"], {})[int(r["seed"])] = 100 * float(r["accuracy"])
+        params[r["cell"]] = int(r["trainable_params"])
+    label = {c.key: c.label for c in cells}
+    out = []
     for text, a, b, kind, max_ratio in CLAIMS:
-        if a not in by_key or b not in by_key:
-            rows.append({"claim": text, "verdict": "pending (cells not run yet)"})
+        seeds = sorted(set(acc.get(a, {})) & set(acc.get(b, {})))
+        if not seeds:
+            out.append({"claim": text, "verdict": "pending (cells not run on a common seed yet)"})
             continue
-        sa, sb = by_key[a], by_key[b]
-        delta = sa["acc_mean"] - sb["acc_mean"]
-        se = (sa["acc_std"] ** 2 / sa["n"] + sb["acc_std"] ** 2 / sb["n"]) ** 0.5
-        ratio = sa["params"] / sb["params"]
-        said = verdict(kind, delta, se, min(sa["n"], sb["n"]))
+        n = len(seeds)
+        mean_a = sum(acc[a][s] for s in seeds) / n
+        mean_b = sum(acc[b][s] for s in seeds) / n
+        delta, sd = common.mean_std([acc[a][s] - acc[b][s] for s in seeds])
+        se = sd / n**0.5
+        ratio = params[a] / params[b]
+        said = verdict(kind, delta, se, n)
         if max_ratio is not None and ratio > max_ratio:
             said = f"not held (parameter ratio {ratio:.2f} > {max_ratio:g}; accuracy: {said})"
-        rows.append(
+        out.append(
             {
                 "claim": text,
-                "ours": f"{sa['cell'].label}: {sa['acc_mean']:.2f} vs "
-                f"{sb['cell'].label}: {sb['acc_mean']:.2f}",
+                "ours": f"{label.get(a, a)}: {mean_a:.2f} vs {label.get(b, b)}: {mean_b:.2f}",
                 "Δ acc (pp)": f"{delta:+.2f} ± {se:.2f}"
-                if min(sa["n"], sb["n"]) > 1
+                if n > 1
                 else f"{delta:+.2f} (one seed: no error bar)",
                 "params ratio": f"{ratio:.2f}",
-                "seeds": f"{min(sa['n'], sb['n'])}",
+                "seeds": ",".join(map(str, seeds)),
                 "verdict": said,
             }
         )
-    return rows
+    return out
 
 
 CLAIM_COLUMNS = ("claim", "ours", "Δ acc (pp)", "params ratio", "seeds", "verdict")
@@ -370,13 +386,15 @@ def write_summary(
     w.writeheader()
     w.writerows(trows)
     atomic_write_text(folder / "table.csv", buf.getvalue())
-    crows = claims_rows(summary)
+    crows = claims_rows(rows, cells)
     atomic_write_text(
         folder / "claims.md",
-        f"Configuration `{setup.name}`; {done} of {total} runs finished. Δ is the difference of "
-        "mean accuracies ± its standard error; a claim is `held` when the gap has the claimed "
-        "sign and exceeds twice the standard error, `(within noise)` when it does not; "
-        "`matches` holds when the candidate is at most max(0.5 pp, 2 SE) below.\n\n"
+        f"Configuration `{setup.name}`; {done} of {total} runs finished. Each claim compares its "
+        "two cells on the seeds both finished (a seed fixes the data subset and split): `ours` "
+        "gives their mean accuracies over those seeds, Δ the mean per-seed difference ± its "
+        "standard error. A claim is `held` when Δ has the claimed sign and exceeds twice the "
+        "standard error, `(within noise)` when it does not (always with one seed); `matches` "
+        "holds when the candidate is at most max(0.5 pp, 2 SE) below.\n\n"
         + common.markdown_table(crows, CLAIM_COLUMNS),
     )
     if summary:
@@ -438,11 +456,13 @@ def run_grid(
     """Run every unfinished (cell, seed) of ``setup``, seed-major; returns runs.csv's rows."""
     import torch
 
+    read = common.read_rows
     cells = [c for c in CELLS if c.key in setup.cells]
     folder.mkdir(parents=True, exist_ok=True)
     done = {(r["cell"], int(r["seed"])) for r in common.read_rows(folder / "runs.csv")}
     # Seed-major: a partial grid has every method at seed 0 before any at seed 1.
-    todo = [(c, s) for s in setup.seeds for c in cells if (c.key, s) not in done]
+    run_seeds = setup.only_seeds if setup.only_seeds is not None else setup.seeds
+    todo = [(c, s) for s in run_seeds for c in cells if (c.key, s) not in done]
     write_summary(folder, setup, cells, header)
     bar = None
     if progress:
@@ -456,6 +476,8 @@ def run_grid(
     }
     failed: list[str] = []
     for cell, seed in todo:
+        if (cell.key, seed) in {(r["cell"], int(r["seed"])) for r in read(folder / "runs.csv")}:
+            continue  # another runner of the same grid (e.g. another --seeds) finished it
         if bar is not None:
             bar.set_description(f"{cell.key} seed {seed}")
         shared = (
@@ -506,7 +528,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--results", default=str(RESULTS), help="folder for <config>/ outputs")
     ap.add_argument("--work", default=None, help="folder for run folders (default runs/…)")
     ap.add_argument("--cells", default=None, help="comma-separated cell keys (default: all)")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds to run now (default: the config's); several runners with "
+        "disjoint --seeds can share one grid",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument(
@@ -544,7 +571,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         setup = Setup(**{**asdict(setup), "threads": args.threads})
     if args.seeds:
         seeds = tuple(int(s) for s in args.seeds.split(","))
-        setup = Setup(**{**asdict(setup), "seeds": seeds})
+        if args.smoke or not set(seeds) <= set(setup.seeds):
+            # Seeds outside the configuration's make a different grid: count them in the tables.
+            setup = Setup(**{**asdict(setup), "seeds": seeds})
+        else:
+            setup = Setup(**{**asdict(setup), "only_seeds": seeds})
     folder = Path(args.results) / setup.name
     work = Path(args.work) if args.work else (tmp or WORK) / setup.name
     cmd = "python bench/quality.py " + (

@@ -52,7 +52,7 @@ def test_smoke_grid_rows_and_tables(smoke):
     assert "(one seed)" in table  # no ± 0.00 pretending to be an error bar
     claims = (smoke / "claims.md").read_text(encoding="utf-8")
     assert "entrolora LoRA matches peft LoRA (sanity)" in claims
-    assert "pending (cells not run yet)" in claims  # ShareLoRA etc. are not in the smoke grid
+    assert "pending (cells not run on a common seed yet)" in claims  # not in the smoke grid
     assert (smoke / "table.csv").is_file()
     pytest.importorskip("matplotlib")
     assert (smoke / "accuracy_vs_params.png").stat().st_size > 0
@@ -83,21 +83,29 @@ def test_summary_matches_numpy():
         assert summary[key]["acc_mean"] == pytest.approx(v.mean(), abs=1e-12)
         assert summary[key]["acc_std"] == pytest.approx(v.std(ddof=1), abs=1e-12)
         assert summary[key]["train_s"] == pytest.approx(2.0)
-    claim = next(
-        r for r in quality.claims_rows(list(summary.values()))
-        if r["claim"].startswith("E²LoRA matches LoRA")
-    )  # fmt: skip
-    a, b = 100 * np.array(accs["e2lora-r8"]), 100 * np.array(accs["lora-r8"])
-    delta = a.mean() - b.mean()
-    se = np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3)
+    rows = _rows(accs, params)
+    claim = next(r for r in quality.claims_rows(rows) if r["claim"].startswith("E²LoRA matches"))
+    d = 100 * (np.array(accs["e2lora-r8"]) - np.array(accs["lora-r8"]))  # paired by seed
+    delta, se = d.mean(), d.std(ddof=1) / np.sqrt(3)
     assert claim["Δ acc (pp)"] == f"{delta:+.2f} ± {se:.2f}"
+    assert claim["seeds"] == "0,1,2"
     assert claim["params ratio"] == "0.52"
     assert claim["verdict"] == "held"
     # The same accuracies with E²LoRA at 0.8× LoRA's parameters: not "about half".
     params["e2lora-r8"] = 800
-    summary = quality.summarize(_rows(accs, params), cells)
-    claim = quality.claims_rows(summary)[0]
+    claim = quality.claims_rows(_rows(accs, params))[0]
     assert claim["verdict"] == "not held (parameter ratio 0.80 > 0.75; accuracy: held)"
+
+
+def test_claims_compare_only_common_seeds():
+    accs = {"lora-r8": [0.70, 0.90], "e2lora-r8": [0.71]}  # LoRA's seed 1 has no partner yet
+    rows = _rows(accs, {"lora-r8": 100, "e2lora-r8": 50})
+    claim = quality.claims_rows(rows)[0]
+    assert claim["seeds"] == "0"
+    assert claim["ours"] == "E²LoRA r=8: 71.00 vs LoRA r=8: 70.00"
+    assert claim["Δ acc (pp)"] == "+1.00 (one seed: no error bar)"
+    pending = quality.claims_rows(_rows({"lora-r8": [0.7]}, {"lora-r8": 1}))[0]
+    assert pending["verdict"].startswith("pending")
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,10 @@ def test_metrics_record_times_and_memory(assets, tmp_path):
     assert m["plan_params"] == m["trainable_params"]  # adapter params as the plan counts them
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["steps"] == m["steps"] == 4  # 32 training rows / batch 8
+
+
+def test_flexlora_counts_active_directions_not_capacity(assets, tmp_path):
+    m = T.train_run(cfg(assets, tmp_path / "r", method="flexlora")).metrics
+    # the budget FlexLoRA keeps constant: r·(d_in + d_out + 1) per module, capacity 2r allocated
+    assert m["trainable_params"] == m["plan_params"]
+    assert m["allocated_params"] > m["trainable_params"]

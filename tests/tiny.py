@@ -34,8 +34,13 @@ def tiny_gpt2(layers: int = 4, hidden: int = 32, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return GPT2LMHeadModel(cfg).eval()
 
@@ -67,7 +72,9 @@ def lm_batches(n: int, batch: int = 2, seq: int = 8, seed: int = 0) -> list[dict
     return out
 
 
-def cls_batches(n: int, batch: int = 4, seq: int = 8, num_labels: int = 2, seed: int = 0) -> list[dict]:
+def cls_batches(
+    n: int, batch: int = 4, seq: int = 8, num_labels: int = 2, seed: int = 0
+) -> list[dict]:
     """``n`` sequence-classification batches: ``input_ids``, ``attention_mask``, ``labels``."""
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -42,6 +42,7 @@ from torch import nn
 
 from . import data as D
 from . import distributed as eld
+from . import inject
 from .files import atomic_write_text
 
 ENTROLORA_METHODS = (
@@ -696,7 +697,12 @@ def _train_run(cfg: TrainConfig, method: str, t_start: float, device: torch.devi
             "test_examples": len(test_ds),
             **scores,
             "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-            "trainable_params": adapter_params,
+            # entrolora methods: as the plan counts them (FlexLoRA: active directions, its
+            # budget; LoRI: mask-kept entries); allocated_params: every adapter tensor element
+            "trainable_params": (
+                inject.num_trainable_params(model) if plan is not None else adapter_params
+            ),
+            "allocated_params": adapter_params,
             "head_params": head_params,
             "plan_params": plan.num_trainable_params() if plan is not None else None,
             "max_lora_rank": max_rank,
