@@ -205,6 +205,20 @@ def needs_own_probe(cell: Cell) -> bool:
 
 
 # -- the summary ------------------------------------------------------------------------------
+def row_params(row: Mapping[str, str]) -> int:
+    """Trainable adapter parameters of a run as its plan counts them (peft runs: peft's count).
+
+    The plan count is the one ``train_run`` reports since FlexLoRA's was aligned with it: for
+    FlexLoRA, its ``r`` active directions (+ λ), not the ``capacity`` it allocates.
+    """
+    return int(row.get("plan_params") or row["trainable_params"])
+
+
+def params_text(values: Sequence[int]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"  # plans can differ by seed (data)
+
+
 def summarize(rows: Sequence[Mapping[str, str]], cells: Sequence[Cell]) -> list[dict]:
     """One dict per cell with any finished run: mean ± std accuracy and mean times/memory."""
     out = []
@@ -222,7 +236,7 @@ def summarize(rows: Sequence[Mapping[str, str]], cells: Sequence[Cell]) -> list[
                 "seeds": sorted(int(r["seed"]) for r in runs),
                 "acc_mean": mean,
                 "acc_std": std,
-                "params": int(runs[0]["trainable_params"]),
+                "params": [row_params(r) for r in runs],
                 "head": int(runs[0]["head_params"] or 0),
                 "train_s": common.mean_std([float(r["train_s"]) for r in runs])[0],
                 "probe_s": max(float(r["probe_s"] or 0) for r in runs),
@@ -237,7 +251,7 @@ def table_rows(summary: Sequence[Mapping[str, Any]], n_seeds: int) -> list[dict[
         {
             "method": s["cell"].label,
             "group": s["cell"].group,
-            "trainable params": f"{s['params']:,}",
+            "trainable params": params_text(s["params"]),
             "accuracy % (mean ± std)": f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}"
             if s["n"] > 1
             else f"{s['acc_mean']:.2f} (one seed)",
@@ -303,10 +317,10 @@ def claims_rows(
     per-seed differences.
     """
     acc: dict[str, dict[int, float]] = {}
-    params: dict[str, int] = {}
+    params: dict[str, dict[int, int]] = {}
     for r in rows:
         acc.setdefault(r["cell"], {})[int(r["seed"])] = 100 * float(r["accuracy"])
-        params[r["cell"]] = int(r["trainable_params"])
+        params.setdefault(r["cell"], {})[int(r["seed"])] = row_params(r)
     label = {c.key: c.label for c in cells}
     out = []
     for text, a, b, kind, max_ratio in CLAIMS:
@@ -319,7 +333,7 @@ def claims_rows(
         mean_b = sum(acc[b][s] for s in seeds) / n
         delta, sd = common.mean_std([acc[a][s] - acc[b][s] for s in seeds])
         se = sd / n**0.5
-        ratio = params[a] / params[b]
+        ratio = sum(params[a][s] for s in seeds) / sum(params[b][s] for s in seeds)
         said = verdict(kind, delta, se, n)
         if max_ratio is not None and ratio > max_ratio:
             said = f"not held (parameter ratio {ratio:.2f} > {max_ratio:g}; accuracy: {said})"
@@ -375,7 +389,10 @@ def write_summary(
         + (f" Failed in the last invocation: {', '.join(failed)}." if failed else "")
         + "\n\n"
         "Trainable parameters exclude the classifier head, which every method trains "
-        f"({summary[0]['head'] if summary else 0:,} parameters). `train s` is the training "
+        f"({summary[0]['head'] if summary else 0:,} parameters), and are counted as the plan "
+        "counts them (FlexLoRA: its r active directions and λ, not the 2r capacity it "
+        "allocates; peft methods: peft's count); a range means the plan differed by seed. "
+        "`train s` is the training "
         "loop's mean time; `probe s` the gradient probe of the run that computed the "
         "statistics (later cells of the same seed reuse them); `peak MiB` is CUDA "
         "max_memory_allocated on a GPU, the run process's peak RSS on the CPU.\n\n"
@@ -403,7 +420,7 @@ def write_summary(
 
             runs = [
                 {"method": s["cell"].label, "accuracy": s["acc_mean"] / 100,
-                 "trainable_params": s["params"]}
+                 "trainable_params": sum(s["params"]) / len(s["params"])}
                 for s in summary
             ]  # fmt: skip
             plot_accuracy_vs_params(runs, folder / "accuracy_vs_params.png")
@@ -499,6 +516,7 @@ def run_grid(
             shutil.copyfile(src, dst)
             stats_file[seed] = str(dst)
         info = common.machine_info(torch.device(row.get("device") or "cpu"))
+        info["torch_threads"] = str(setup.threads or torch.get_num_threads())  # the run's own
         row = {**row, "config": setup.name, "finished": info.pop("date")}
         row["machine"] = common.describe({**info, "date": ""}).rstrip("; ")
         common.append_row(folder / "runs.csv", row, RUN_FIELDS)
@@ -548,10 +566,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return Path(".")
     keys = {c.key for c in CELLS}
     tmp = None
-    if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="entrolora-bench-smoke-"))
-        model, data = smoke_assets(tmp)
-        setup = Setup("smoke", model, data, (0,), epochs=1, limit=None, max_length=16,
+    if args.smoke:  # the model and data are filled in below, once the arguments are valid
+        setup = Setup("smoke", None, None, (0,), epochs=1, limit=None, max_length=16,
                       batch_size=8, probe_steps=2, max_steps=2, cells=SMOKE_CELLS,
                       isolate=False)  # fmt: skip
     else:
@@ -576,6 +592,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             setup = Setup(**{**asdict(setup), "seeds": seeds})
         else:
             setup = Setup(**{**asdict(setup), "only_seeds": seeds})
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="entrolora-bench-smoke-"))
+        model, data = smoke_assets(tmp)
+        setup = Setup(**{**asdict(setup), "model": model, "data": data})
     folder = Path(args.results) / setup.name
     work = Path(args.work) if args.work else (tmp or WORK) / setup.name
     cmd = "python bench/quality.py " + (

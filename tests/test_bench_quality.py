@@ -83,6 +83,7 @@ def test_summary_matches_numpy():
         assert summary[key]["acc_mean"] == pytest.approx(v.mean(), abs=1e-12)
         assert summary[key]["acc_std"] == pytest.approx(v.std(ddof=1), abs=1e-12)
         assert summary[key]["train_s"] == pytest.approx(2.0)
+        assert summary[key]["params"] == [params[key]] * 3
     rows = _rows(accs, params)
     claim = next(r for r in quality.claims_rows(rows) if r["claim"].startswith("E²LoRA matches"))
     d = 100 * (np.array(accs["e2lora-r8"]) - np.array(accs["lora-r8"]))  # paired by seed
@@ -95,6 +96,14 @@ def test_summary_matches_numpy():
     params["e2lora-r8"] = 800
     claim = quality.claims_rows(_rows(accs, params))[0]
     assert claim["verdict"] == "not held (parameter ratio 0.80 > 0.75; accuracy: held)"
+
+
+def test_params_from_the_plan_count_and_ranges():
+    # A FlexLoRA run written before train_run reported the plan count: its plan_params wins.
+    assert quality.row_params({"trainable_params": "295296", "plan_params": "147648"}) == 147648
+    assert quality.row_params({"trainable_params": "221472", "plan_params": ""}) == 221472
+    assert quality.params_text([73728, 67584, 73728]) == "67,584–73,728"
+    assert quality.params_text([5, 5]) == "5"
 
 
 def test_claims_compare_only_common_seeds():
@@ -138,8 +147,17 @@ def test_cells_are_unique_and_valid_for_train_run():
 
 
 def test_unknown_cell_is_refused(tmp_path):
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("entrolora-bench-smoke-*"))
     with pytest.raises(ValueError, match=r"unknown cell\(s\) \['nope'\]; choose from"):
         quality.main(["--smoke", "--cells", "nope", "--results", str(tmp_path), "--quiet"])
+    assert set(Path(tempfile.gettempdir()).glob("entrolora-bench-smoke-*")) == before  # no leak
+
+
+def test_threads_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+        quality.main(["--smoke", "--threads", "0", "--results", str(tmp_path), "--quiet"])
 
 
 def test_append_row_round_trip_and_keeps_extra_columns(tmp_path):
