@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "adapters.py"
+from scripts import load_script
 
 
 def test_bench_adapters_smoke(tmp_path):
     pytest.importorskip("peft")
-    spec = importlib.util.spec_from_file_location("bench_adapters", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/adapters.py")
     rows = bench.main(["--smoke", "--json", str(tmp_path / "rows.json")])
     names = [r.name for r in rows]
     assert names[:2] == ["peft-lora-r8", "peft-dora-r8"]

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "flexlora.py"
+from scripts import load_script
 
 
 def test_bench_flexlora_smoke(capsys):
-    spec = importlib.util.spec_from_file_location("bench_flexlora", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        del sys.modules[spec.name]
+    bench = load_script("bench/flexlora.py")
     results = bench.main(["--smoke"])
     assert [r.method for r in results] == list(bench.METHODS)
     assert all(r.median_ms > 0 and r.trainable > 0 for r in results)

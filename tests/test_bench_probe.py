@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "probe.py"
+from scripts import load_script
 
 
 def test_bench_probe_smoke(capsys):
-    spec = importlib.util.spec_from_file_location("bench_probe", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/probe.py")
     tiny = "--layers 2 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 64"
     tiny += " --steps 2 --repeats 1"
     out = bench.main(["--smoke", "--device", "cpu", *tiny.split()])

@@ -3,27 +3,15 @@ matches a numpy computation on runs.csv; bad input is refused. No timing asserts
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from scripts import load_script
 
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-quality = _load("quality")
-common = _load("common")
+quality = load_script("bench/quality.py")
+common = load_script("bench/common.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,12 @@ records each output, and keeps going past a missing or broken script. No timing 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from scripts import ROOT, load_script
 
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH / "speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-speed = _load()
+BENCH = ROOT / "bench"
+speed = load_script("bench/speed.py")
 
 
 @pytest.mark.slow  # every script's smoke again (each has its own test): minutes on 2 busy cores
