@@ -687,13 +687,9 @@ def test_callback_needs_a_controller():
 
 
 def test_example_loop_runs(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "flexlora_loop.py"
-    spec = importlib.util.spec_from_file_location("flexlora_loop", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/flexlora_loop.py")
     flex = example.main(["--steps", "12", "--out", str(tmp_path)])
     assert flex.history and (tmp_path / "rank_evolution.png").stat().st_size > 0
     assert (tmp_path / "adapter" / STATE_FILE).is_file()
