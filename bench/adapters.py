@@ -133,9 +133,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--steps", type=int, help="timed steps (default: 20 on GPU, 3 smoke)")
+    ap.add_argument("--warmup", type=int, help="untimed warm-up steps before them")
     args = ap.parse_args(argv)
-    cfg = SMOKE if args.smoke or not torch.cuda.is_available() else FULL
-    device = "cuda" if cfg is FULL else "cpu"
+    full = not args.smoke and torch.cuda.is_available()
+    cfg = FULL if full else SMOKE
+    if args.steps is not None or args.warmup is not None:
+        cfg = {**cfg, "steps": args.steps or cfg["steps"], "warmup": args.warmup or cfg["warmup"]}
+    device = "cuda" if full else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = _model(cfg, device, dtype)
     for p in model.parameters():
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "blockdiag-n32": (_plan(targets, blocks=32), "peft-lora-r8"),
         "dora-r8": (_plan(targets, kind="dora"), "peft-dora-r8"),
     }
-    if cfg is SMOKE:  # the smoke model is too narrow for 32 blocks
+    if not full:  # the smoke model is too narrow for 32 blocks
         kinds.pop("blockdiag-n32")
     for name, (plan, peer) in kinds.items():
         count, ms, peak = _entrolora(model, plan, batch, cfg, device)

@@ -38,7 +38,7 @@ SCRIPTS = ("probe", "adapters", "flexlora", "planner")
 # on the CPU we ask for the issue's ≥ 20 timed steps after warm-up.
 CPU_ARGS: dict[str, list[str]] = {
     "probe": ["--steps", "20", "--warmup", "3"],
-    "adapters": [],  # has no step flags: its CPU run is its smoke size (3 timed steps)
+    "adapters": ["--steps", "20", "--warmup", "3"],
     "flexlora": ["--steps", "20", "--warmup", "3"],
     "planner": [],
 }
