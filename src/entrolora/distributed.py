@@ -163,6 +163,14 @@ def plan_digest(plan: AdaptationPlan) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _ranks_differing(digest: str) -> list[int]:
+    """Ranks whose hex ``digest`` differs from this rank's (empty when not distributed)."""
+    if not world_info().distributed:
+        return []
+    digests = _gather_digests(bytes.fromhex(digest))
+    return [r for r, d in enumerate(digests) if d.hex() != digest]
+
+
 def check_same_plan(plan: AdaptationPlan) -> str:
     """Raise ValueError if any rank holds a different plan; returns the plan's digest.
 
@@ -170,15 +178,13 @@ def check_same_plan(plan: AdaptationPlan) -> str:
     catches a rank that loaded another stats file or planned with other options.
     """
     digest = plan_digest(plan)
-    if world_info().distributed:
-        digests = _gather_digests(bytes.fromhex(digest))
-        differ = [r for r, d in enumerate(digests) if d.hex() != digest]
-        if differ:
-            raise ValueError(
-                f"ranks {differ} hold a different adaptation plan than rank {dist.get_rank()}; "
-                "compute the plan from the same (probe-reduced) statistics with the same options "
-                "on every rank, or make it on rank 0 and call broadcast_plan"
-            )
+    differ = _ranks_differing(digest)
+    if differ:
+        raise ValueError(
+            f"ranks {differ} hold a different adaptation plan than rank {dist.get_rank()}; "
+            "compute the plan from the same (probe-reduced) statistics with the same options "
+            "on every rank, or make it on rank 0 and call broadcast_plan"
+        )
     return digest
 
 
@@ -204,15 +210,13 @@ def check_same_parameters(model: nn.Module, trainable_only: bool = True) -> str:
     shards on each rank). Different adapters mean ``apply`` got different seeds or plans.
     """
     digest = parameters_digest(model, trainable_only=trainable_only)
-    if world_info().distributed:
-        digests = _gather_digests(bytes.fromhex(digest))
-        differ = [r for r, d in enumerate(digests) if d.hex() != digest]
-        if differ:
-            raise ValueError(
-                f"ranks {differ} hold different adapter parameters than rank {dist.get_rank()}; "
-                "call entrolora.apply with the same plan and seed on every rank (or broadcast "
-                "the parameters from rank 0 before training)"
-            )
+    differ = _ranks_differing(digest)
+    if differ:
+        raise ValueError(
+            f"ranks {differ} hold different adapter parameters than rank {dist.get_rank()}; "
+            "call entrolora.apply with the same plan and seed on every rank (or broadcast "
+            "the parameters from rank 0 before training)"
+        )
     return digest
 
 
