@@ -1,6 +1,6 @@
 """Do the papers' quality claims hold? A grid of methods × seeds trained by ``train_run``.
 
-    python bench/quality.py --config cpu              # MiniLM, CPU-sized subset (< 1 h on 2 cores)
+    python bench/quality.py --config cpu --jobs 2 --threads 1   # MiniLM subset, < 1 h on 2 cores
     python bench/quality.py --config gpu              # MiniLM, full data, for a GPU
     python bench/quality.py --config cpu --model smollm2   # SmolLM2-135M instead of MiniLM
     python bench/quality.py --smoke                   # tiny random BERT + tiny CSV, CI
@@ -8,15 +8,16 @@
 Every cell is a method with its options (``CELLS``); all cells of a configuration share the
 data (Rotten Tomatoes snippets, split by film), seed set, epochs, learning rate, batch size and
 length, so the only difference between two cells is the adapter. Each (cell, seed) runs in its
-own process (so that the CPU peak RSS is that run's own) and is appended to
-``bench/results/<config>/runs.csv`` as soon as it finishes; a rerun skips the finished pairs.
+own process (so that the CPU peak RSS is that run's own; ``--jobs N`` runs N at a time) and is
+appended to ``bench/results/<config>/runs.csv`` as soon as it finishes; a rerun skips the
+finished pairs.
 After every run the summary is rewritten: ``table.md`` / ``table.csv`` (mean ± std over seeds),
 ``claims.md`` (each paper claim tested on the means) and ``accuracy_vs_params.png``.
 
-The probe statistics of a seed are computed once (by the first cell that needs them) and reused
-by the later cells of the same seed (``TrainConfig.stats``); their cost is the ``probe s``
-column of the cell that probed. The cosine / L1 / L2 similarity ablations need the raw
-gradients, which the saved statistics do not keep, so they probe for themselves.
+The probe statistics of a seed are computed once (by the first cell that needs them, which
+saves them with the probed gradients, ``TrainConfig.keep_gradients``) and reused by the later
+cells of the same seed (``TrainConfig.stats``), the cosine / L1 / L2 similarity ablations
+included; their cost is the ``probe s`` column of the cell that probed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +45,7 @@ from entrolora.files import atomic_write_text  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "runs" / "bench-quality"  # run folders (adapters, plans): large, not committed
-PROBE_FREE = ("lora", "sharelora", "flexlora", "dora", "adalora", "vera", "lora-plus")
-RAW_GRADIENT_SIMILARITIES = ("cosine", "l1", "l2")
+PROBE_FREE = ("lora", "sharelora", "flexlora", "peft-lora", "dora", "adalora", "vera", "lora-plus")
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,7 @@ CELLS: tuple[Cell, ...] = (
     Cell("lora-r4", "LoRA r=4", "lora", 4),
     Cell("ralora-pro-r8", "RaLoRA-Pro r_ref=8", "ralora-pro", 8),
     Cell("e2lora-r8-layers", "E²LoRA r=8 budget=layers", "e2lora", 8, {"budget": "layers"}),
-    # peft's plain LoRA: train_run reaches peft's LoraConfig through its LoRA+ baseline; an
-    # LR ratio of 1 makes LoRA+'s optimizer plain AdamW at one learning rate.
-    Cell("peft-lora-r8", "peft LoRA r=8", "lora-plus", 8, {"loraplus_lr_ratio": 1.0}, "peft"),
+    Cell("peft-lora-r8", "peft LoRA r=8", "peft-lora", 8, {}, "peft"),
     Cell("peft-dora-r8", "peft DoRA r=8", "dora", 8, {}, "peft"),
     Cell("peft-vera-r256", "peft VeRA r=256", "vera", 256, {}, "peft"),
     # E²LoRA Table 4 ablations (full method = e2lora-r8: LSS + HRA, RMI similarity).
@@ -110,8 +110,8 @@ class Setup:
 
 
 CONFIGS = {
-    # Sized on this 2-core VM: ≈ 40 s a run (shared cores), 20 cells × 3 seeds under an hour
-    # only with the CPU to itself; see docs/benchmarks.md for what finished.
+    # Sized for a 2-core machine: ≈ 70 s a run on one core, 20 cells × 3 seeds with --jobs 2
+    # --threads 1 under an hour (measured in one go: docs/benchmarks.md).
     "cpu": Setup("cpu", None, None, (0, 1, 2), epochs=1, limit=2000, max_length=64,
                  probe_steps=16),
     "gpu": Setup("gpu", None, None, (0, 1, 2), epochs=3, limit=None, max_length=128,
@@ -137,6 +137,7 @@ def train_config(setup: Setup, cell: Cell, seed: int, output: Path, stats: str |
         "options": dict(cell.options),
         "probe_steps": setup.probe_steps,
         "stats": stats,
+        "keep_gradients": probes(cell, stats),  # for the later cells' cosine/L1/L2 similarity
         "epochs": setup.epochs,
         "max_steps": setup.max_steps,
         "lr": setup.lr,
@@ -200,8 +201,9 @@ def run_cell(setup: Setup, cell: Cell, seed: int, work: Path, stats: str | None)
     }
 
 
-def needs_own_probe(cell: Cell) -> bool:
-    return cell.options.get("similarity") in RAW_GRADIENT_SIMILARITIES
+def probes(cell: Cell, stats: str | None) -> bool:
+    """Whether the run of ``cell`` given ``stats`` computes its seed's statistics itself."""
+    return stats is None and cell.method not in PROBE_FREE
 
 
 # -- the summary ------------------------------------------------------------------------------
@@ -468,12 +470,15 @@ def smoke_assets(root: Path) -> tuple[str, str]:
 
 # -- the grid ---------------------------------------------------------------------------------
 def run_grid(
-    setup: Setup, folder: Path, work: Path, header: str, progress: bool = True
+    setup: Setup, folder: Path, work: Path, header: str, progress: bool = True, jobs: int = 1
 ) -> list[dict]:
-    """Run every unfinished (cell, seed) of ``setup``, seed-major; returns runs.csv's rows."""
+    """Run every unfinished (cell, seed) of ``setup``, seed-major, ``jobs`` runs at a time.
+
+    A run that needs a seed's statistics waits while another run of that seed computes them.
+    Returns runs.csv's rows; RuntimeError listing the runs that failed (the others finish).
+    """
     import torch
 
-    read = common.read_rows
     cells = [c for c in CELLS if c.key in setup.cells]
     folder.mkdir(parents=True, exist_ok=True)
     done = {(r["cell"], int(r["seed"])) for r in common.read_rows(folder / "runs.csv")}
@@ -486,50 +491,80 @@ def run_grid(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cells) * len(setup.seeds), initial=len(done), unit="run")
+    say = bar.write if bar is not None else (lambda m: print(m, flush=True))
     stats_file = {
         s: str(work / f"stats-seed{s}.safetensors")
         for s in setup.seeds
         if (work / f"stats-seed{s}.safetensors").is_file()
     }
+    probing: set[int] = set()  # seeds whose statistics a run is computing now
     failed: list[str] = []
-    for cell, seed in todo:
-        if (cell.key, seed) in {(r["cell"], int(r["seed"])) for r in read(folder / "runs.csv")}:
-            continue  # another runner of the same grid (e.g. another --seeds) finished it
-        if bar is not None:
-            bar.set_description(f"{cell.key} seed {seed}")
-        shared = (
-            None if cell.method in PROBE_FREE or needs_own_probe(cell) else stats_file.get(seed)
-        )
-        try:
-            row = run_cell(setup, cell, seed, work, shared)
-        except RuntimeError as e:  # one broken method must not stop the grid; a rerun retries it
-            failed.append(f"{cell.key} seed {seed}")
+    lock = threading.Condition()
+
+    def take() -> tuple[Cell, int, str | None] | None:
+        """The next run that can start (with its statistics file), or None when none is left."""
+        with lock:
+            while todo:
+                for i, (cell, seed) in enumerate(todo):
+                    needs = cell.method not in PROBE_FREE
+                    if needs and seed not in stats_file:
+                        if seed in probing:
+                            continue
+                        probing.add(seed)  # this run probes; the seed's others wait for it
+                    del todo[i]
+                    return cell, seed, stats_file.get(seed) if needs else None
+                lock.wait()
+            return None
+
+    def finish(cell: Cell, seed: int, shared: str | None, row: dict | None) -> None:
+        with lock:
+            if probes(cell, shared):
+                probing.discard(seed)
+                if row is not None:
+                    # Keep the statistics outside the run folder, which a rerun replaces.
+                    dst = work / f"stats-seed{seed}.safetensors"
+                    shutil.copyfile(work / f"{cell.key}-seed{seed}" / "stats.safetensors", dst)
+                    stats_file[seed] = str(dst)
+            if row is None:
+                failed.append(f"{cell.key} seed {seed}")
+            else:
+                info = common.machine_info(torch.device(row.get("device") or "cpu"))
+                info["torch_threads"] = str(setup.threads or torch.get_num_threads())
+                row = {**row, "config": setup.name, "finished": info.pop("date")}
+                row["machine"] = common.describe({**info, "date": ""}).rstrip("; ")
+                common.append_row(folder / "runs.csv", row, RUN_FIELDS)
+                say(
+                    f"{cell.label} seed {seed}: accuracy {100 * float(row['accuracy']):.2f}%, "
+                    f"{int(row['trainable_params']):,} params, train {float(row['train_s']):.1f} s"
+                )
             write_summary(folder, setup, cells, header, failed)
-            (bar.write if bar is not None else print)(str(e))
             if bar is not None:
                 bar.update(1)
-            continue
-        if shared is None and cell.method not in PROBE_FREE and not needs_own_probe(cell):
-            # Keep this seed's statistics outside the run folder, which a rerun replaces.
-            src = work / f"{cell.key}-seed{seed}" / "stats.safetensors"
-            dst = work / f"stats-seed{seed}.safetensors"
-            shutil.copyfile(src, dst)
-            stats_file[seed] = str(dst)
-        info = common.machine_info(torch.device(row.get("device") or "cpu"))
-        info["torch_threads"] = str(setup.threads or torch.get_num_threads())  # the run's own
-        row = {**row, "config": setup.name, "finished": info.pop("date")}
-        row["machine"] = common.describe({**info, "date": ""}).rstrip("; ")
-        common.append_row(folder / "runs.csv", row, RUN_FIELDS)
-        write_summary(folder, setup, cells, header, failed)
-        msg = (
-            f"{cell.label} seed {seed}: accuracy {100 * float(row['accuracy']):.2f}%, "
-            f"{int(row['trainable_params']):,} params, train {float(row['train_s']):.1f} s"
-        )
-        if bar is not None:
-            bar.update(1)
-            bar.write(msg)
-        else:
-            print(msg, flush=True)
+            lock.notify_all()
+
+    def runner() -> None:
+        while (task := take()) is not None:
+            cell, seed, shared = task
+            finished = {(r["cell"], int(r["seed"])) for r in common.read_rows(folder / "runs.csv")}
+            if (cell.key, seed) in finished:  # another runner of the same grid finished it
+                with lock:
+                    if probes(cell, shared):
+                        probing.discard(seed)
+                    lock.notify_all()
+                continue
+            try:
+                row = run_cell(setup, cell, seed, work, shared)
+            except RuntimeError as e:  # one broken method must not stop the grid
+                say(str(e))
+                row = None
+            finish(cell, seed, shared, row)
+
+    if jobs == 1:
+        runner()
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            for f in [pool.submit(runner) for _ in range(jobs)]:
+                f.result()
     if bar is not None:
         bar.close()
     if failed:
@@ -553,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "disjoint --seeds can share one grid",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)"
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument(
         "--summary-only",
@@ -585,6 +623,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         setup = Setup(**{**asdict(setup), "threads": args.threads})
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1:  # in-process runs would share torch's global RNG and thread pool
+        setup = Setup(**{**asdict(setup), "isolate": True})
     if args.seeds:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         if args.smoke or not set(seeds) <= set(setup.seeds):
@@ -604,13 +646,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         else f"--config {args.config}" + (f" --model {args.model}" if args.model else "")
     )
     cmd += f" --threads {args.threads}" if args.threads else ""
+    cmd += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     header = f"Regenerate: `{cmd}` (resumes; delete `{shown}/runs.csv` to start over)."
     try:
         if args.summary_only:
             write_summary(folder, setup, [c for c in CELLS if c.key in setup.cells], header)
         else:
-            run_grid(setup, folder, work, header, progress=not args.quiet)
+            run_grid(setup, folder, work, header, progress=not args.quiet, jobs=args.jobs)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -148,6 +148,27 @@ def test_threads_must_be_positive(tmp_path):
         quality.main(["--smoke", "--threads", "0", "--results", str(tmp_path), "--quiet"])
 
 
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--jobs must be >= 1, got 0"):
+        quality.main(["--smoke", "--jobs", "0", "--results", str(tmp_path), "--quiet"])
+
+
+def test_parallel_jobs_wait_for_the_seed_statistics(smoke, tmp_path):
+    """Two runs at a time, each its own process: the cosine ablation waits for the probing cell,
+    reuses its statistics (gradients kept), and LoRA gives what the in-process grid gave."""
+    cells = "e2lora-r8,e2lora-cosine,lora-r8"
+    args = ["--smoke", "--jobs", "2", "--threads", "1", "--cells", cells, "--quiet"]
+    folder = quality.main([*args, "--results", str(tmp_path)])
+    rows = {r["cell"]: r for r in common.read_rows(folder / "runs.csv")}
+    assert set(rows) == set(cells.split(","))
+    assert rows["e2lora-r8"]["stats_reused"] == "False"
+    assert rows["e2lora-cosine"]["stats_reused"] == "True"
+    serial = {r["cell"]: r for r in common.read_rows(smoke / "runs.csv")}
+    for key in ("accuracy", "eval_loss", "trainable_params"):
+        assert rows["lora-r8"][key] == serial["lora-r8"][key], key
+        assert rows["e2lora-r8"][key] == serial["e2lora-r8"][key], key
+
+
 def test_append_row_round_trip_and_keeps_extra_columns(tmp_path):
     path = tmp_path / "runs.csv"
     common.append_row(path, {"a": 1, "b": "x,y"}, ["a", "b"])

@@ -203,3 +203,33 @@ def test_flexlora_counts_active_directions_not_capacity(assets, tmp_path):
     # the budget FlexLoRA keeps constant: r·(d_in + d_out + 1) per module, capacity 2r allocated
     assert m["trainable_params"] == m["plan_params"]
     assert m["allocated_params"] > m["trainable_params"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_saved_statistics_keep_gradients_only_when_asked(assets, tmp_path, keep):
+    import entrolora as el
+
+    run = T.train_run(cfg(assets, tmp_path / "r", method="e2lora", keep_gradients=keep))
+    saved = el.GradientStats.load(run.output / "stats.safetensors")
+    query = "bert.encoder.layer.*.attention.self.query"
+    if keep:
+        want = run.stats.similarity(query, "cosine")
+        assert torch.allclose(saved.similarity(query, "cosine"), want)
+    else:
+        with pytest.raises(ValueError, match="needs the accumulated gradients"):
+            saved.similarity(query, "cosine")
+
+
+@pytest.mark.parametrize("method", ["lora", "peft-lora"])
+def test_init_seed_redraws_the_adapter_factors(assets, tmp_path, method):
+    def adapter(init_seed, name):
+        out = tmp_path / name
+        return _weights(T.train_run(cfg(assets, out, method=method, init_seed=init_seed)).output)
+
+    a, again, other = adapter(7, "a"), adapter(7, "again"), adapter(8, "other")
+    assert a.keys() == other.keys() and a
+    assert all(torch.equal(a[k], again[k]) for k in a)  # deterministic
+    assert any(not torch.equal(a[k], other[k]) for k in a if "lora_A" in k or ".A" in k)
+    if method == "lora":  # entrolora's default draw is --seed's
+        default, same = adapter(None, "default"), adapter(0, "same")
+        assert all(torch.equal(default[k], same[k]) for k in default)

@@ -52,7 +52,7 @@ MethodOpt = Annotated[
     typer.Option(
         "--method",
         help="lora, sharelora, e2lora, e2sharelora, e2dora, e2vera, e2lori, ralora, ralora-pro, "
-        "ls-lora, lora-gid, flexlora; peft baselines: dora, adalora, vera, lora-plus.",
+        "ls-lora, lora-gid, flexlora; peft baselines: peft-lora, dora, adalora, vera, lora-plus.",
     ),
 ]
 ROpt = Annotated[int, typer.Option("--r", help="LoRA rank (r_ref for ralora-pro).")]
@@ -171,6 +171,14 @@ def train(
     stats: Annotated[
         str | None, typer.Option("--stats", help="Reuse a statistics file (skip the probe).")
     ] = None,
+    keep_gradients: Annotated[
+        bool,
+        typer.Option(
+            "--keep-gradients",
+            help="Save the probed gradients in stats.safetensors, so that a later --stats run "
+            "can use the cosine, L1 or L2 similarity.",
+        ),
+    ] = False,
     plan: Annotated[
         str | None, typer.Option("--plan", help="Reuse a plan.json (skip probe and planner).")
     ] = None,
@@ -182,6 +190,14 @@ def train(
     batch_size: BatchSize = 32,
     max_length: MaxLength = 64,
     seed: Seed = 0,
+    init_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--init-seed",
+            help="Seed of the adapters' initial factors only (default: --seed); vary it to "
+            "measure how much of a result the initialisation explains.",
+        ),
+    ] = None,
     limit: Limit = None,
     device: Device = "auto",
     output: Annotated[str, typer.Option("--output", help="Run folder to write.")] = "runs/run",
@@ -195,10 +211,10 @@ def train(
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
         method=method, r=r, options=parse_options(option or []),
-        target_modules=_targets(target_modules), probe_steps=probe_steps, stats=stats, plan=plan,
-        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
-        seed=seed, limit=limit, device=device, output=output, overwrite=overwrite,
-        progress=not quiet,
+        target_modules=_targets(target_modules), probe_steps=probe_steps, stats=stats,
+        keep_gradients=keep_gradients, plan=plan, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, max_length=max_length, seed=seed, init_seed=init_seed, limit=limit,
+        device=device, output=output, overwrite=overwrite, progress=not quiet,
     )  # fmt: skip
     result = train_run(cfg)
     from .distributed import is_main_process

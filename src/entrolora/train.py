@@ -16,8 +16,8 @@ Classification trains the classifier head too (peft's ``modules_to_save`` semant
 ``apply`` froze the base model, the head (``classifier`` / ``score``) is made trainable, saved
 as ``adapter/head.safetensors`` and added to the peft export under ``modules_to_save``.
 
-The peft baselines (dora, adalora, vera, lora-plus) are built with peft itself; their run
-folder holds ``peft/`` (``save_pretrained``) instead of ``adapter/`` and ``plan.json``.
+The peft baselines (peft-lora, dora, adalora, vera, lora-plus) are built with peft itself; their
+run folder holds ``peft/`` (``save_pretrained``) instead of ``adapter/`` and ``plan.json``.
 
 Everything is written into a temporary folder next to the output and renamed at the end, so an
 interrupted run leaves nothing half-written.
@@ -49,13 +49,14 @@ ENTROLORA_METHODS = (
     "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
     "ralora", "ralora-pro", "ls-lora", "lora-gid", "flexlora",
 )  # fmt: skip
-PEFT_METHODS = ("dora", "adalora", "vera", "lora-plus")
+PEFT_METHODS = ("peft-lora", "dora", "adalora", "vera", "lora-plus")
 METHODS = ENTROLORA_METHODS + PEFT_METHODS
 MODEL_PLANNERS = ("lora", "sharelora", "flexlora")  # plan from the model, no probe needed
 FLEX_CONTROLLER_OPTIONS = {
     "b0": 4, "t_warmup": None, "t_final": None, "interval": None, "gamma": 0.1, "r_min": 1,
 }  # fmt: skip
 PEFT_OPTIONS: dict[str, dict[str, Any]] = {
+    "peft-lora": {"lora_alpha": 16},
     "dora": {"lora_alpha": 16},
     "adalora": {"lora_alpha": 16, "init_r": None, "tinit": None, "tfinal": None, "deltaT": None},
     "vera": {"d_initial": 0.1},
@@ -91,6 +92,7 @@ class TrainConfig:
     target_modules: list[str] | None = None
     probe_steps: int = 64
     stats: str | None = None  # reuse a statistics file
+    keep_gradients: bool = False  # save the probed gradients too (cosine/L1/L2 similarity reuse)
     plan: str | None = None  # reuse a plan file
     epochs: int = 2
     max_steps: int | None = None
@@ -104,6 +106,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     limit: int | None = None
     seed: int = 0
+    init_seed: int | None = None  # seed of the adapters' initial factors (None: ``seed``)
     device: str = "auto"
     output: str = "runs/run"
     overwrite: bool = False
@@ -392,7 +395,7 @@ def _build_peft(model: nn.Module, method: str, targets: list[str], cfg: TrainCon
     task_type = "SEQ_CLS" if cfg.task == "classify" else "CAUSAL_LM"
     opts = {**PEFT_OPTIONS[method], **cfg.options}
     common = {"target_modules": targets, "task_type": task_type}
-    if method in ("dora", "lora-plus"):
+    if method in ("peft-lora", "dora", "lora-plus"):
         config = peft.LoraConfig(
             r=cfg.r,
             lora_alpha=opts["lora_alpha"],
@@ -568,10 +571,13 @@ def _train_run(cfg: TrainConfig, method: str, t_start: float, device: torch.devi
         stats = plan = flex = None
         opts: dict[str, Any] = dict(cfg.options)
         heads = head_modules(model) if cfg.task == "classify" else {}
+        init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
         if method in PEFT_METHODS:
             from .targets import find_targets
 
             names = list(find_targets(model, targets_given))
+            if cfg.init_seed is not None:  # peft draws its factors from the global RNG
+                torch.manual_seed(cfg.init_seed)
             model, opts = _build_peft(model, method, names, cfg, total)
             model.to(device)
             head_prefixes = ("modules_to_save", "original_module", *heads)
@@ -592,13 +598,13 @@ def _train_run(cfg: TrainConfig, method: str, t_start: float, device: torch.devi
                 times["plan_s"] = time.perf_counter() - t0
             plan.validate(model)
             seed_everything(cfg.seed)
-            model = el.apply(model, plan, dropout=cfg.dropout, seed=cfg.seed)
+            model = el.apply(model, plan, dropout=cfg.dropout, seed=init_seed)
             for h in heads.values():
                 h.requires_grad_(True)
             head_prefixes = tuple(heads)
             if method == "flexlora":
                 ctrl = {k: v for k, v in opts.items() if k in FLEX_CONTROLLER_OPTIONS}
-                flex = el.FlexLoRA(model, total_steps=total, seed=cfg.seed, **ctrl)
+                flex = el.FlexLoRA(model, total_steps=total, seed=init_seed, **ctrl)
         adapter_params, head_params = _count(model, head_prefixes)
 
         # -- train
@@ -660,7 +666,7 @@ def _train_run(cfg: TrainConfig, method: str, t_start: float, device: torch.devi
             import entrolora as el
 
             if stats is not None:
-                stats.save(out / "stats.safetensors")
+                stats.save(out / "stats.safetensors", keep_gradients=cfg.keep_gradients)
             plan.save(out / "plan.json")
             el.save(model, out / "adapter", flex=flex) if flex is not None else el.save(
                 model, out / "adapter"
