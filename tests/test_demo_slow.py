@@ -39,3 +39,24 @@ def test_train_real_default_few_steps(tmp_path):
     for name in ("stats.safetensors", "report.html", "similarity_entropy.png", "erank.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "peft" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("task", ["classify", "causal-lm"])
+def test_train_smollm2_few_steps(tmp_path, task):
+    """The GGUF-loaded SmolLM2 trains and exports for both tasks (it once failed at .float())."""
+    try:
+        D.smollm2_gguf()
+    except D.AssetMissing as e:
+        pytest.skip(str(e))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--model", "smollm2", "--task", task, "--method", "e2lora", "--limit", "200",
+         "--max-steps", "2", "--probe-steps", "2", "--batch-size", "8", "--quiet", "--output",
+         str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["model_family"] == "llama"
+    assert len(json.loads((out / "plan.json").read_text())["modules"]) == 30 * 4
+    assert (out / "peft" / "adapter_model.safetensors").stat().st_size > 0

@@ -317,12 +317,12 @@ def load_model(
         net = AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
     else:
         net = AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    net = net.float()
-    if gguf:  # transformers refuses save/peft on GGUF-loaded models until these are cleared
+    if gguf:  # transformers refuses .float(), save and peft on GGUF-loaded models until cleared
         net.hf_quantizer = None
         net.is_quantized = False
         if hasattr(net.config, "quantization_config"):
             del net.config.quantization_config
+    net = net.float()
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     return net, tokenizer, FAMILY.get(getattr(net.config, "model_type", ""), "other")
