@@ -306,7 +306,8 @@ def verdict(kind: str, delta: float, se: float, n: int) -> str:
         if delta > 0:
             return "held" if (n > 1 and delta > noise) else "held (within noise)"
         return "not held" if (n > 1 and -delta > noise) else "not held (within noise)"
-    return "held" if delta >= -max(0.5, noise) else "not held"
+    out = "held" if delta >= -max(0.5, noise) else "not held"
+    return out if n > 1 else f"{out} (within noise)"  # one seed has no error bar
 
 
 def claims_rows(
@@ -647,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     cmd += f" --threads {args.threads}" if args.threads else ""
     cmd += f" --jobs {args.jobs}" if args.jobs > 1 else ""
+    cmd += f" --cells {args.cells}" if args.cells else ""
     shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     header = f"Regenerate: `{cmd}` (resumes; delete `{shown}/runs.csv` to start over)."
     try:

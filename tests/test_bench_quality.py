@@ -116,6 +116,8 @@ def test_claims_compare_only_common_seeds():
         ("matches", -0.4, 0.1, 3, "held"),
         ("matches", -0.6, 0.1, 3, "not held"),
         ("matches", -0.6, 0.4, 3, "held"),
+        ("matches", 0.7, 0.0, 1, "held (within noise)"),
+        ("matches", -0.7, 0.0, 1, "not held (within noise)"),
     ],
 )
 def test_verdict(kind, delta, se, n, want):
