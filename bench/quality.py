@@ -506,6 +506,10 @@ def run_grid(
         """The next run that can start (with its statistics file), or None when none is left."""
         with lock:
             while todo:
+                # Another runner of the same grid (e.g. another --seeds) may have finished some.
+                rows = common.read_rows(folder / "runs.csv")
+                finished = {(r["cell"], int(r["seed"])) for r in rows}
+                todo[:] = [(c, s) for c, s in todo if (c.key, s) not in finished]
                 for i, (cell, seed) in enumerate(todo):
                     needs = cell.method not in PROBE_FREE
                     if needs and seed not in stats_file:
@@ -546,13 +550,6 @@ def run_grid(
     def runner() -> None:
         while (task := take()) is not None:
             cell, seed, shared = task
-            finished = {(r["cell"], int(r["seed"])) for r in common.read_rows(folder / "runs.csv")}
-            if (cell.key, seed) in finished:  # another runner of the same grid finished it
-                with lock:
-                    if probes(cell, shared):
-                        probing.discard(seed)
-                    lock.notify_all()
-                continue
             try:
                 row = run_cell(setup, cell, seed, work, shared)
             except RuntimeError as e:  # one broken method must not stop the grid
