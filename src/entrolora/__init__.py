@@ -41,8 +41,8 @@ _EXPORTS = {
     "FlexLoRA": "flex",
     "save": "io",
     "load": "io",
-    "export_peft": "io",
-    "to_peft_config": "io",
+    "export_peft": "export",
+    "to_peft_config": "export",
 }
 
 __all__ = sorted(_EXPORTS)
