@@ -114,3 +114,79 @@ def test_erank_between_one_and_rank(m, n, rank, scale, seed):
     true_rank = int(np.linalg.matrix_rank(g.numpy()))
     assert 1.0 - 1e-9 <= e <= true_rank * (1 + 1e-6) + 1e-6
     assert e == pytest.approx(numpy_erank(g.numpy()), rel=0.01)
+
+
+# -- signal effective rank (METHODS.md §2, probe noise) ----------------------------------------
+
+
+def numpy_signal_erank(g: np.ndarray, d: np.ndarray) -> float:
+    """Independent float64 reference: clipped eigenvalues of G Gᵀ − D Dᵀ on the smaller side."""
+    g, d = np.asarray(g, dtype=np.float64), np.asarray(d, dtype=np.float64)
+    m = g @ g.T - d @ d.T if g.shape[0] <= g.shape[1] else g.T @ g - d.T @ d
+    sv = np.sqrt(np.clip(np.linalg.eigvalsh(m), 0.0, None))
+    if sv.sum() == 0:
+        return float("nan")
+    p = sv / sv.sum()
+    p = p[p > 0]
+    return math.exp(-(p * np.log(p)).sum())
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_signal_erank_removes_noise_orthogonal_to_the_signal(shape):
+    # Signal of rank 3 with equal singular values, noise in the complementary subspace of the
+    # smaller side's partner: the cross terms vanish and G Gᵀ − D Dᵀ is exactly μ μᵀ.
+    # (rounding leaves eigenvalues ~1e-16 whose square roots weigh ~1e-6 in the distribution)
+    m, n = shape
+    rng = np.random.default_rng(6)
+    mu = np.zeros(shape)
+    e = rng.standard_normal(shape) * 2.0
+    if m <= n:
+        mu[:, :5] = with_singular_values([1.0, 1.0, 1.0], m, 5, seed=7).numpy()
+        e[:, :5] = 0.0
+    else:
+        mu[:5, :] = with_singular_values([1.0, 1.0, 1.0], 5, n, seed=7).numpy()
+        e[:5, :] = 0.0
+    g, d = torch.from_numpy(mu + e), torch.from_numpy(e)
+    assert effective_ranks([g])[0] > 5.0  # the raw statistic sees the noise
+    assert effective_ranks([g], noises=[d])[0] == pytest.approx(3.0, rel=1e-5)
+
+
+def test_signal_erank_matches_numpy_with_negative_eigenvalues_clipped():
+    rng = np.random.default_rng(8)
+    mats, noises = [], []
+    for shape in [(16, 40), (40, 16), (16, 40), (24, 24)]:
+        mu = with_singular_values(np.logspace(0, -2, 6), *shape, seed=shape[0]).numpy()
+        e1, e2 = rng.standard_normal((2, *shape)) * 0.05
+        mats.append(torch.from_numpy(mu + (e1 + e2) / 2))
+        noises.append(torch.from_numpy((e1 - e2) / 2))
+    want = [numpy_signal_erank(g.numpy(), d.numpy()) for g, d in zip(mats, noises)]
+    # the noise is large enough that some eigenvalues of M go negative
+    g0, d0 = mats[0].numpy(), noises[0].numpy()
+    assert np.linalg.eigvalsh(g0 @ g0.T - d0 @ d0.T).min() < 0
+    assert effective_ranks(mats, noises=noises) == pytest.approx(want, rel=1e-9)
+    chunked = effective_ranks(mats, noises=noises, max_batch_bytes=1)
+    assert chunked == pytest.approx(want, rel=1e-9)
+    f32 = effective_ranks([g.float() for g in mats], noises=[d.float() for d in noises])
+    assert f32 == pytest.approx(want, rel=1e-4)
+
+
+def test_signal_erank_zero_noise_is_the_raw_erank():
+    rng = np.random.default_rng(9)
+    g = torch.from_numpy(rng.standard_normal((20, 32)))
+    raw = effective_ranks([g])[0]
+    assert effective_ranks([g], noises=[torch.zeros_like(g)])[0] == pytest.approx(raw, rel=1e-12)
+
+
+def test_signal_erank_of_pure_noise_is_nan():
+    d = torch.randn(10, 14, dtype=torch.float64)
+    assert math.isnan(effective_ranks([d], noises=[d])[0])
+
+
+def test_signal_erank_noise_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match=r"got 1 noise estimates for 2 gradients; pass one D"):
+        effective_ranks([torch.ones(3, 4), torch.ones(3, 4)], noises=[torch.zeros(3, 4)])
+
+
+def test_signal_erank_noise_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match=r"noise estimate 0 has shape \(4, 3\) but its gradient"):
+        effective_ranks([torch.ones(3, 4)], noises=[torch.zeros(4, 3)])
