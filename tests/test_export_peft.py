@@ -1,4 +1,4 @@
-"""export_peft and to_peft_config (entrolora.io, METHODS.md §6) against the installed peft."""
+"""export_peft and to_peft_config (entrolora.export, METHODS.md §6) against the installed peft."""
 
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
+@pytest.mark.parametrize("layout", ["uniform", "compact"])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_loads_in_peft_with_equal_logits(case, model_name, tmp_path):
+def test_export_loads_in_peft_with_equal_logits(case, model_name, layout, tmp_path):
     model, plan = build(case, model_name, seed=2)
     want = logits(model)
-    info = el.export_peft(model, tmp_path)
-    assert info.path == tmp_path and info.max_lora_rank == plan.max_rank
+    info = el.export_peft(model, tmp_path, layout=layout)
+    ranks = {n: m.rank * m.blocks for n, m in plan.modules.items()}
+    assert info.path == tmp_path and info.rank == plan.max_rank and info.module_ranks == ranks
     factory = MODELS[model_name][0]
     base = factory(layers=4, seed=0)
     scale = want.abs().max().item()  # tiny BERT's logits are ~5e-3: tolerances relative to them
@@ -39,24 +41,29 @@ def test_export_loads_in_peft_with_equal_logits(case, model_name, tmp_path):
 
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     names = list(plan.modules)
-    assert sorted(cfg["target_modules"]) == sorted(names)
+    assert cfg["target_modules"] == sorted(names)
     assert cfg["lora_alpha"] == cfg["r"] == plan.max_rank
     assert cfg["alpha_pattern"] == cfg["rank_pattern"]
-    assert cfg["rank_pattern"] == {n: m.rank * m.blocks for n, m in plan.modules.items()}
+    assert cfg["rank_pattern"] == ({} if layout == "uniform" else ranks)
     assert cfg["use_dora"] == (case == "dora")
     assert cfg["fan_in_fan_out"] == (model_name == "gpt2")
+    assert cfg["task_type"] == ("SEQ_CLS" if model_name == "bert" else "CAUSAL_LM")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     per_module = 3 if case == "dora" else 2
-    assert len(tensors) == per_module * len(names)
+    heads = 2 if model_name == "bert" else 0  # the classifier's weight and bias
+    assert len(tensors) == per_module * len(names) + heads
     for n, m in plan.modules.items():
-        r = m.rank * m.blocks
-        assert tensors[f"base_model.model.{n}.lora_A.weight"].shape == (r, m.d_in)
-        assert tensors[f"base_model.model.{n}.lora_B.weight"].shape == (m.d_out, r)
+        r = plan.max_rank if layout == "uniform" else ranks[n]
+        a = tensors[f"base_model.model.{n}.lora_A.weight"]
+        b = tensors[f"base_model.model.{n}.lora_B.weight"]
+        assert a.shape == (r, m.d_in) and b.shape == (m.d_out, r)
+        # uniform: the padding is exactly zero (zero rows of A, zero columns of B)
+        assert not a[ranks[n] :].any() and not b[:, ranks[n] :].any()
 
 
 def test_export_bakes_scale_into_b(tmp_path):
     model, plan = build("plain")
-    el.export_peft(model, tmp_path)
+    el.export_peft(model, tmp_path, layout="compact")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     for n, w in adapted_modules(model).items():
         a, b, scale = w.adapter.lora_factors()

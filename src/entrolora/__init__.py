@@ -42,6 +42,7 @@ _EXPORTS = {
     "save": "io",
     "load": "io",
     "export_peft": "export",
+    "export_merged": "export",
     "to_peft_config": "export",
 }
 

@@ -1,9 +1,19 @@
-"""Export to an ordinary peft LoRA checkpoint (METHODS.md §6): ``export_peft``, ``to_peft_config``."""
+"""Export to an ordinary peft LoRA checkpoint (METHODS.md §6) and to a merged model folder.
+
+Consumers read a LoRA checkpoint's scaling three ways: peft per module from ``alpha_pattern`` /
+``rank_pattern``, vLLM as one global ``lora_alpha / r``, llama.cpp as the global ``lora_alpha``
+over *each module's tensor rank*. The default ``uniform`` layout writes every module at one rank R
+(smaller modules zero-padded, exact) with its scaling baked into B and ``r = lora_alpha = R``: the
+scaling is 1 under all three rules. ``compact`` keeps each module's own rank (``rank_pattern =
+alpha_pattern``): right in peft and vLLM, wrong in llama.cpp.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,34 +21,196 @@ from typing import Any
 import torch
 from torch import nn
 
-from .files import atomic_write
-from .inject import adapted_modules, unwrap
+from .files import atomic_write, atomic_write_text
+from .inject import adapted_modules, get_plan, merge, unwrap
 from .plans import AdaptationPlan
 from .targets import is_conv1d
 
+LAYOUTS = ("uniform", "compact")
+#: The only ``max_lora_rank`` values vLLM accepts (METHODS.md §6).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: Heads peft itself puts in ``modules_to_save`` for SEQ_CLS (peft's own list).
+HEAD_NAMES = ("classifier", "score")
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+LLAMA_CPP_WARNING = (
+    "compact layout: llama.cpp scales every module by lora_alpha / (its own rank) and never reads "
+    "alpha_pattern, so this export gives WRONG outputs in llama.cpp; use layout='uniform' there"
+)
 
-# -- peft export -----------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class PeftExport:
-    """What ``export_peft`` wrote: the directory, the largest rank (vLLM's ``max_lora_rank``)."""
+    """What ``export_peft`` wrote and who can read it.
+
+    ``rank`` is the config's ``r`` (= ``lora_alpha``; the padded rank R in ``uniform``),
+    ``module_ranks`` each module's trained rank, ``rank_pattern`` what the config's pattern holds
+    (empty in ``uniform``), ``max_lora_rank`` the smallest value vLLM accepts that covers the
+    export (None above 512), ``consumers`` the tools that read it correctly, ``notes`` the caveats.
+    """
 
     path: Path
-    max_lora_rank: int
+    layout: str
+    rank: int
+    max_lora_rank: int | None
+    task_type: str | None
+    base_model: str | None
+    consumers: tuple[str, ...]
+    module_ranks: dict[str, int] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line for people: layout, rank, consumers, vLLM's ``max_lora_rank``."""
+        ranks = sorted(set(self.module_ranks.values()))
+        span = f"{ranks[0]}..{ranks[-1]}" if len(ranks) > 1 else f"{ranks[0]}"
+        how = (
+            f"every module at rank {self.rank}, trained ranks {span} zero-padded"
+            if self.layout == "uniform"
+            else f"each module at its own rank ({span}), rank_pattern = alpha_pattern"
+        )
+        vllm = f"; vLLM max_lora_rank={self.max_lora_rank}" if "vLLM" in self.consumers else ""
+        return f"{self.layout} layout ({how}); serves {', '.join(self.consumers)}{vllm}"
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> PeftExport:
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest ``max_lora_rank`` vLLM accepts that is ≥ ``rank`` (None when above 512)."""
+    return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """peft's ``task_type`` for a transformers model class (None for a plain torch module).
+
+    Read from transformers' own auto-class tables, so any architecture they know is covered.
+    """
+    from transformers import PreTrainedModel
+    from transformers.models.auto import modeling_auto as ma
+
+    base = unwrap(model)
+    if not isinstance(base, PreTrainedModel):
+        return None
+    cls = type(base).__name__
+    tables = {
+        "CAUSAL_LM": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "SEQ_CLS": ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "TOKEN_CLS": ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+        "QUESTION_ANS": ma.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+        "SEQ_2_SEQ_LM": ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        "FEATURE_EXTRACTION": ma.MODEL_MAPPING_NAMES,
+    }
+    for task, table in tables.items():
+        if any(cls == v or (isinstance(v, tuple) and cls in v) for v in table.values()):
+            return task
+    raise ValueError(
+        f"cannot tell the peft task_type of a {cls}; pass task_type= (CAUSAL_LM, SEQ_CLS, "
+        "TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM or FEATURE_EXTRACTION)"
+    )
+
+
+def _embedded_ids() -> dict[Path, str]:
+    """``{local folder of an embedded default model: its public hub id}`` (those installed)."""
+    from . import data as D
+
+    out: dict[Path, str] = {}
+    for find, public in ((D.minilm_path, MINILM_ID), (lambda: D.smollm2_gguf().parent, SMOLLM2_ID)):
+        try:
+            out[Path(find()).resolve()] = public
+        except (FileNotFoundError, ImportError):  # not installed: nothing to map
+            continue
+    return out
+
+
+def portable_base_name(name: str | None) -> str | None:
+    """``base_model_name_or_path`` another machine can resolve.
+
+    The embedded defaults (the MiniLM folder, the SmolLM2 GGUF package) become their public hub
+    ids; any other existing local folder becomes an absolute path; a hub id stays as it is.
+    """
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name  # a hub id (or a path of another machine): nothing better to say
+    resolved = path.resolve()
+    return _embedded_ids().get(resolved, str(resolved))
+
+
+def _module_factors(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """``(A (r, d_in), B·scale (d_out, r), dtype)``: float32 CPU copies of ``lora_factors()``."""
+    a, b, scale = wrapper.adapter.lora_factors()
+    return a.detach().float().cpu(), b.detach().float().cpu() * float(scale), a.dtype
+
+
+def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of A and zero columns of B up to ``rank``: ``B·A`` is unchanged exactly."""
+    extra = rank - a.shape[0]
+    if extra <= 0:
+        return a, b
+    return (
+        torch.cat([a, a.new_zeros(extra, a.shape[1])], 0),
+        torch.cat([b, b.new_zeros(b.shape[0], extra)], 1),
+    )
+
+
+def _head_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Full weights of ``modules_to_save`` heads, in peft's key layout."""
+    base = unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        module = base.get_submodule(name)
+        for k, v in module.state_dict().items():
+            out[f"base_model.model.{name}.{k}"] = v.detach().cpu().contiguous().clone()
+    return out
+
+
+def _consumers(layout: str, use_dora: bool, task_type: str | None) -> tuple[tuple, tuple]:
+    """``(consumers, notes)``: who reads this export correctly, and why the others are left out."""
+    consumers = ["peft", "transformers"]
+    notes: list[str] = []
+    if use_dora:
+        notes.append(
+            "DoRA: vLLM and llama.cpp do not load DoRA adapters; serve the --merged model there"
+        )
+    elif task_type != "CAUSAL_LM":
+        notes.append(f"task {task_type}: vLLM and llama.cpp serve causal-LM adapters only")
+    else:
+        consumers.append("vLLM")
+        if layout == "uniform":
+            consumers.append("llama.cpp")
+        else:
+            notes.append(LLAMA_CPP_WARNING)
+    return tuple(consumers), tuple(notes)
+
+
+def export_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    layout: str = "uniform",
+    *,
+    task_type: str | None = None,
+    base_model: str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> PeftExport:
     """Write a stock peft LoRA checkpoint of ``model``'s adapters (METHODS.md §6).
 
-    Per module: materialised factors (shared factors copied, block-diagonal as ``diag(A_i)``,
-    ``diag(B_i)``; VeRA/LoRI/FlexLoRA folded into plain A, B), the scale baked into B,
-    ``lora_alpha == r`` and ``alpha_pattern == rank_pattern`` keyed by full module names, so
-    every scaling is 1 in peft and vLLM alike. DoRA exports as peft DoRA (magnitude vectors).
-    Files: ``adapter_config.json`` (from a peft ``LoraConfig``) and ``adapter_model.safetensors``.
+    Per module, A and B come from the adapter's ``lora_factors()`` (shared factors copied,
+    block-diagonal as ``diag(A_i)``/``diag(B_i)``, VeRA/LoRI/FlexLoRA folded into plain A, B)
+    with the scale baked into B. ``layout="uniform"`` (default) zero-pads every module to the
+    largest rank R and writes ``r = lora_alpha = R``, no patterns: scaling 1 in peft, vLLM and
+    llama.cpp. ``layout="compact"`` keeps each module's rank with ``rank_pattern = alpha_pattern``:
+    right in peft and vLLM, wrong in llama.cpp. DoRA exports as peft DoRA (magnitudes as
+    trained). ``task_type`` defaults to the model class's, ``base_model`` to a portable form of
+    ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
+    Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    from .export_card import model_card
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
     wrappers = adapted_modules(model)
     if not wrappers:
         raise ValueError("the model has no entrolora adapters to export; el.apply a plan first")
@@ -48,46 +220,148 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> PeftExport:
     if len(dora) > 1:
         raise ValueError("peft cannot hold DoRA and plain LoRA modules in one adapter config")
     use_dora = dora.pop()
-
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    with torch.no_grad():
-        for name, w in wrappers.items():
-            a, b, scale = w.adapter.lora_factors()
-            dtype = a.dtype
-            prefix = f"base_model.model.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype).cpu().contiguous().clone()
-            tensors[f"{prefix}.lora_B.weight"] = (b.float() * scale).to(dtype).cpu().contiguous()
-            if use_dora:
-                mag = w.adapter.magnitude.detach()
-                tensors[f"{prefix}.lora_magnitude_vector"] = mag.cpu().contiguous().clone()
-            ranks[name] = int(a.shape[0])
-    max_rank = max(ranks.values())
     base = unwrap(model)
+    task_type = task_type or infer_task_type(base)
+    if modules_to_save is None:
+        heads = [n for n in HEAD_NAMES if isinstance(getattr(base, n, None), nn.Module)]
+        modules_to_save = heads if task_type == "SEQ_CLS" else []
+    name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
+    base_model = portable_base_name(base_model or name_or_path)
+
+    with torch.no_grad():
+        factors = {n: _module_factors(w) for n, w in wrappers.items()}
+    ranks = {n: int(f[0].shape[0]) for n, f in factors.items()}
+    # peft and llama.cpp need r ≥ 1: a FlexLoRA module with no active direction exports as one
+    # zero direction (exact: it contributes nothing).
+    rank = max(1, *ranks.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b, dtype) in factors.items():
+        a, b = _pad(a, b, rank if layout == "uniform" else max(1, a.shape[0]))
+        prefix = f"base_model.model.{name}"
+        # clone: shared factors are one tensor, and safetensors refuses aliased entries
+        tensors[f"{prefix}.lora_A.weight"] = a.to(dtype).contiguous().clone()
+        tensors[f"{prefix}.lora_B.weight"] = b.to(dtype).contiguous().clone()
+        if use_dora:
+            mag = wrappers[name].adapter.magnitude.detach().cpu().contiguous().clone()
+            tensors[f"{prefix}.lora_magnitude_vector"] = mag
+    tensors.update(_head_tensors(base, modules_to_save))
+    pattern = {} if layout == "uniform" else {n: max(1, r) for n, r in ranks.items()}
     config = LoraConfig(
-        r=max_rank,
-        lora_alpha=max_rank,
-        target_modules=list(wrappers),
-        rank_pattern=dict(ranks),
-        alpha_pattern=dict(ranks),
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(wrappers),
+        rank_pattern=dict(pattern),
+        alpha_pattern=dict(pattern),
         lora_dropout=0.0,
         bias="none",
         use_dora=use_dora,
         fan_in_fan_out=all(is_conv1d(w.base_layer) for w in wrappers.values()),
-        base_model_name_or_path=getattr(getattr(base, "config", None), "_name_or_path", None)
-        or None,
+        modules_to_save=list(modules_to_save) or None,
+        task_type=task_type,
+        base_model_name_or_path=base_model,
+    ).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config["target_modules"] = sorted(config["target_modules"])
+
+    consumers, notes = _consumers(layout, use_dora, task_type)
+    if base_model == SMOLLM2_ID and name_or_path and Path(name_or_path).exists():
+        notes += (
+            "trained on the Q4_1 GGUF copy of SmolLM2 (dequantised); the public float weights "
+            "differ by that rounding: for the exact trained model use the HF-format base "
+            "written by `entrolora export --hf-base` (or the --merged model)",
+        )
+    info = PeftExport(
+        path=Path(directory),
+        layout=layout,
+        rank=rank,
+        max_lora_rank=vllm_max_lora_rank(rank),
+        task_type=task_type,
+        base_model=base_model,
+        consumers=consumers,
+        module_ranks=ranks,
+        rank_pattern=pattern,
+        notes=notes,
     )
+    plan = _plan_or_none(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".peft-config.") as tmp:
-        config.save_pretrained(tmp)
-        os.replace(Path(tmp) / "adapter_config.json", directory / ".adapter_config.json.tmp")
     atomic_write(
         directory / "adapter_model.safetensors",
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
-    os.replace(directory / ".adapter_config.json.tmp", directory / "adapter_config.json")
-    return PeftExport(path=directory, max_lora_rank=max_rank, rank_pattern=ranks)
+    atomic_write_text(directory / "README.md", model_card(info, plan, metrics))
+    # Written last: a folder with adapter_config.json is a complete export.
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write_text(directory / "adapter_config.json", text)
+    return info
+
+
+def _plan_or_none(model: nn.Module) -> AdaptationPlan | None:
+    try:
+        return get_plan(model)
+    except ValueError:
+        return None
+
+
+def _save_ready_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` whose saved config is JSON: loading options (a torch ``dtype``
+    passed along with ``gguf_file``) end up in ``init_kwargs`` and break ``save_pretrained``."""
+    tok = copy.copy(tokenizer)
+    tok.init_kwargs = {
+        k: v for k, v in tokenizer.init_kwargs.items() if not isinstance(v, torch.dtype)
+    }
+    return tok
+
+
+def clear_quantization_markers(model: nn.Module) -> nn.Module:
+    """Forget that ``model`` was dequantised from a GGUF file so transformers saves it as float.
+
+    transformers refuses ``save_pretrained`` (and ``.float()``) on a GGUF-loaded model until its
+    quantisation markers are cleared; the weights themselves are already dequantised floats.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return model
+
+
+def export_merged(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    merge_adapters: bool = True,
+) -> Path:
+    """Write a full Hugging Face model folder (safetensors + config, tokenizer when given).
+
+    ``merge_adapters=True`` folds every adapter into its base weight (``el.merge`` on a copy: the
+    given model keeps its adapters); ``False`` writes the base model without them — the
+    HF-format base that vLLM and llama.cpp load an adapter export onto. Plain
+    ``AutoModelFor….from_pretrained(directory)`` loads the result. Returns the directory.
+    """
+    base = unwrap(model)
+    if not hasattr(base, "save_pretrained"):
+        raise ValueError(
+            f"a {type(base).__name__} has no save_pretrained; merged export needs a transformers "
+            "model (use el.merge(model) and torch.save for other models)"
+        )
+    if any(w.merged for w in adapted_modules(base).values()):
+        raise ValueError("the adapters are merged into the base weights; el.unmerge(model) first")
+    out = copy.deepcopy(base)
+    if adapted_modules(out):
+        if merge_adapters:
+            merge(out)
+        else:
+            from .inject import remove_adapters
+
+            remove_adapters(out)
+    clear_quantization_markers(out)
+    directory = Path(directory)
+    out.save_pretrained(str(directory), safe_serialization=True)
+    if tokenizer is not None:
+        _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))
+    return directory
 
 
 def to_peft_config(plan: AdaptationPlan, **overrides: Any):
@@ -125,7 +399,7 @@ def to_peft_config(plan: AdaptationPlan, **overrides: Any):
     kwargs: dict[str, Any] = dict(
         r=r,
         lora_alpha=plan.lora_alpha,
-        target_modules=list(ranks),
+        target_modules=sorted(ranks),
         rank_pattern=ranks,
         lora_dropout=0.0,
         bias="none",
@@ -135,4 +409,14 @@ def to_peft_config(plan: AdaptationPlan, **overrides: Any):
     return LoraConfig(**kwargs)
 
 
-__all__ = ["PeftExport", "export_peft", "to_peft_config"]
+__all__ = [
+    "LAYOUTS",
+    "PeftExport",
+    "clear_quantization_markers",
+    "export_merged",
+    "export_peft",
+    "infer_task_type",
+    "portable_base_name",
+    "to_peft_config",
+    "vllm_max_lora_rank",
+]

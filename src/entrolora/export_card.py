@@ -1,0 +1,147 @@
+"""The README.md model card of a peft export, in the layout peft writes (YAML front matter first).
+
+It says what was trained (method, plan, ranks, metrics when known), on which base model, which
+layout was written and which consumers read it, and how to load it in peft, transformers, vLLM
+and llama.cpp (docs/serving.md has the measured details).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .export import PeftExport
+    from .plans import AdaptationPlan
+
+PIPELINES = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}
+AUTO_CLASSES = {
+    "CAUSAL_LM": "CausalLM",
+    "SEQ_CLS": "SequenceClassification",
+    "TOKEN_CLS": "TokenClassification",
+    "QUESTION_ANS": "QuestionAnswering",
+    "SEQ_2_SEQ_LM": "Seq2SeqLM",
+    "FEATURE_EXTRACTION": "FeatureExtraction",
+}
+
+
+def _front_matter(info: PeftExport, method: str) -> list[str]:
+    lines = ["---"]
+    if info.base_model:
+        lines.append(f"base_model: {info.base_model}")
+    lines.append("library_name: peft")
+    if info.task_type in PIPELINES:
+        lines.append(f"pipeline_tag: {PIPELINES[info.task_type]}")
+    lines.append("tags:")
+    if info.base_model:
+        lines.append(f"- base_model:adapter:{info.base_model}")
+    lines += ["- lora", "- entrolora", f"- {method}", "- transformers", "---", ""]
+    return lines
+
+
+def _rank_table(info: PeftExport, plan: AdaptationPlan | None) -> list[str]:
+    """Trained ranks per module type (min / max / modules), from the exported factors."""
+    by_type: dict[str, list[int]] = {}
+    for name, r in info.module_ranks.items():
+        known = plan is not None and name in plan.modules
+        mtype = plan.modules[name].module_type if known else name.rsplit(".", 1)[-1]
+        by_type.setdefault(mtype, []).append(r)
+    lines = [
+        "| module type | modules | trained ranks (min–max) | total rank |",
+        "|---|---|---|---|",
+    ]
+    for mtype, rs in sorted(by_type.items()):
+        lines.append(f"| `{mtype}` | {len(rs)} | {min(rs)}–{max(rs)} | {sum(rs)} |")
+    return lines
+
+
+def _how_to_load(info: PeftExport) -> list[str]:
+    auto = AUTO_CLASSES.get(info.task_type or "", "")
+    base = info.base_model or "<base model folder>"
+    lines = [
+        "## How to load",
+        "",
+        "Replace `ADAPTER` with this folder's path.",
+        "",
+        "peft (the base model is read from `base_model_name_or_path`):",
+        "",
+        "```python",
+        f"from peft import AutoPeftModelFor{auto or 'CausalLM'}",
+        f"model = AutoPeftModelFor{auto or 'CausalLM'}.from_pretrained('ADAPTER')",
+        "```",
+        "",
+        "transformers:",
+        "",
+        "```python",
+        f"from transformers import AutoModelFor{auto or 'CausalLM'}",
+        f"model = AutoModelFor{auto or 'CausalLM'}.from_pretrained('{base}')",
+        "model.load_adapter('ADAPTER')",
+        "```",
+        "",
+    ]
+    if "vLLM" in info.consumers:
+        lines += [
+            "vLLM (needs a Hugging Face-format base folder):",
+            "",
+            "```python",
+            "from vllm import LLM, SamplingParams",
+            "from vllm.lora.request import LoRARequest",
+            f"llm = LLM(model='{base}', enable_lora=True, max_lora_rank={info.max_lora_rank})",
+            "out = llm.generate(['Hello'], SamplingParams(max_tokens=32),",
+            "                   lora_request=LoRARequest('adapter', 1, 'ADAPTER'))",
+            "```",
+            "",
+        ]
+    if "llama.cpp" in info.consumers:
+        lines += [
+            "llama.cpp (convert with the scripts shipped in llama.cpp; `--base` is an HF folder):",
+            "",
+            "```sh",
+            "python convert_lora_to_gguf.py ADAPTER --base BASE_HF_FOLDER --outfile adapter.gguf",
+            "llama-cli -m base.gguf --lora adapter.gguf",
+            "```",
+            "",
+        ]
+    return lines
+
+
+def model_card(
+    info: PeftExport, plan: AdaptationPlan | None, metrics: Mapping[str, Any] | None
+) -> str:
+    """README.md text for the export described by ``info`` (``plan``/``metrics`` when known)."""
+    import peft
+
+    from . import __version__
+
+    method = plan.method if plan else "lora"
+    lines = _front_matter(info, method)
+    lines += [
+        f"# {method} adapter{' for ' + info.base_model if info.base_model else ''}",
+        "",
+        f"A LoRA adapter trained with entrolora, method `{method}`"
+        + (f", task `{info.task_type}`" if info.task_type else "")
+        + ". Every entrolora adapter is an ordinary LoRA per module, so this is a stock peft "
+        "checkpoint.",
+        "",
+        "## Export",
+        "",
+        f"- {info.summary()}",
+    ]
+    lines += [f"- note: {n}" for n in info.notes]
+    lines += ["", "## Ranks", ""] + _rank_table(info, plan) + [""]
+    if plan is not None:
+        lines += ["Plan:", "", "```text", plan.summary(), "```", ""]
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in metrics.items()]  # fmt: skip
+        lines.append("")
+    lines += _how_to_load(info)
+    lines += [
+        "## Framework versions",
+        "",
+        f"- PEFT {peft.__version__}",
+        f"- entrolora {__version__}",
+        "",
+    ]
+    return "\n".join(lines)
