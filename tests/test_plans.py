@@ -269,3 +269,33 @@ def test_summary_table():
     assert q_row.split("|")[1].split() == ["4@i0", "4@i0", "4@i0", "2@i1"]
     k_row = next(line for line in lines if line.startswith(KT))
     assert k_row.split("|")[1].split() == ["3@i0", "3@i0", "5x2", "5x2"]
+
+
+# -- validate(model): the other direction (every targeted module planned) --------------------
+def test_validate_refuses_plan_for_fewer_layers():
+    # a 2-layer plan on a 3-layer model of the same width would leave layer 2 bare
+    with pytest.raises(
+        ValueError,
+        match=r"leaves 2 module\(s\) of this model bare, e.g. 'model.layers.2.self_attn.q_proj': "
+        r"it adapts layer\(s\) 0-1 of 'model.layers.\*.self_attn.q_proj', the model has 0-2",
+    ):
+        llama_plan(layers=2).validate(tiny_llama(layers=3))
+
+
+def test_validate_recorded_targets_allow_some_layers():
+    import entrolora as el
+
+    model = tiny_llama(layers=3)
+    plan = el.plan_lora(model, r=2, target_modules=["layers.0.self_attn.q_proj"])
+    assert sorted(plan.targeted(model)) == [Q.format(0)]
+    plan.validate(model)  # the recorded targets select exactly the planned module
+    with pytest.raises(ValueError, match=r"adapts layer\(s\) 0 of .* the model has 0-2"):
+        AdaptationPlan("lora", plan.modules).validate(model)  # no record: the whole type
+
+
+def test_validate_recorded_targets_on_a_deeper_model():
+    import entrolora as el
+
+    plan = el.plan_lora(tiny_llama(layers=2), r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="'model.layers.2.self_attn.q_proj'"):
+        plan.validate(tiny_llama(layers=3))

@@ -14,8 +14,11 @@ import gzip
 import importlib.util
 import io
 import json
+import math
+import numbers
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,11 +123,13 @@ def load_default_data(task: str = "classify") -> TextDataset:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is dropped instead of becoming an
+    # invisible part of the first column's name; files without one read the same.
     if path.suffix == ".bz2":
-        return io.TextIOWrapper(bz2.open(path), encoding="utf-8")
+        return io.TextIOWrapper(bz2.open(path), encoding="utf-8-sig", newline="")
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _format(path: Path) -> str:
@@ -142,41 +147,84 @@ def _format(path: Path) -> str:
 
 
 def read_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(column names, rows)`` of a CSV/TSV, JSON Lines or Parquet file."""
+    """``(column names, rows)`` of a CSV/TSV, JSON Lines or Parquet file.
+
+    Every failure is a ValueError (FileNotFoundError when absent) naming the file and the fix.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist; check --data")
     fmt = _format(path)
     if fmt == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(
-                "reading Parquet needs pyarrow; run `pip install 'entrolora[data]'`"
-            ) from None
+        return _read_parquet(path)
+    try:
+        with _open_text(path) as f:
+            if fmt in (".csv", ".tsv"):
+                return _read_delimited(path, f, fmt)
+            return _read_jsonl(path, f)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
+    except (OSError, EOFError) as e:  # a corrupted or truncated .gz / .bz2
+        raise ValueError(f"data file {str(path)!r} cannot be read ({e}); check the file") from None
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            "reading Parquet needs pyarrow; run `pip install 'entrolora[data]'`"
+        ) from None
+    try:
         table = pq.read_table(path)
-        return list(table.column_names), table.to_pylist()
-    with _open_text(path) as f:
-        if fmt in (".csv", ".tsv"):
-            try:
-                reader = csv.DictReader(f, delimiter="\t" if fmt == ".tsv" else ",")
-                rows = list(reader)
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise ValueError(f"{str(path)!r} is not a readable {fmt[1:]} file ({e})") from None
-            return list(reader.fieldnames or []), rows
-        rows, columns = [], {}
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{str(path)!r} line {i} is not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{str(path)!r} line {i} is not a JSON object; use JSON Lines")
-            columns.update(dict.fromkeys(row))
-            rows.append(row)
-        return list(columns), rows
+    except Exception as e:  # pyarrow raises ArrowInvalid & co. for a damaged file
+        raise ValueError(
+            f"data file {str(path)!r} is not a readable Parquet file ({type(e).__name__})"
+        ) from None
+    return list(table.column_names), table.to_pylist()
+
+
+def _read_delimited(
+    path: Path, f: io.TextIOBase, fmt: str
+) -> tuple[list[str], list[dict[str, Any]]]:
+    try:
+        reader = csv.DictReader(f, delimiter="\t" if fmt == ".tsv" else ",")
+        rows = list(reader)
+    except csv.Error as e:
+        raise ValueError(f"{str(path)!r} is not a readable {fmt[1:]} file ({e})") from None
+    columns = list(reader.fieldnames or [])
+    expected = "\t" if fmt == ".tsv" else ","
+    if len(columns) == 1:
+        # Excel in many locales saves "CSV" with ';': the whole header becomes one column
+        other = next((c for c in ";\t,|" if c != expected and c in columns[0]), None)
+        if other is not None:
+            raise ValueError(
+                f"{path.name} has a single column {columns[0]!r}: its fields look separated by "
+                f"{other!r}; save it comma-separated as .csv or tab-separated as .tsv"
+            )
+    return columns, rows
+
+
+def _read_jsonl(path: Path, f: io.TextIOBase) -> tuple[list[str], list[dict[str, Any]]]:
+    rows, columns = [], {}
+    for i, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == 1 and line.lstrip().startswith("["):
+                raise ValueError(
+                    f"{str(path)!r} is one JSON array; write JSON Lines (one object per line)"
+                ) from None
+            raise ValueError(f"{str(path)!r} line {i} is not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{str(path)!r} line {i} is not a JSON object; use JSON Lines")
+        columns.update(dict.fromkeys(row))
+        rows.append(row)
+    return list(columns), rows
 
 
 def _column_error(path: Path, column: str, columns: list[str], flag: str) -> ValueError:
@@ -198,9 +246,11 @@ def load_data(
 ) -> TextDataset:
     """Load ``path`` (CSV/TSV/JSONL/Parquet, or None / ``"default"`` for the embedded default).
 
-    Classification labels (ints or strings) map to ``0..k-1`` in sorted order; ``label_names``
-    keeps the originals. A missing column, an empty text or label, or fewer than two classes
-    raises ValueError naming the fix.
+    Classification labels map to ``0..k-1``: numbers by value (``1``, ``1.0`` and ``"1"`` are
+    one class) in numeric order, otherwise strings in sorted order; ``label_names`` keeps the
+    originals. A UTF-8 byte-order mark is ignored. A missing column, an empty text or label,
+    fewer than two classes, non-integer numbers (regression targets) or more distinct labels
+    than half the rows (``check_classes``) raise ValueError naming the file and the fix.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -233,35 +283,74 @@ def load_data(
     if not need_labels:
         return TextDataset(texts, None, None, (), str(path))
     labels, names = _encode_labels(raw)
-    if len(names) < 2:
-        raise ValueError(
-            f"column {label_column!r} of {path.name} holds a single class {names[0]!r}; "
-            "classification needs at least two"
-        )
+    check_classes(labels, names, f"column {label_column!r} of {path.name}")
     return TextDataset(texts, labels, None, names, str(path))
 
 
-def _encode_labels(raw: list[Any]) -> tuple[list[int], tuple[str, ...]]:
-    def as_int(v: Any) -> int | None:
-        if isinstance(v, bool):
-            return int(v)
-        if isinstance(v, int):
-            return v
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            return int(v)
+def _as_number(v: Any) -> float | None:
+    """A label's numeric value (``1``, ``1.0``, ``"1"``, ``" 1.0 "`` → 1.0); None otherwise."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, numbers.Real):
+        x = float(v)
+    elif isinstance(v, str):
+        try:
+            x = float(v.strip())
+        except ValueError:
+            return None
+    else:
         return None
+    return x if math.isfinite(x) else None  # "nan" / "inf" are names, not numbers
 
-    ints = [as_int(v) for v in raw]
-    if all(v is not None for v in ints):
-        keys = sorted(set(ints))
+
+def _number_name(x: float) -> str:
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def _encode_labels(raw: list[Any]) -> tuple[list[int], tuple[str, ...]]:
+    """``(0..k-1 codes, class names)``: numbers by value (``1`` and ``1.0`` are one class, in
+    numeric order), otherwise strings in sorted order."""
+    for v in raw:
+        if isinstance(v, (list, dict)):
+            raise ValueError(f"a label is a {type(v).__name__} ({v!r}); labels must be scalars")
+    nums = [_as_number(v) for v in raw]
+    if all(x is not None for x in nums):
+        keys = sorted(set(nums))
         index = {k: i for i, k in enumerate(keys)}
-        return [index[v] for v in ints], tuple(str(k) for k in keys)
-    strs = [str(v) for v in raw]
-    keys = sorted(set(strs))
-    index = {k: i for i, k in enumerate(keys)}
-    return [index[v] for v in strs], tuple(keys)
+        return [index[x] for x in nums], tuple(_number_name(k) for k in keys)
+    strs = [str(v).strip() for v in raw]
+    skeys = sorted(set(strs))
+    sindex = {k: i for i, k in enumerate(skeys)}
+    return [sindex[v] for v in strs], tuple(skeys)
+
+
+def check_classes(labels: Sequence[int], names: Sequence[str], where: str) -> None:
+    """ValueError unless ``labels`` look like classes: at least two, integral, and repeated.
+
+    A non-integer number (``0.37``) is a regression target. Class labels repeat: more distinct
+    values than half the rows (and more than two) means an id or free-text column was picked,
+    and a classifier with an output per row would train on noise. ``where`` names the column
+    and file in the message.
+    """
+    n, k = len(labels), len(names)
+    if k < 2:
+        raise ValueError(
+            f"{where} holds a single class {names[0]!r}; classification needs at least two"
+        )
+    values = [_as_number(x) for x in names]
+    fractional = [x for x, v in zip(names, values) if v is not None and not v.is_integer()]
+    if fractional and all(v is not None for v in values):
+        raise ValueError(
+            f"{where} holds non-integer numbers (e.g. {fractional[0]}), which look like "
+            "regression targets; entrolora trains classifiers: map the values to classes first"
+        )
+    if k > max(2, n // 2):
+        once = sum(c == 1 for c in Counter(labels).values())
+        raise ValueError(
+            f"{where} has {k} distinct values in {n} rows ({once} appear once); class labels "
+            "repeat, so this looks like an id or free-text column: pass --label-column with "
+            "the column that holds the classes"
+        )
 
 
 # -- subsets and splits -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from .export import PeftExport, export_peft, to_peft_config  # re-exported: the 
 from .files import atomic_write, atomic_write_text
 from .inject import adapted_modules, apply, get_plan, remove_adapters, unwrap
 from .plans import AdaptationPlan
+from .reading import read_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
 PLAN_FILE = "plan.json"
@@ -61,20 +62,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, flex: Any = None) ->
     return directory
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist; the directory was not written by el.save")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error type for bad headers/truncation
-        raise ValueError(
-            f"{str(path)!r} is corrupted or truncated ({type(e).__name__}: {e}); "
-            "save the adapter again with el.save"
-        ) from None
-
-
 def load(
     base_model: nn.Module,
     directory: str | os.PathLike,
@@ -96,8 +83,13 @@ def load(
             f"{str(directory / PLAN_FILE)!r} does not exist; pass a directory written by el.save"
         )
     plan = AdaptationPlan.load(directory / PLAN_FILE)
-    tensors = _read_tensors(directory / ADAPTER_FILE)
-    plan.validate(unwrap(base_model))
+    tensors = read_tensors(
+        directory / ADAPTER_FILE, "adapter weights", "save the adapter again with el.save"
+    )
+    try:
+        plan.validate(unwrap(base_model))
+    except ValueError as e:
+        raise ValueError(f"adapter {str(directory)!r} does not fit this model: {e}") from None
     flags = {n: p.requires_grad for n, p in unwrap(base_model).named_parameters()}
     model = apply(base_model, plan, dropout=dropout, adapter_dtype=adapter_dtype)
     try:
@@ -106,18 +98,22 @@ def load(
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
             raise ValueError(
-                f"{ADAPTER_FILE} does not match plan.json: missing tensors {missing[:5]}, "
-                f"unexpected tensors {extra[:5]}; save the adapter again with el.save"
+                f"{str(directory / ADAPTER_FILE)!r} does not match its plan.json: missing "
+                f"tensors {missing[:5]}, unexpected tensors {extra[:5]}; save the adapter again "
+                "with el.save"
             )
         for key, t in expected.items():
             if tuple(tensors[key].shape) != tuple(t.shape):
                 raise ValueError(
                     f"tensor {key!r} has shape {tuple(tensors[key].shape)} in {ADAPTER_FILE} but "
-                    f"{tuple(t.shape)} in the model built from plan.json; the files do not belong "
-                    "together"
+                    f"{tuple(t.shape)} in the model built from plan.json (folder "
+                    f"{str(directory)!r}); the files do not belong together: save the adapter again"
                 )
             if t.dtype == torch.bool and tensors[key].dtype != torch.bool:
-                raise ValueError(f"tensor {key!r} must be a bool mask, got {tensors[key].dtype}")
+                raise ValueError(
+                    f"tensor {key!r} in {str(directory / ADAPTER_FILE)!r} must be a bool mask, "
+                    f"got {tensors[key].dtype}; save the adapter again with el.save"
+                )
         with torch.no_grad():
             for key, t in expected.items():
                 t.copy_(tensors[key].to(device=t.device, dtype=t.dtype))

@@ -23,6 +23,7 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from pathlib import Path
 from torch import nn
 
 from .files import atomic_write_text
-from .targets import get_module, is_linear, linear_dims
+from .reading import read_json
+from .targets import get_module, is_linear, linear_dims, split_module_name
 
 FORMAT = "entrolora.plan"
 FORMAT_VERSION = 1
@@ -186,15 +188,20 @@ class AdaptationPlan:
 
     # -- checks -------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
-        """Raise ValueError naming the first module that is missing, not linear or mis-shaped."""
+        """Check the plan against ``model`` in both directions; ValueError naming the mismatch.
+
+        Every planned module must exist, be linear and have the planned ``d_in × d_out``; and
+        every module the plan targets must be planned — the modules its recorded
+        ``options["target_modules"]`` select in ``model``, or, when it records none, every
+        linear module of each planned module type. A plan for a 2-layer model thus fails on a
+        3-layer model of the same width instead of leaving the third layer bare.
+        """
         for name, m in self.modules.items():
-            module = get_module(model, name)
-            base = getattr(module, "base_layer", None)
-            if not is_linear(module) and isinstance(base, nn.Module) and is_linear(base):
-                module = base  # an adapted layer: check the frozen layer it wraps
-            if not is_linear(module):
+            found = get_module(model, name)
+            module = _linear_of(found)
+            if module is None:
                 raise ValueError(
-                    f"plan module {name!r} is a {type(module).__name__} in this model, not a "
+                    f"plan module {name!r} is a {type(found).__name__} in this model, not a "
                     "linear layer; the plan was made for another model"
                 )
             d_in, d_out = linear_dims(module)
@@ -203,6 +210,43 @@ class AdaptationPlan:
                     f"plan module {name!r} expects d_in×d_out {m.d_in}×{m.d_out} but the model has "
                     f"{d_in}×{d_out}; the plan was made for another model"
                 )
+        targeted = self.targeted(model)
+        bare = [n for n in targeted if n not in self.modules]
+        if bare:
+            mtype = targeted[bare[0]][0]
+            planned = [m.layer for m in self.modules.values() if m.module_type == mtype]
+            present = [layer for t, layer in targeted.values() if t == mtype]
+            raise ValueError(
+                f"the plan leaves {len(bare)} module(s) of this model bare, e.g. {bare[0]!r}: it "
+                f"adapts layer(s) {_layers(planned)} of {mtype!r}, the model has "
+                f"{_layers(present)}; the plan was made for another model — make it again on "
+                "this one (a plan meant for some layers only lists them in "
+                "options.target_modules)"
+            )
+
+    def targeted(self, model: nn.Module) -> dict[str, tuple[str, int]]:
+        """``{name: (module type, layer)}`` of the modules of ``model`` this plan should cover.
+
+        Those its recorded ``options["target_modules"]`` select (suffixes or full names, or one
+        regular expression, as ``find_targets``), else every linear module of a planned type.
+        """
+        linear = _layer_linears(model)
+        patterns = self.options.get("target_modules") if isinstance(self.options, Mapping) else None
+        if isinstance(patterns, str):
+            try:
+                regex = re.compile(patterns)
+            except re.error:
+                patterns = None
+            else:
+                return {n: v for n, v in linear.items() if regex.fullmatch(n)}
+        if isinstance(patterns, (list, tuple)) and patterns:
+            return {
+                n: v
+                for n, v in linear.items()
+                if any(isinstance(p, str) and (n == p or n.endswith("." + p)) for p in patterns)
+            }
+        types = {m.module_type for m in self.modules.values()}
+        return {n: v for n, v in linear.items() if v[0] in types}
 
     # -- presentation -------------------------------------------------------------------------
     def summary(self) -> str:
@@ -291,14 +335,11 @@ class AdaptationPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AdaptationPlan:
         """Read a plan written by ``save``; ValueError on a missing or malformed file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"plan file {str(path)!r} does not exist; run `entrolora plan`")
+        d = read_json(path, "plan file", "run `entrolora plan` to make one", kind=object)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"plan file {str(path)!r} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"plan file {str(path)!r}: {e}") from None
 
 
 def _cell(m: ModulePlan) -> str:
@@ -338,3 +379,35 @@ def _group_numel(g: GroupPlan, factor: str, m: ModulePlan) -> int:
     if factor == "b":
         return m.d_out
     raise ValueError(f"factor {factor!r} cannot be shared")
+
+
+def _linear_of(module: nn.Module) -> nn.Module | None:
+    """The linear layer itself, or the frozen one an adapted wrapper holds; None otherwise."""
+    if is_linear(module):
+        return module
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) and is_linear(base) else None
+
+
+def _layer_linears(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """``{name: (module type, layer)}`` of every linear module inside a layer stack."""
+    out = {}
+    for name, module in model.named_modules():
+        if not name or name.endswith(".base_layer") or _linear_of(module) is None:
+            continue
+        try:
+            out[name] = split_module_name(name)
+        except ValueError:
+            continue  # not in a layer stack (lm_head, pooler): never a target
+    return out
+
+
+def _layers(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for x in sorted(set(layers)):
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"

@@ -16,7 +16,6 @@ the metrics table and the plan summary.
 from __future__ import annotations
 
 import html
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from .files import atomic_write, atomic_write_text
 from .plans import AdaptationPlan
+from .reading import read_json
 from .stats import GradientStats
 
 HISTORY_FILE = "flex_history.json"
@@ -258,13 +258,14 @@ def load_run(folder: str | os.PathLike) -> ReportInputs:
             f"{str(folder)!r} is not a run folder (no metrics.json); pass a folder written by "
             "`entrolora train`, a stats .safetensors file or a plan .json file"
         )
-    out = ReportInputs(metrics=json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
+    again = "train the run again"
+    out = ReportInputs(metrics=read_json(folder / "metrics.json", "run metrics", again))
     if (folder / "stats.safetensors").is_file():
         out.stats = GradientStats.load(folder / "stats.safetensors")
     if (folder / "plan.json").is_file():
         out.plan = AdaptationPlan.load(folder / "plan.json")
     if (folder / HISTORY_FILE).is_file():
-        out.history = json.loads((folder / HISTORY_FILE).read_text(encoding="utf-8"))
+        out.history = read_json(folder / HISTORY_FILE, "FlexLoRA history", again, kind=list)
     return out
 
 
