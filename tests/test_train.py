@@ -155,7 +155,7 @@ def test_failure_leaves_nothing(assets, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise ValueError("evaluation exploded")
 
-    monkeypatch.setattr(T, "evaluate", boom)
+    monkeypatch.setattr("entrolora.job.run.evaluate", boom)
     with pytest.raises(ValueError, match="evaluation exploded"):
         T.train_run(cfg(assets, tmp_path / "out", method="vera"))
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,180 @@
+"""``entrolora train`` and ``entrolora demo``: the training job from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    BatchSize,
+    DataOpt,
+    Debug,
+    Device,
+    LabelCol,
+    Limit,
+    MaxLength,
+    MethodOpt,
+    ModelOpt,
+    OptionOpt,
+    Overwrite,
+    ProbeSteps,
+    Quiet,
+    ROpt,
+    Seed,
+    TargetsOpt,
+    Task,
+    TextCol,
+    app,
+    console,
+    guarded,
+    metrics_table,
+    target_list,
+)
+
+StatsFile = Annotated[
+    str | None, typer.Option("--stats", help="Reuse a statistics file (skip the probe).")
+]
+KeepGradients = Annotated[
+    bool,
+    typer.Option(
+        "--keep-gradients",
+        help="Save the probed gradients in stats.safetensors, so that a later --stats run "
+        "can use the cosine, L1 or L2 similarity.",
+    ),
+]
+PlanFile = Annotated[
+    str | None, typer.Option("--plan", help="Reuse a plan.json (skip probe and planner).")
+]
+Epochs = Annotated[int, typer.Option("--epochs", help="Passes over the training split.")]
+MaxSteps = Annotated[
+    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.")
+]
+Lr = Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")]
+InitSeed = Annotated[
+    int | None,
+    typer.Option(
+        "--init-seed",
+        help="Seed of the adapters' initial factors only (default: --seed); vary it to "
+        "measure how much of a result the initialisation explains.",
+    ),
+]
+
+
+# -- train --------------------------------------------------------------------------------------
+@app.command(
+    epilog="Examples:\n\n"
+    "  entrolora train                                  # E²LoRA, embedded MiniLM + reviews\n\n"
+    "  entrolora train --method ralora --r 8 --limit 2000 --output runs/ralora\n\n"
+    "  entrolora train --model ./my-bert --data reviews.csv --text-column review "
+    "--label-column stars --method e2lora -o threshold=0.85\n\n"
+    "  entrolora train --model smollm2 --task causal-lm --method flexlora --max-steps 50"
+)
+@guarded
+def train(
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    text_column: TextCol = "text",
+    label_column: LabelCol = "label",
+    task: Task = "classify",
+    method: MethodOpt = "e2lora",
+    r: ROpt = 8,
+    option: OptionOpt = None,
+    target_modules: TargetsOpt = None,
+    probe_steps: ProbeSteps = 64,
+    stats: StatsFile = None,
+    keep_gradients: KeepGradients = False,
+    plan: PlanFile = None,
+    epochs: Epochs = 2,
+    max_steps: MaxSteps = None,
+    lr: Lr = 2e-3,
+    batch_size: BatchSize = 32,
+    max_length: MaxLength = 64,
+    seed: Seed = 0,
+    init_seed: InitSeed = None,
+    limit: Limit = None,
+    device: Device = "auto",
+    output: Annotated[str, typer.Option("--output", help="Run folder to write.")] = "runs/run",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Probe, plan, apply, train and evaluate; write metrics, adapter, peft export and report."""
+    from ..job import TrainConfig, parse_options, train_run
+
+    cfg = TrainConfig(
+        model=model, data=data, text_column=text_column, label_column=label_column, task=task,
+        method=method, r=r, options=parse_options(option or []),
+        target_modules=target_list(target_modules), probe_steps=probe_steps, stats=stats,
+        keep_gradients=keep_gradients, plan=plan, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, max_length=max_length, seed=seed, init_seed=init_seed, limit=limit,
+        device=device, output=output, overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
+    result = train_run(cfg)
+    from ..distributed import is_main_process
+
+    if not is_main_process():  # under torchrun / accelerate: rank 0 reports
+        return
+    con = console()
+    con.print(metrics_table([result.metrics], f"entrolora train: {result.metrics['method']}"))
+    con.print(f"run written to {result.output} (open {result.output / 'report.html'})")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+DEMO_LIMIT = 3000
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  entrolora demo                      # subset, under 10 minutes on 2 CPU cores\n\n"
+    "  entrolora demo --full --epochs 2    # all 12,808 reviews"
+)
+@guarded
+def demo(
+    full: Annotated[bool, typer.Option("--full", help="Use all the data, not a subset.")] = False,
+    limit: Limit = None,
+    epochs: Epochs = 1,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Cap on steps.")] = None,
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="Methods to compare (repeatable).")
+    ] = None,
+    r: ROpt = 8,
+    probe_steps: ProbeSteps = 32,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    text_column: TextCol = "text",
+    label_column: LabelCol = "label",
+    batch_size: BatchSize = 32,
+    max_length: MaxLength = 64,
+    lr: Lr = 2e-3,
+    seed: Seed = 0,
+    device: Device = "auto",
+    output: Annotated[str, typer.Option("--output", help="Demo folder.")] = "runs/demo",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """LoRA, E²LoRA, RaLoRA and FlexLoRA on the embedded default, same seed and budget."""
+    from ..job import DEMO_METHODS, TrainConfig, demo_run
+
+    if full and limit is not None:
+        raise ValueError("--full and --limit contradict each other; pass one")
+    base = TrainConfig(
+        model=model, data=data, text_column=text_column, label_column=label_column, r=r,
+        probe_steps=probe_steps, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, max_length=max_length, seed=seed, device=device,
+        limit=None if full else (limit or DEMO_LIMIT), overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
+    results = demo_run(base, method or DEMO_METHODS, output)
+    con = console()
+    rows = [r_.metrics for r_ in results]
+    first = rows[0]
+    con.print(
+        metrics_table(
+            rows,
+            f"entrolora demo: {first['train_examples']:,} train / {first['test_examples']:,} "
+            f"held-out examples, r={r}, seed {seed}",
+        )
+    )
+    con.print(f"report: {Path(output) / 'report.html'}")

@@ -1,0 +1,54 @@
+"""The training job behind ``entrolora train``, ``demo``, ``probe`` and ``export``.
+
+One job per module: ``config`` (what a run is asked to do), ``models`` (which model, family,
+default targets, heads, device), ``runfolder`` (output folders), ``probe`` (the probe and plan
+steps), ``baselines`` (peft's methods), ``loop`` (optimizer, schedule, steps, evaluation),
+``run`` (``train_run``: the steps in order), ``demo`` and ``export`` (``export_run``).
+"""
+
+from __future__ import annotations
+
+from .config import (
+    ENTROLORA_METHODS,
+    FLEX_CONTROLLER_OPTIONS,
+    METHODS,
+    MODEL_PLANNERS,
+    PEFT_METHODS,
+    PEFT_OPTIONS,
+    RunResult,
+    TrainConfig,
+    check_options,
+    method_options,
+    normalize_method,
+    parse_options,
+    parse_value,
+    planner_name,
+    validate_config,
+)  # fmt: skip
+from .demo import DEMO_MARKER, DEMO_METHODS, demo_run
+from .export import add_head_to_peft, export_run
+from .loop import evaluate, peak_memory, seed_everything
+from .models import (
+    DEFAULT_TARGETS,
+    FAMILY,
+    HEAD_NAMES,
+    default_targets,
+    head_modules,
+    load_model,
+    resolve_device,
+    resolve_model,
+)  # fmt: skip
+from .probe import make_plan, run_probe
+from .run import load_splits, train_run
+from .runfolder import RUN_MARKER, Staging, check_output, holds_run
+
+__all__ = [
+    "DEFAULT_TARGETS", "DEMO_MARKER", "DEMO_METHODS", "ENTROLORA_METHODS", "FAMILY",
+    "FLEX_CONTROLLER_OPTIONS", "HEAD_NAMES", "METHODS", "MODEL_PLANNERS", "PEFT_METHODS",
+    "PEFT_OPTIONS", "RUN_MARKER", "RunResult", "Staging", "TrainConfig", "add_head_to_peft",
+    "check_options", "check_output", "default_targets", "demo_run", "evaluate", "export_run",
+    "head_modules", "holds_run", "load_model", "load_splits", "make_plan", "method_options",
+    "normalize_method", "parse_options", "parse_value", "peak_memory", "planner_name",
+    "resolve_device", "resolve_model", "run_probe", "seed_everything", "train_run",
+    "validate_config",
+]  # fmt: skip

@@ -1,0 +1,177 @@
+"""What a run is asked to do: ``TrainConfig``, ``RunResult``, method names and their options.
+
+Everything here is cheap and pure: it checks the request before any model or data loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import data as D
+
+ENTROLORA_METHODS = (
+    "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
+    "ralora", "ralora-pro", "ls-lora", "lora-gid", "flexlora",
+)  # fmt: skip
+PEFT_METHODS = ("peft-lora", "dora", "adalora", "vera", "lora-plus")
+METHODS = ENTROLORA_METHODS + PEFT_METHODS
+MODEL_PLANNERS = ("lora", "sharelora", "flexlora")  # plan from the model, no probe needed
+FLEX_CONTROLLER_OPTIONS = {
+    "b0": 4, "t_warmup": None, "t_final": None, "interval": None, "gamma": 0.1, "r_min": 1,
+}  # fmt: skip
+PEFT_OPTIONS: dict[str, dict[str, Any]] = {
+    "peft-lora": {"lora_alpha": 16},
+    "dora": {"lora_alpha": 16},
+    "adalora": {"lora_alpha": 16, "init_r": None, "tinit": None, "tfinal": None, "deltaT": None},
+    "vera": {"d_initial": 0.1},
+    "lora-plus": {"lora_alpha": 16, "loraplus_lr_ratio": 16.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``entrolora train`` takes; defaults are the CLI's."""
+
+    model: str | None = None  # None: the embedded MiniLM; "smollm2": the GGUF causal LM
+    data: str | None = None  # None: the embedded Rotten Tomatoes snippets
+    text_column: str = "text"
+    label_column: str = "label"
+    task: str = "classify"
+    method: str = "e2lora"
+    r: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+    target_modules: list[str] | None = None
+    probe_steps: int = 64
+    stats: str | None = None  # reuse a statistics file
+    keep_gradients: bool = False  # save the probed gradients too (cosine/L1/L2 similarity reuse)
+    plan: str | None = None  # reuse a plan file
+    epochs: int = 2
+    max_steps: int | None = None
+    lr: float = 2e-3
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 64
+    test_fraction: float = 0.2
+    limit: int | None = None
+    seed: int = 0
+    init_seed: int | None = None  # seed of the adapters' initial factors (None: ``seed``)
+    device: str = "auto"
+    output: str = "runs/run"
+    overwrite: bool = False
+    progress: bool = True
+    report: bool = True
+
+
+@dataclass
+class RunResult:
+    """What ``train_run`` produced: the run folder, its metrics and the objects behind them.
+
+    ``losses`` is the training loss of every optimizer step (also ``train_loss.json``).
+    """
+
+    output: Path
+    metrics: dict[str, Any]
+    plan: Any = None
+    stats: Any = None
+    history: list | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def normalize_method(method: str) -> str:
+    """CLI spelling of a method (``ralora_pro`` → ``ralora-pro``); ValueError if unknown."""
+    m = str(method).strip().lower().replace("_", "-")
+    if m == "loraplus":
+        m = "lora-plus"
+    if m not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return m
+
+
+def planner_name(method: str) -> str:
+    """The ``entrolora.plan`` name of a method (``ralora-pro`` → ``ralora_pro``)."""
+    return normalize_method(method).replace("-", "_")
+
+
+def parse_value(text: str) -> Any:
+    """``"8"`` → 8, ``"0.5"`` → 0.5, ``"true"`` → True, ``"none"`` → None, else the string."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` → ``{key: value}``; ValueError on an item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"option {item!r} is not key=value; write e.g. --option n_max=16")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """``{option: default}`` a method accepts (planner options; FlexLoRA adds its schedule)."""
+    method = normalize_method(method)
+    if method in PEFT_METHODS:
+        return dict(PEFT_OPTIONS[method])
+    from ..planners import planner_options
+
+    opts = dict(planner_options(planner_name(method)))
+    if method == "flexlora":
+        opts.update(FLEX_CONTROLLER_OPTIONS)
+    return opts
+
+
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """ValueError naming an option the method does not know, with the known ones."""
+    known = method_options(method)
+    for key in options:
+        if key not in known:
+            raise ValueError(
+                f"unknown option {key!r} for method {normalize_method(method)}; known options: "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
+
+
+def validate_config(cfg: TrainConfig) -> str:
+    """Cheap checks before anything loads; returns the normalised method name.
+
+    The output folder is checked by the caller (``runfolder.RunFolder.check``).
+    """
+    method = normalize_method(cfg.method)
+    if cfg.task not in D.TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; choose one of {', '.join(D.TASKS)}")
+    for name in ("r", "epochs", "batch_size", "eval_batch_size", "max_length"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer ≥ 1, got {v!r}")
+    if cfg.probe_steps < 1:
+        raise ValueError(f"--probe-steps must be ≥ 1, got {cfg.probe_steps}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"--max-steps must be ≥ 1, got {cfg.max_steps}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if method in PEFT_METHODS and (cfg.plan or cfg.stats):
+        raise ValueError(f"{method} is a peft baseline: it takes no --plan or --stats")
+    if cfg.plan and cfg.stats:
+        raise ValueError("pass either --plan (reuse a plan) or --stats (plan again), not both")
+    check_options(method, cfg.options)
+    for p, flag in ((cfg.stats, "--stats"), (cfg.plan, "--plan")):
+        if p and not Path(p).is_file():
+            raise FileNotFoundError(f"{flag} file {p!r} does not exist")
+    return method

@@ -1,0 +1,135 @@
+"""The classifier head in a run's outputs, and ``export_run``: a trained run folder back onto
+its base model and out as a stock peft checkpoint (``entrolora export``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import data as D
+from ..files import atomic_write, atomic_write_text
+from .models import load_model
+from .runfolder import Staging, check_output
+
+HEAD_FILE = "head.safetensors"
+
+
+def head_state(heads: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{"<head>.<param>": tensor}`` of the trained classification head(s), on the CPU."""
+    return {
+        f"{hn}.{k}": v.detach().cpu().contiguous()
+        for hn, h in heads.items()
+        for k, v in h.state_dict().items()
+    }
+
+
+def save_head(adapter_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Write the head next to the adapter (``adapter/head.safetensors``)."""
+    from safetensors.torch import save_file
+
+    atomic_write(adapter_dir / HEAD_FILE, lambda tmp: save_file(dict(state), tmp))
+
+
+def add_head_to_peft(
+    peft_dir: Path, head: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> None:
+    """Put the trained head into a peft export as ``modules_to_save`` (peft's key layout)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg_path = peft_dir / "adapter_config.json"
+    weights = peft_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        return
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(names))
+    config["task_type"] = "SEQ_CLS"
+    tensors = load_file(str(weights))
+    tensors.update({f"base_model.model.{k}": v.contiguous() for k, v in head.items()})
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
+
+
+def _run_adapter(run: Path) -> Path:
+    """The adapter folder of a run folder (or the adapter folder itself); errors name the fix."""
+    if not run.exists():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    adapter = run / "adapter" if (run / "adapter").is_dir() else run
+    if not (adapter / "plan.json").is_file():
+        if (run / "peft" / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{str(run)!r} is a peft-baseline run: its peft/ folder already is a checkpoint"
+            )
+        raise ValueError(
+            f"{str(run)!r} holds no adapter (no plan.json); pass a folder written by "
+            "`entrolora train` or el.save"
+        )
+    return adapter
+
+
+def _recorded_metrics(run: Path, adapter: Path) -> dict[str, Any]:
+    for folder in (run, adapter.parent):
+        if (folder / "metrics.json").is_file():
+            return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    return {}
+
+
+def _load_base_with_head(model: str | None, task: str, adapter: Path, recorded: Mapping):
+    """The base model with the run's trained head loaded (if any); ``(model, head tensors)``."""
+    head: dict[str, torch.Tensor] = {}
+    if (adapter / HEAD_FILE).is_file():
+        from safetensors.torch import load_file
+
+        head = load_file(str(adapter / HEAD_FILE))
+    num_labels = recorded.get("num_labels") or 2
+    for k, v in head.items():
+        if k.endswith(".weight") and v.dim() == 2:
+            num_labels = int(v.shape[0])
+    net, _, _ = load_model(model, task, num_labels)
+    if head:
+        missing = [k for k in head if k not in dict(net.named_parameters())]
+        if missing:
+            raise ValueError(
+                f"the run's classifier head {missing[0]!r} does not exist in the base model; "
+                "pass the --model the run was trained on"
+            )
+        net.load_state_dict(head, strict=False)
+    return net, head
+
+
+def export_run(
+    run: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | None = None,
+    task: str | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """Load a run's adapter (and head) onto its base model and write a stock peft checkpoint.
+
+    ``run`` is a run folder or an adapter folder (holding ``plan.json``); the base model and task
+    default to the ones recorded in the run's ``metrics.json``. Returns ``export_peft``'s info.
+    """
+    import entrolora as el
+
+    run = Path(run)
+    adapter = _run_adapter(run)
+    recorded = _recorded_metrics(run, adapter)
+    rcfg = recorded.get("config", {})
+    model = model if model is not None else rcfg.get("model")
+    task = task or rcfg.get("task", "classify")
+    if task not in D.TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(D.TASKS)}")
+    out = check_output(output, overwrite)
+    net, head = _load_base_with_head(model, task, adapter, recorded)
+    net = el.load(net, adapter)
+    with Staging(out, overwrite) as stage:
+        info = el.export_peft(net, stage.path)
+        if head:
+            add_head_to_peft(stage.path, head, sorted({k.split(".")[0] for k in head}))
+        stage.publish()
+    return info

@@ -1,0 +1,82 @@
+"""The probe and plan steps of a run: probe the model on calibration batches (METHODS.md §1),
+then call the method's planner with the rank under the planner's own name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import data as D
+from .. import distributed as eld
+from .config import TrainConfig, planner_name
+
+
+def calibration_batches(
+    tokenizer: Any, train_ds: D.TextDataset, cfg: TrainConfig, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of up to ``cfg.probe_steps`` shuffled training batches, on ``device``.
+
+    The shuffle seed (``seed - 1``) differs from every training epoch's (``seed + epoch``).
+    """
+    batches = []
+    shuffled = D.iter_batches(
+        tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.task, shuffle=True,
+        seed=cfg.seed - 1,
+    )  # fmt: skip
+    for b in shuffled:
+        batches.append({k: v.to(device) for k, v in b.items()})
+        if len(batches) == cfg.probe_steps:
+            break
+    # each rank probes its share of the same batches; the probe sums over ranks (METHODS.md §1)
+    return list(eld.shard(batches))
+
+
+def run_probe(
+    model: nn.Module,
+    tokenizer: Any,
+    train_ds: D.TextDataset,
+    targets: list[str],
+    cfg: TrainConfig,
+    device: torch.device,
+):
+    """Probe ``model`` on up to ``cfg.probe_steps`` shuffled training batches (METHODS.md §1).
+
+    The probe's loss is the task loss (``model(**batch).loss``); the model is in eval mode, so
+    no dropout noise enters the statistics.
+    """
+    import entrolora as el
+
+    model.eval()
+    batches = calibration_batches(tokenizer, train_ds, cfg, device)
+    return el.probe(
+        model,
+        batches,
+        targets,
+        steps=len(batches),
+        allow_fewer=True,
+        progress=cfg.progress and eld.is_main_process(),
+    )
+
+
+def make_plan(
+    method: str, stats: Any, model: nn.Module | None, targets: list[str], cfg: TrainConfig
+):
+    """Call ``entrolora.plan`` with the rank under the planner's own name (``r`` or ``r_ref``).
+
+    ``stats`` None: the planner plans from ``model`` and ``targets`` (lora, sharelora, flexlora).
+    """
+    from ..planners import plan as plan_by_name
+    from ..planners import planner_options
+
+    name = planner_name(method)
+    known = planner_options(name)
+    opts = {k: v for k, v in cfg.options.items() if k in known}
+    for key in ("r", "r_ref"):
+        if key in known and key not in opts:
+            opts[key] = cfg.r
+            break
+    if stats is None:
+        return plan_by_name(name, model, target_modules=targets, **opts)
+    return plan_by_name(name, stats, **opts)

@@ -1,0 +1,237 @@
+"""``train_run(config)``: the job behind ``entrolora train``, one step per function.
+
+probe (when the method needs statistics; or reuse ``config.stats``) → plan (or reuse
+``config.plan``) → apply → train (AdamW, linear warm-up then linear decay, progress bar) →
+evaluate on the held-out split → write the run folder (``write.py`` lists its files).
+
+Classification trains the classifier head too (peft's ``modules_to_save`` semantics): after
+``apply`` froze the base model, the head (``classifier`` / ``score``) is made trainable. The
+peft baselines (peft-lora, dora, adalora, vera, lora-plus) are built with peft itself.
+
+Everything is written into a staging folder next to the output and renamed at the end, so an
+interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import data as D
+from .. import distributed as eld
+from ..progress import progress_bar
+from .baselines import build_peft
+from .config import (
+    FLEX_CONTROLLER_OPTIONS,
+    MODEL_PLANNERS,
+    PEFT_METHODS,
+    RunResult,
+    TrainConfig,
+    validate_config,
+)  # fmt: skip
+from .loop import (
+    count_params,
+    evaluate,
+    make_optimizer,
+    peak_memory,
+    seed_everything,
+    train_steps,
+)  # fmt: skip
+from .models import default_targets, head_modules, load_model, resolve_device
+from .probe import make_plan, run_probe
+from .runfolder import Staging, check_output
+from .write import write_run
+
+
+@dataclass
+class Job:
+    """A run's inputs once loaded: data splits, model, targets and the step budget."""
+
+    cfg: TrainConfig
+    method: str
+    device: torch.device
+    train_ds: D.TextDataset
+    test_ds: D.TextDataset
+    model: nn.Module
+    tokenizer: Any
+    family: str
+    targets: list[str]
+    steps_per_epoch: int
+    total: int
+    times: dict[str, float] = field(default_factory=lambda: {"probe_s": 0.0, "plan_s": 0.0})
+    memory: tuple[float, str] = (0.0, "")  # peak memory after evaluation (loop.peak_memory)
+
+
+@dataclass
+class Adapted:
+    """The model with its adapters (or peft baseline) and what made them."""
+
+    model: nn.Module
+    opts: dict[str, Any]
+    heads: dict[str, nn.Module]
+    head_prefixes: tuple[str, ...]
+    plan: Any = None
+    stats: Any = None
+    flex: Any = None
+    params: tuple[int, int] = (0, 0)  # (adapter, head) parameters that train
+
+
+def train_run(cfg: TrainConfig) -> RunResult:
+    """Run the whole job described by ``cfg``; returns the published run folder and metrics.
+
+    1. check the request and the output folder (nothing loads before);
+    2. under torchrun / accelerate, join the process group (rank 0 writes, docs/distributed.md);
+    3. load the data splits and the model (``prepare``);
+    4. adapt: a peft baseline, or probe → plan → apply (``adapt``);
+    5. train (``train``), then evaluate on the held-out split (``evaluate_run``);
+    6. write the run folder into a staging folder and publish it with one rename (``write_run``).
+    """
+    method = validate_config(cfg)
+    check_output(cfg.output, cfg.overwrite)
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    created = eld.init_from_launcher(device)
+    try:
+        job = prepare(cfg, method, eld.local_device(device))
+        main = eld.is_main_process()
+        staging = Staging(Path(cfg.output), cfg.overwrite) if main else contextlib.nullcontext()
+        with staging as stage:
+            adapted = adapt(job)
+            losses = train(job, adapted)
+            scores = evaluate_run(job, adapted)
+            if stage is None:  # the other ranks wait until rank 0 has published
+                eld.barrier()
+                return RunResult(Path(cfg.output), dict(scores), adapted.plan, adapted.stats,
+                                 None, losses)  # fmt: skip
+            metrics, history = write_run(stage.path, job, adapted, losses, scores, t_start)
+            published = stage.publish()
+        eld.barrier()
+        return RunResult(published, metrics, adapted.plan, adapted.stats, history, losses)
+    finally:
+        eld.end_process_group(created)
+
+
+def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
+    """Load, subset (``limit``) and split (by film for the default) the data."""
+    ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
+    ds = D.subset(ds, cfg.limit, cfg.seed)
+    train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
+    if not len(train_ds) or not len(test_ds):
+        raise ValueError("the train/test split left an empty side; use more data or --limit")
+    return train_ds, test_ds
+
+
+def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
+    """Load the data and the model onto ``device``; the per-rank step budget."""
+    world = eld.world_info().world_size if eld.world_info().distributed else 1
+    train_ds, test_ds = load_splits(cfg)
+    seed_everything(cfg.seed)
+    model, tokenizer, family = load_model(
+        cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names
+    )
+    model.to(device)
+    steps_per_epoch = D.num_batches(len(train_ds), cfg.batch_size) // world  # per rank
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_ds)} training examples make no full batch per process; lower "
+            "--batch-size or use more data"
+        )
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    targets = cfg.target_modules or default_targets(model)
+    return Job(cfg, method, device, train_ds, test_ds, model, tokenizer, family, targets,
+               steps_per_epoch, total)  # fmt: skip
+
+
+def adapt(job: Job) -> Adapted:
+    """Put the method's adapters into ``job.model``; the head stays trainable (classify)."""
+    cfg = job.cfg
+    heads = head_modules(job.model) if cfg.task == "classify" else {}
+    if job.method in PEFT_METHODS:
+        from ..targets import find_targets
+
+        names = list(find_targets(job.model, job.targets))
+        if cfg.init_seed is not None:  # peft draws its factors from the global RNG
+            torch.manual_seed(cfg.init_seed)
+        model, opts = build_peft(job.model, job.method, names, cfg, job.total)
+        model.to(job.device)
+        a = Adapted(model, opts, heads, ("modules_to_save", "original_module", *heads))
+    else:
+        a = _adapt_entrolora(job, heads)
+    a.params = count_params(a.model, a.head_prefixes)
+    return a
+
+
+def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
+    """Reuse or make the plan (probing first when the planner needs statistics), then apply."""
+    import entrolora as el
+
+    cfg, stats = job.cfg, None
+    if cfg.plan:
+        plan = el.AdaptationPlan.load(cfg.plan)
+    else:
+        if cfg.stats:
+            stats = el.GradientStats.load(cfg.stats)
+        elif job.method not in MODEL_PLANNERS:
+            t0 = time.perf_counter()
+            stats = run_probe(job.model, job.tokenizer, job.train_ds, job.targets, cfg, job.device)
+            job.times["probe_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = make_plan(job.method, stats, job.model, job.targets, cfg)
+        job.times["plan_s"] = time.perf_counter() - t0
+    plan.validate(job.model)
+    init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+    seed_everything(cfg.seed)
+    model = el.apply(job.model, plan, dropout=cfg.dropout, seed=init_seed)
+    for h in heads.values():
+        h.requires_grad_(True)
+    flex = None
+    if job.method == "flexlora":
+        ctrl = {k: v for k, v in cfg.options.items() if k in FLEX_CONTROLLER_OPTIONS}
+        flex = el.FlexLoRA(model, total_steps=job.total, seed=init_seed, **ctrl)
+    return Adapted(model, dict(cfg.options), heads, tuple(heads), plan, stats, flex)
+
+
+def train(job: Job, a: Adapted) -> list[float]:
+    """Train ``a.model`` for ``job.total`` steps (DDP when distributed); the loss of each step."""
+    cfg = job.cfg
+    seed_everything(cfg.seed)
+    optimizer, scheduler = make_optimizer(a.model, job.method, cfg, a.opts, job.total)
+    after_step = a.model.base_model.update_and_allocate if job.method == "adalora" else None
+
+    def epoch_batches(epoch: int):
+        batches = D.iter_batches(job.tokenizer, job.train_ds, cfg.batch_size, cfg.max_length,
+                                 cfg.task, shuffle=True, seed=cfg.seed + epoch)  # fmt: skip
+        return eld.shard(batches, job.steps_per_epoch)
+
+    batches = itertools.chain.from_iterable(epoch_batches(e) for e in range(cfg.epochs))
+    bar = progress_bar(job.total, f"train {job.method}", cfg.progress and eld.is_main_process())
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    t0 = time.perf_counter()
+    losses = train_steps(eld.wrap_ddp(a.model, job.device), batches, job.total, optimizer,
+                         scheduler, job.device, a.flex, after_step, bar)  # fmt: skip
+    bar.close()
+    job.times["train_s"] = time.perf_counter() - t0
+    return losses
+
+
+def evaluate_run(job: Job, a: Adapted) -> dict[str, Any]:
+    """Held-out scores of the trained model (``loop.evaluate``)."""
+    cfg = job.cfg
+    t0 = time.perf_counter()
+    test_batches = list(
+        D.iter_batches(job.tokenizer, job.test_ds, cfg.eval_batch_size, cfg.max_length, cfg.task)
+    )
+    scores = evaluate(a.model, test_batches, cfg.task, job.device)
+    job.times["eval_s"] = time.perf_counter() - t0
+    job.memory = peak_memory(job.device)
+    return scores

@@ -1,0 +1,115 @@
+"""What a run folder holds, written into the staging folder before it is published:
+
+metrics.json        accuracy / loss, trainable parameters, times, peak memory
+train_loss.json     the training loss of every optimizer step (a list of floats)
+stats.safetensors   gradient statistics (when probed or given)
+plan.json           the adaptation plan
+adapter/            el.save(model) (+ head.safetensors: the trained classifier head)
+peft/               el.export_peft(model) — a stock peft LoRA checkpoint (with the head
+                    under ``modules_to_save``); peft baselines: peft's ``save_pretrained``
+flex_history.json   FlexLoRA rank history (flexlora only)
+report.html, *.png  entrolora.report
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import inject
+from ..files import atomic_write_text
+from .config import PEFT_METHODS
+from .export import add_head_to_peft, head_state, save_head
+from .loop import mean_tail
+from .models import model_label
+
+if TYPE_CHECKING:
+    from .run import Adapted, Job
+
+
+def write_run(
+    out: Path, job: Job, a: Adapted, losses: list[float], scores: dict, t_start: float
+) -> tuple[dict[str, Any], list | None]:
+    """Write the run folder's files into ``out`` (the staging folder); ``(metrics, history)``."""
+    history = [[s, r] for s, r in a.flex.history] if a.flex is not None else None
+    max_rank = None
+    if job.method in PEFT_METHODS:
+        a.model.save_pretrained(str(out / "peft"))
+    else:
+        max_rank = _write_adapter(out, job, a, history)
+    atomic_write_text(out / "train_loss.json", json.dumps(losses) + "\n")
+    job.times["total_s"] = time.perf_counter() - t_start
+    metrics = run_metrics(job, a, losses, scores, max_rank)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+    if job.cfg.report:
+        from ..report import ReportInputs, write_report
+
+        inputs = ReportInputs(stats=a.stats, plan=a.plan, metrics=metrics, history=history,
+                              runs=[metrics])  # fmt: skip
+        write_report(out, inputs, title=f"entrolora run: {job.method}")
+    return metrics, history
+
+
+def _write_adapter(out: Path, job: Job, a: Adapted, history: list | None) -> int | None:
+    """Statistics, plan, adapter (+ head), peft export and FlexLoRA history; the max rank."""
+    import entrolora as el
+
+    if a.stats is not None:
+        a.stats.save(out / "stats.safetensors", keep_gradients=job.cfg.keep_gradients)
+    a.plan.save(out / "plan.json")
+    el.save(a.model, out / "adapter", **({"flex": a.flex} if a.flex is not None else {}))
+    head = head_state(a.heads)
+    if head:
+        save_head(out / "adapter", head)
+    info = el.export_peft(a.model, out / "peft")
+    if head:
+        add_head_to_peft(out / "peft", head, list(a.heads))
+    if history is not None:
+        atomic_write_text(out / "flex_history.json", json.dumps(history) + "\n")
+    return getattr(info, "max_lora_rank", None)
+
+
+def run_metrics(
+    job: Job, a: Adapted, losses: list[float], scores: dict, max_rank: int | None
+) -> dict[str, Any]:
+    """The contents of ``metrics.json``."""
+    cfg, plan = job.cfg, a.plan
+    adapter_params, head_params = a.params
+    mem, mem_kind = job.memory
+    train_s = job.times["train_s"]
+    return {
+        "method": job.method,
+        "task": cfg.task,
+        "model": model_label(cfg.model),
+        "model_family": job.family,
+        "data": job.train_ds.source,
+        "num_labels": job.train_ds.num_labels,
+        "train_examples": len(job.train_ds),
+        "test_examples": len(job.test_ds),
+        **scores,
+        "final_train_loss": mean_tail(losses),
+        # entrolora methods: as the plan counts them (FlexLoRA: active directions, its
+        # budget; LoRI: mask-kept entries); allocated_params: every adapter tensor element
+        "trainable_params": (
+            inject.num_trainable_params(a.model) if plan is not None else adapter_params
+        ),
+        "allocated_params": adapter_params,
+        "head_params": head_params,
+        "plan_params": plan.num_trainable_params() if plan is not None else None,
+        "max_lora_rank": max_rank,
+        "steps": len(losses),
+        "steps_per_s": len(losses) / train_s if train_s > 0 else None,
+        **{k: round(v, 3) for k, v in job.times.items()},
+        "stats_reused": bool(cfg.stats),
+        "peak_memory_mib": round(mem, 1),
+        "peak_memory_kind": mem_kind,
+        "device": str(job.device),
+        "torch_version": torch.__version__,
+        "target_modules": sorted(plan.modules) if plan is not None else job.targets,
+        "config": asdict(cfg),
+    }
