@@ -91,7 +91,9 @@ def load_model(
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf:
         kw.update(gguf_file=gguf, dtype=torch.float32)
-    tokenizer = D.prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), **kw))
+    # dtype is a model option: kept in the tokenizer's init_kwargs, it breaks save_pretrained
+    tok_kw = {k: v for k, v in kw.items() if k != "dtype"}
+    tokenizer = D.prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), **tok_kw))
     if task == "classify":
         kw.update(num_labels=num_labels)
         if label_names:
