@@ -38,6 +38,7 @@ def report(
 @app.command(
     epilog="Examples:\n\n"
     "  entrolora export runs/e2lora --output e2lora-peft\n\n"
+    "  entrolora export runs/e2lora --output e2lora-merged --merged\n\n"
     "  entrolora export my-adapter/ --model ./my-llama --task causal-lm --output peft-out"
 )
 @guarded
@@ -51,14 +52,33 @@ def export(
         str | None, typer.Option("--task", help="classify or causal-lm; default: the run's.")
     ] = None,
     output: Annotated[str, typer.Option("--output", help="peft checkpoint folder.")] = "peft",
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            help="uniform: one rank, zero-padded, right in peft, vLLM and llama.cpp; compact: "
+            "each module's own rank, smaller, right in peft and vLLM, WRONG in llama.cpp.",
+        ),
+    ] = "uniform",
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Full HF model folder with the adapter folded in.")
+    ] = False,
+    hf_base: Annotated[
+        bool,
+        typer.Option("--hf-base", help="The HF-format base model alone (for vLLM / llama.cpp)."),
+    ] = False,
     overwrite: Overwrite = False,
     debug: Debug = False,
 ) -> None:
-    """Export a trained adapter as a stock peft LoRA checkpoint (loads with PeftModel)."""
+    """Export a trained adapter as a stock peft LoRA checkpoint (or a merged / base HF model)."""
     from ..job import export_run
 
-    info = export_run(run, output, model=model, task=task, overwrite=overwrite)
-    rank = getattr(info, "max_lora_rank", None)
-    typer.echo(
-        f"peft checkpoint written to {output}" + (f" (max_lora_rank {rank})" if rank else "")
-    )
+    info = export_run(run, output, model=model, task=task, overwrite=overwrite,
+                      layout=layout, merged=merged, hf_base=hf_base)  # fmt: skip
+    if merged or hf_base:
+        what = "merged model (adapter folded in)" if merged else "HF-format base model"
+        typer.echo(f"{what} written to {output}; loads with AutoModelFor*.from_pretrained")
+        return
+    typer.echo(f"peft checkpoint written to {output}: {info.summary()}")
+    for note in info.notes:
+        typer.echo(f"note: {note}")

@@ -90,7 +90,7 @@ def _load_base_with_head(model: str | None, task: str, adapter: Path, recorded: 
     for k, v in head.items():
         if k.endswith(".weight") and v.dim() == 2:
             num_labels = int(v.shape[0])
-    net, _, _ = load_model(model, task, num_labels)
+    net, tokenizer, _ = load_model(model, task, num_labels)
     if head:
         missing = [k for k in head if k not in dict(net.named_parameters())]
         if missing:
@@ -99,7 +99,22 @@ def _load_base_with_head(model: str | None, task: str, adapter: Path, recorded: 
                 "pass the --model the run was trained on"
             )
         net.load_state_dict(head, strict=False)
-    return net, head
+    return net, head, tokenizer
+
+
+CARD_METRICS = ("accuracy", "eval_loss", "perplexity", "final_train_loss", "trainable_params")
+
+
+def _check_export_kind(layout: str, merged: bool, hf_base: bool) -> None:
+    """Refuse contradictory export options before anything loads."""
+    from ..export import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
+    if merged and hf_base:
+        raise ValueError("--merged and --hf-base write different folders; pass one of them")
+    if layout != "uniform" and (merged or hf_base):
+        raise ValueError("--layout applies to the peft export only; not to --merged / --hf-base")
 
 
 def export_run(
@@ -108,14 +123,21 @@ def export_run(
     model: str | None = None,
     task: str | None = None,
     overwrite: bool = False,
+    layout: str = "uniform",
+    merged: bool = False,
+    hf_base: bool = False,
 ) -> Any:
     """Load a run's adapter (and head) onto its base model and write a stock peft checkpoint.
 
     ``run`` is a run folder or an adapter folder (holding ``plan.json``); the base model and task
-    default to the ones recorded in the run's ``metrics.json``. Returns ``export_peft``'s info.
+    default to the ones recorded in the run's ``metrics.json``. ``layout``: ``export_peft``'s
+    (METHODS.md §6). ``merged``: a full HF model folder with the adapter folded in instead;
+    ``hf_base``: the HF-format base without the adapter (what vLLM and llama.cpp load an adapter
+    onto). Returns ``export_peft``'s info, or the folder for ``merged`` / ``hf_base``.
     """
     import entrolora as el
 
+    _check_export_kind(layout, merged, hf_base)
     run = Path(run)
     adapter = _run_adapter(run)
     recorded = _recorded_metrics(run, adapter)
@@ -125,11 +147,16 @@ def export_run(
     if task not in D.TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(D.TASKS)}")
     out = check_output(output, overwrite)
-    net, head = _load_base_with_head(model, task, adapter, recorded)
+    net, head, tokenizer = _load_base_with_head(model, task, adapter, recorded)
     net = el.load(net, adapter)
     with Staging(out, overwrite) as stage:
-        info = el.export_peft(net, stage.path)
-        if head:
-            add_head_to_peft(stage.path, head, sorted({k.split(".")[0] for k in head}))
+        if merged or hf_base:
+            info = el.export_merged(net, stage.path, tokenizer, merge_adapters=merged)
+        else:
+            heads = sorted({k.split(".")[0] for k in head})
+            scores = {k: recorded[k] for k in CARD_METRICS if recorded.get(k) is not None}
+            info = el.export_peft(
+                net, stage.path, layout, modules_to_save=heads, metrics=scores or None
+            )
         stage.publish()
     return info

@@ -24,7 +24,7 @@ import torch
 from .. import inject
 from ..files import atomic_write_text
 from .config import PEFT_METHODS
-from .export import add_head_to_peft, head_state, save_head
+from .export import head_state, save_head
 from .loop import mean_tail
 from .models import model_label
 
@@ -41,7 +41,7 @@ def write_run(
     if job.method in PEFT_METHODS:
         a.model.save_pretrained(str(out / "peft"))
     else:
-        max_rank = _write_adapter(out, job, a, history)
+        max_rank = _write_adapter(out, job, a, history, scores)
     atomic_write_text(out / "train_loss.json", json.dumps(losses) + "\n")
     job.times["total_s"] = time.perf_counter() - t_start
     metrics = run_metrics(job, a, losses, scores, max_rank)
@@ -55,7 +55,9 @@ def write_run(
     return metrics, history
 
 
-def _write_adapter(out: Path, job: Job, a: Adapted, history: list | None) -> int | None:
+def _write_adapter(
+    out: Path, job: Job, a: Adapted, history: list | None, scores: dict
+) -> int | None:
     """Statistics, plan, adapter (+ head), peft export and FlexLoRA history; the max rank."""
     import entrolora as el
 
@@ -66,9 +68,8 @@ def _write_adapter(out: Path, job: Job, a: Adapted, history: list | None) -> int
     head = head_state(a.heads)
     if head:
         save_head(out / "adapter", head)
-    info = el.export_peft(a.model, out / "peft")
-    if head:
-        add_head_to_peft(out / "peft", head, list(a.heads))
+    # the trained head travels in the export's modules_to_save; the scores go to its model card
+    info = el.export_peft(a.model, out / "peft", modules_to_save=list(a.heads), metrics=scores)
     if history is not None:
         atomic_write_text(out / "flex_history.json", json.dumps(history) + "\n")
     return getattr(info, "max_lora_rank", None)
