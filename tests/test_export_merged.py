@@ -178,3 +178,13 @@ def test_unknown_layout_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown export layout 'wide'; choose 'uniform'"):
         el.export_peft(build_any("plain", "llama"), tmp_path, layout="wide")
     assert not list(tmp_path.iterdir())
+
+
+def test_embedded_minilm_exports_under_its_public_id():
+    from entrolora import data as D
+
+    try:
+        folder = D.minilm_path()
+    except FileNotFoundError:
+        pytest.skip("the embedded MiniLM is not installed (make assets)")
+    assert E.portable_base_name(str(folder)) == "sentence-transformers/all-MiniLM-L6-v2"
