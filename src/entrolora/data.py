@@ -152,6 +152,8 @@ def read_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]
     Every failure is a ValueError (FileNotFoundError when absent) naming the file and the fix.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--data {str(path)!r} is a folder; pass a CSV/TSV/JSONL/Parquet file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist; check --data")
     fmt = _format(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,4 +174,45 @@ def validate_config(cfg: TrainConfig) -> str:
     for p, flag in ((cfg.stats, "--stats"), (cfg.plan, "--plan")):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"{flag} file {p!r} does not exist")
+    if cfg.plan:
+        check_plan_method(cfg.plan, method)
     return method
+
+
+def check_plan_method(plan_path: str, method: str) -> None:
+    """ValueError when ``--plan`` was made by another method than ``--method``.
+
+    The method decides how a plan trains (FlexLoRA's controller, option names) and how the run
+    is labelled in metrics, tables and reports, so the two must agree. A hand-written plan
+    whose ``method`` names no entrolora method may be trained by any.
+    """
+    from ..plans import AdaptationPlan
+
+    made_by = AdaptationPlan.load(plan_path).method
+    try:
+        made_by = normalize_method(made_by)
+    except ValueError:
+        return
+    if made_by != method:
+        raise ValueError(
+            f"--plan {plan_path!r} was made by {made_by} but --method is {method}; pass "
+            f"--method {made_by} (a run trains, and is labelled, as its plan's method)"
+        )
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its input paths (model folder, data, stats, plan) made absolute, so that
+    ``metrics.json`` and a later ``entrolora export`` work from any directory."""
+
+    def absolute(value: str | None, keywords: tuple[str, ...] = ()) -> str | None:
+        if value is None or value in keywords or not Path(value).expanduser().exists():
+            return value  # a keyword, or a missing path the checks will name as typed
+        return str(Path(value).expanduser().resolve())
+
+    return replace(
+        cfg,
+        model=absolute(cfg.model, ("default", D.DEFAULT_MODEL, D.SMOLLM2)),
+        data=absolute(cfg.data, ("default",)),
+        stats=absolute(cfg.stats),
+        plan=absolute(cfg.plan),
+    )

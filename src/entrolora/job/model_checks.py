@@ -9,6 +9,8 @@ failure is one ``ValueError`` naming the model and the fix (docs/refusals.md).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,41 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model", "merges.txt", "bpe.codes",
 )  # fmt: skip
 POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+HEADS = {"classify": "sequence-classification", "causal-lm": "causal-LM"}
+
+
+def model_name(model: str | None) -> str:
+    """How messages call a ``--model`` argument: the user's own spelling, or the default."""
+    from .. import data as D
+
+    if model is None or model in ("default", D.DEFAULT_MODEL):
+        return "the embedded all-MiniLM-L6-v2"
+    if model == D.SMOLLM2:
+        return "the embedded SmolLM2-135M"
+    return repr(str(model))
+
+
+@contextlib.contextmanager
+def loading_errors(name: str, task: str) -> Iterator[None]:
+    """Turn transformers' loading failures (often many lines, naming no fix) into one line."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
+            fix = (
+                "use a decoder model or --task classify"
+                if task == "causal-lm"
+                else "use a model with one, or --task causal-lm"
+            )
+            head = HEADS.get(task, task)
+            raise ValueError(f"{name} has no {head} head in transformers; {fix}") from e
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(
+                f"cannot load {name} ({first}); pass a folder written by save_pretrained, with "
+                "its config, weights and tokenizer"
+            ) from e
+        raise
 
 
 def check_model(

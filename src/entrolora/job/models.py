@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import data as D
+from .model_checks import check_model, loading_errors, model_name
 
 HEAD_NAMES = ("classifier", "score")
 DEFAULT_TARGETS = {
@@ -67,7 +68,7 @@ def resolve_model(model: str | None) -> tuple[Path, str | None]:
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"{model!r} has no config.json; pass a folder written by save_pretrained")
-    return path, None
+    return path.resolve(), None  # absolute: metrics and exports work from any directory
 
 
 def model_label(model: str | None) -> str:
@@ -78,9 +79,16 @@ def model_label(model: str | None) -> str:
 
 
 def load_model(
-    model: str | None, task: str, num_labels: int = 2, label_names: Sequence[str] = ()
+    model: str | None,
+    task: str,
+    num_labels: int = 2,
+    label_names: Sequence[str] = (),
+    max_length: int | None = None,
 ) -> tuple[nn.Module, Any, str]:
-    """``(model, tokenizer, family)`` from a local folder or embedded default, offline, float32."""
+    """``(model, tokenizer, family)`` from a local folder or embedded default, offline, float32.
+
+    The loaded pair is checked (``model_checks.check_model``: tokenizer, task, ``max_length``).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -93,17 +101,19 @@ def load_model(
         kw.update(gguf_file=gguf, dtype=torch.float32)
     # dtype is a model option: kept in the tokenizer's init_kwargs, it breaks save_pretrained
     tok_kw = {k: v for k, v in kw.items() if k != "dtype"}
-    tokenizer = D.prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), **tok_kw))
-    if task == "classify":
-        kw.update(num_labels=num_labels)
-        if label_names:
-            kw.update(
-                id2label=dict(enumerate(label_names)),
-                label2id={n: i for i, n in enumerate(label_names)},
-            )
-        net = AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
-    else:
-        net = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    name = model_name(model)
+    with loading_errors(name, task):
+        tokenizer = D.prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), **tok_kw))
+        if task == "classify":
+            kw.update(num_labels=num_labels)
+            if label_names:
+                kw.update(
+                    id2label=dict(enumerate(label_names)),
+                    label2id={n: i for i, n in enumerate(label_names)},
+                )
+            net = AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(str(path), **kw)
     if gguf:  # transformers refuses .float(), save and peft on GGUF-loaded models until cleared
         net.hf_quantizer = None
         net.is_quantized = False
@@ -112,6 +122,7 @@ def load_model(
     net = net.float()
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
+    check_model(net, tokenizer, task, name, None if gguf else path, max_length)
     return net, tokenizer, FAMILY.get(getattr(net.config, "model_type", ""), "other")
 
 

@@ -3,6 +3,8 @@ then call the method's planner with the rank under the planner's own name."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,23 +42,45 @@ def run_probe(
     targets: list[str],
     cfg: TrainConfig,
     device: torch.device,
+    report: bool = True,
 ):
     """Probe ``model`` on up to ``cfg.probe_steps`` shuffled training batches (METHODS.md §1).
 
     The probe's loss is the task loss (``model(**batch).loss``); the model is in eval mode, so
-    no dropout noise enters the statistics.
+    no dropout noise enters the statistics. ``report``: print ``snr_report`` to stderr (the
+    main process; the SNR line with progress on, the low-SNR warning always).
     """
     import entrolora as el
 
     model.eval()
     batches = calibration_batches(tokenizer, train_ds, cfg, device)
-    return el.probe(
+    stats = el.probe(
         model,
         batches,
         targets,
         steps=len(batches),
         allow_fewer=True,
         progress=cfg.progress and eld.is_main_process(),
+    )
+    if report and eld.is_main_process():
+        summary, *warning = snr_report(stats)
+        for line in ([summary] if cfg.progress else []) + warning:
+            print(line, file=sys.stderr)
+    return stats
+
+
+def snr_report(stats: Any) -> list[str]:
+    """``[median SNR per module type]`` plus, when most modules have SNR < 1, the one-line
+    warning with the probe steps that would lift them (METHODS.md §2, probe noise)."""
+    from ..report import short_type
+
+    by_type = stats.snr_by_type()
+    if not by_type:
+        return ["probe SNR: no noise estimate (one batch); plans read the raw statistics"]
+    cells = ", ".join(f"{short_type(t)} {v:.2f}" for t, v in by_type.items())
+    warning = stats.low_snr_warning()
+    return [f"probe SNR (median per module type, {stats.steps} steps): {cells}"] + (
+        [warning] if warning else []
     )
 
 
@@ -79,4 +103,10 @@ def make_plan(
             break
     if stats is None:
         return plan_by_name(name, model, target_modules=targets, **opts)
-    return plan_by_name(name, stats, **opts)
+    plan = plan_by_name(name, stats, **opts)
+    probed = (getattr(stats, "meta", None) or {}).get("target_modules")
+    if probed and plan.options.get("target_modules") is None:
+        # recorded, so that AdaptationPlan.validate knows which layers the plan is meant to
+        # cover (a probe of some layers only is not a plan for a smaller model)
+        plan = replace(plan, options={**plan.options, "target_modules": probed})
+    return plan
