@@ -152,18 +152,29 @@ def test_train_causal_lm(assets, tmp_path):
     assert m["accuracy"] is None and m["perplexity"] > 1
 
 
-def test_train_overwrite_replaces(assets, tmp_path):
+def test_train_overwrite_replaces_a_run_only(assets, tmp_path):
+    """--overwrite replaces an earlier run; a folder holding anything else is refused, even with
+    --overwrite, and left as it was (issue 13: ``--output runs --overwrite`` deleted runs)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "old.txt").write_text("old")
     args = ["train", "--model", assets["bert"], "--data", assets["csv"], "--method", "vera",
             "--output", out, *FAST]  # fmt: skip
-    one_line_error(invoke(*args), "already holds a run; pass --overwrite")
-    assert (out / "old.txt").read_text() == "old"  # untouched
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    for extra in ([], ["--overwrite"]):
+        one_line_error(
+            invoke(*args, *extra),
+            "holds 1 entry entrolora did not write ('old.txt'), not an entrolora run; choose "
+            "another --output (--overwrite only replaces an entrolora run)",
+        )
+        assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # untouched
+        assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()
+    assert invoke(*args).exit_code == 0  # an empty folder is used as it is
+    one_line_error(invoke(*args), "already holds an entrolora run; pass --overwrite")
+    before = (out / "metrics.json").stat().st_mtime_ns
     result = invoke(*args, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "metrics.json").is_file()
+    assert (out / "metrics.json").stat().st_mtime_ns != before
     no_leftovers(tmp_path, ".run.")
 
 
@@ -264,7 +275,8 @@ def test_probe_plan_report_export_chain(assets, tmp_path):
     assert r.exit_code == 0, r.output
     assert stats.is_file() and "q_proj" in r.stdout
     one_line_error(invoke("probe", "--model", assets["llama"], "--data", assets["csv"],
-                          "--output", stats), "already exists; pass --overwrite")  # fmt: skip
+                          "--output", stats),
+                   "already holds an entrolora statistics file; pass --overwrite")  # fmt: skip
 
     plan = tmp_path / "plan.json"
     r = invoke("plan", stats, "--method", "ralora", "--r", "2", "-o", "n_max=4", "--output", plan)
@@ -287,7 +299,9 @@ def test_probe_plan_report_export_chain(assets, tmp_path):
     r = invoke("export", run, "--output", peft_out)
     assert r.exit_code == 0, r.output
     assert (peft_out / "adapter_config.json").is_file()
-    one_line_error(invoke("export", run, "--output", peft_out), "already holds a run")
+    one_line_error(
+        invoke("export", run, "--output", peft_out), "already holds an entrolora peft export"
+    )
 
 
 def test_plan_from_model(assets, tmp_path):

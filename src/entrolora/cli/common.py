@@ -88,16 +88,19 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..job.runfolder import terminate_as_exit
+
         debug = kwargs.get("debug", False) or os.environ.get("ENTROLORA_DEBUG") == "1"
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_exit():  # SIGTERM cleans up half-written outputs as Ctrl-C does
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as e:
             if debug:
                 raise
-            known = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError,
-                     KeyError)  # fmt: skip
+            known = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
+                     ImportError, KeyError)  # fmt: skip
             hint = "" if isinstance(e, known) else " (run with --debug for the traceback)"
             typer.echo(f"error: {one_line(e)}{hint}", err=True)
             raise typer.Exit(1) from None

@@ -24,13 +24,17 @@ def report(
     output: Annotated[str, typer.Option("--output", help="Folder for report.html + PNGs.")] = (
         "report"
     ),
+    overwrite: Overwrite = False,
     debug: Debug = False,
 ) -> None:
     """Figures and report.html from statistics, a plan or run folder(s)."""
+    from ..job.runfolder import OutputFolder
     from ..report import gather, write_report
 
     inputs = gather(paths)
-    html = write_report(output, inputs)
+    with OutputFolder(output, "report", overwrite) as folder:  # never into a run's folder
+        name = write_report(folder.path, inputs).name
+        html = folder.publish() / name
     typer.echo(f"report written to {html}")
 
 

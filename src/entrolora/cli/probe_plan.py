@@ -64,6 +64,7 @@ def probe(
     """Probe gradients on training batches; write statistics and print a per-type summary."""
     from ..job import (
         TrainConfig,
+        check_output,
         default_targets,
         load_model,
         load_splits,
@@ -71,9 +72,7 @@ def probe(
         run_probe,
     )  # fmt: skip
 
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{output!r} already exists; pass --overwrite or another --output")
+    out = check_output(output, overwrite, "stats")  # before the probe runs
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
         probe_steps=probe_steps, batch_size=batch_size, max_length=max_length, seed=seed,
@@ -97,7 +96,7 @@ def _stats_table(stats: Any):
 
     table = Table(title=f"gradient statistics ({stats.steps} probe steps)")
     for col in ("module type", "layers", "entropy min", "entropy mean", "entropy max",
-                "erank mean", "degenerate"):  # fmt: skip
+                "erank mean", "SNR median", "degenerate"):  # fmt: skip
         table.add_column(col, justify="left" if col == "module type" else "right")
     for mtype, names in stats.types.items():
         ent = [stats[n].entropy for n in names if stats[n].entropy is not None]
@@ -143,16 +142,21 @@ def plan(
     debug: Debug = False,
 ) -> None:
     """Make an adaptation plan from statistics (or a model) and print its summary."""
-    from ..job import PEFT_METHODS, TrainConfig, check_options, normalize_method, parse_options
+    from ..job import (
+        PEFT_METHODS,
+        TrainConfig,
+        check_options,
+        check_output,
+        normalize_method,
+        parse_options,
+    )  # fmt: skip
 
     meth = normalize_method(method)
     if meth in PEFT_METHODS:
         raise ValueError(f"{meth} is a peft baseline without a plan; use `entrolora train`")
     opts = parse_options(option or [])
     check_options(meth, opts)
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{output!r} already exists; pass --overwrite or another --output")
+    out = check_output(output, overwrite, "plan")
     cfg = TrainConfig(method=meth, r=r, options=opts, task=task)
     result = _plan_from(cfg, stats, model, target_list(target_modules))
     result.save(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..files import atomic_write_text
 from .config import MODEL_PLANNERS, PEFT_METHODS, RunResult, TrainConfig, normalize_method
 from .run import train_run
-from .runfolder import Staging, holds_run
+from .runfolder import OutputFolder
 
 DEMO_METHODS = ("lora", "e2lora", "ralora", "flexlora")
 DEMO_MARKER = "demo.json"
@@ -26,14 +26,9 @@ def demo_run(
     ``base.overwrite``. Writes ``output/report.html`` comparing the runs.
     """
     out = Path(output)
-    if holds_run(out) and not (base.overwrite or (out / DEMO_MARKER).is_file()):
-        raise FileExistsError(
-            f"output folder {str(out)!r} holds something that is not a demo; pass --overwrite or "
-            "choose another --output"
-        )
     methods = [normalize_method(m) for m in methods]
     results: list[RunResult] = []
-    with Staging(out, overwrite=True) as stage:
+    with OutputFolder(out, "demo", overwrite=True) as stage:
         stats_path = base.stats
         for m in methods:
             cfg = replace(base, method=m, options={}, overwrite=False,
@@ -48,7 +43,10 @@ def demo_run(
 
         write_report(
             stage.path,
-            ReportInputs(runs=[r.metrics for r in results]),
+            ReportInputs(  # a one-method demo reports that run's metrics
+                runs=[r.metrics for r in results],
+                metrics=results[0].metrics if len(results) == 1 else None,
+            ),
             title="entrolora demo: " + ", ".join(methods),
         )
         atomic_write_text(

@@ -15,7 +15,7 @@ from torch import nn
 from .. import data as D
 from ..files import atomic_write, atomic_write_text
 from .models import load_model
-from .runfolder import Staging, check_output
+from .runfolder import OutputFolder, check_output
 
 HEAD_FILE = "head.safetensors"
 
@@ -146,10 +146,10 @@ def export_run(
     task = task or rcfg.get("task", "classify")
     if task not in D.TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(D.TASKS)}")
-    out = check_output(output, overwrite)
+    out = check_output(output, overwrite, "export")  # before the model loads
     net, head, tokenizer = _load_base_with_head(model, task, adapter, recorded)
     net = el.load(net, adapter)
-    with Staging(out, overwrite) as stage:
+    with OutputFolder(out, "export", overwrite) as stage:
         if merged or hf_base:
             info = el.export_merged(net, stage.path, tokenizer, merge_adapters=merged)
         else:

@@ -46,7 +46,7 @@ from .loop import (
 )  # fmt: skip
 from .models import default_targets, head_modules, load_model, resolve_device
 from .probe import make_plan, run_probe
-from .runfolder import Staging, check_output
+from .runfolder import OutputFolder, check_output
 from .write import write_run
 
 
@@ -94,24 +94,24 @@ def train_run(cfg: TrainConfig) -> RunResult:
     6. write the run folder into a staging folder and publish it with one rename (``write_run``).
     """
     method = validate_config(cfg)
-    check_output(cfg.output, cfg.overwrite)
+    check_output(cfg.output, cfg.overwrite, "run")  # before anything loads
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     created = eld.init_from_launcher(device)
     try:
-        job = prepare(cfg, method, eld.local_device(device))
         main = eld.is_main_process()
-        staging = Staging(Path(cfg.output), cfg.overwrite) if main else contextlib.nullcontext()
-        with staging as stage:
+        folder = OutputFolder(cfg.output, "run", cfg.overwrite) if main else None
+        with folder or contextlib.nullcontext():
+            job = prepare(cfg, method, eld.local_device(device))
             adapted = adapt(job)
             losses = train(job, adapted)
             scores = evaluate_run(job, adapted)
-            if stage is None:  # the other ranks wait until rank 0 has published
+            if folder is None:  # the other ranks wait until rank 0 has published
                 eld.barrier()
                 return RunResult(Path(cfg.output), dict(scores), adapted.plan, adapted.stats,
                                  None, losses)  # fmt: skip
-            metrics, history = write_run(stage.path, job, adapted, losses, scores, t_start)
-            published = stage.publish()
+            metrics, history = write_run(folder.path, job, adapted, losses, scores, t_start)
+            published = folder.publish()
         eld.barrier()
         return RunResult(published, metrics, adapted.plan, adapted.stats, history, losses)
     finally:
