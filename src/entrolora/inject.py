@@ -24,14 +24,23 @@ MERGED_ATTR = "entrolora_merged"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / ``torch.compile`` / Trainer-style ``.module`` wrappers."""
+    """The user's model inside any nesting of wrappers: DDP, DataParallel, FSDP1 and DeepSpeed's
+    engine (``.module``) and ``torch.compile`` (``._orig_mod``). FSDP2's ``fully_shard`` and
+    accelerate's ``prepare`` of a single process wrap nothing; the model comes back as given."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
+            type(model).__name__ in _MODULE_WRAPPERS
+            and isinstance(getattr(model, "module", None), nn.Module)
+        ):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
             return model
+
+
+# matched by class name so that neither FSDP nor DeepSpeed has to be imported to recognise them
+_MODULE_WRAPPERS = ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine")
 
 
 def adapted_modules(model: nn.Module) -> dict[str, AdaptedLinear]:

@@ -35,15 +35,18 @@ class Adapter(Protocol):
 
 
 def kaiming_uniform(
-    shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None
+    shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None, a: float = math.sqrt(5)
 ) -> torch.Tensor:
-    """``U(−1/√fan_in, 1/√fan_in)`` float32 on the CPU: peft's LoRA A init (METHODS.md §4).
+    """``nn.init.kaiming_uniform_(a=a)`` of a ``shape`` tensor, float32 on the CPU.
 
-    Equals ``nn.init.kaiming_uniform_(a=√5)``; drawn on the CPU from ``generator`` so a seed
-    gives the same tensor on any device and in every process.
+    ``a = √5`` (default) is peft's LoRA A init, ``U(−1/√fan_in, 1/√fan_in)`` (METHODS.md §4);
+    ``a = 0`` is VeRA's, ``U(−√(6/fan_in), √(6/fan_in))``. Drawn on the CPU from ``generator``
+    so a seed gives the same tensor on any device and in every process. Filled as a 2-D view
+    ``(numel / fan_in, fan_in)``, so a block stack ``(n, r, d_in/n)`` gets fan-in ``d_in/n``.
     """
-    bound = 1.0 / math.sqrt(fan_in)
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+    t = torch.empty(math.prod(shape) // fan_in, fan_in)
+    nn.init.kaiming_uniform_(t, a=a, generator=generator)
+    return t.view(shape)
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
