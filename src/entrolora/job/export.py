@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import data as D
 from ..files import atomic_write, atomic_write_text
+from ..reading import read_json, read_tensors
 from .models import load_model
 from .runfolder import OutputFolder, check_output
 
@@ -75,7 +76,9 @@ def _run_adapter(run: Path) -> Path:
 def _recorded_metrics(run: Path, adapter: Path) -> dict[str, Any]:
     for folder in (run, adapter.parent):
         if (folder / "metrics.json").is_file():
-            return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+            return read_json(
+                folder / "metrics.json", "run metrics", "pass --model and --task explicitly"
+            )
     return {}
 
 
@@ -83,9 +86,7 @@ def _load_base_with_head(model: str | None, task: str, adapter: Path, recorded: 
     """The base model with the run's trained head loaded (if any); ``(model, head tensors)``."""
     head: dict[str, torch.Tensor] = {}
     if (adapter / HEAD_FILE).is_file():
-        from safetensors.torch import load_file
-
-        head = load_file(str(adapter / HEAD_FILE))
+        head = read_tensors(adapter / HEAD_FILE, "classifier head", "train the run again")
     num_labels = recorded.get("num_labels") or 2
     for k, v in head.items():
         if k.endswith(".weight") and v.dim() == 2:
@@ -142,7 +143,14 @@ def export_run(
     adapter = _run_adapter(run)
     recorded = _recorded_metrics(run, adapter)
     rcfg = recorded.get("config", {})
-    model = model if model is not None else rcfg.get("model")
+    if model is None:
+        model = rcfg.get("model")
+        known = (None, "default", D.DEFAULT_MODEL, D.SMOLLM2)
+        if model not in known and not Path(model).is_dir():
+            raise FileNotFoundError(
+                f"the run was trained on model folder {model!r} (its metrics.json says so), "
+                "which does not exist from here; pass --model with that model's folder"
+            )
     task = task or rcfg.get("task", "classify")
     if task not in D.TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(D.TASKS)}")

@@ -67,6 +67,16 @@ def resolve_model(model: str | None) -> tuple[Path, str | None]:
             f"config.json), '{D.SMOLLM2}', or leave --model out for the embedded MiniLM"
         )
     if not (path / "config.json").is_file():
+        if (path / "metrics.json").is_file():
+            raise ValueError(
+                f"{model!r} is an entrolora run, not a model; pass the base model's folder to "
+                "--model (the run's metrics.json names it under config.model)"
+            )
+        if (path / "adapter_config.json").is_file() or (path / "plan.json").is_file():
+            raise ValueError(
+                f"{model!r} is an adapter, not a model; pass its base model's folder to --model "
+                "(a peft adapter_config.json names it as base_model_name_or_path)"
+            )
         raise ValueError(f"{model!r} has no config.json; pass a folder written by save_pretrained")
     return path.resolve(), None  # absolute: metrics and exports work from any directory
 
