@@ -151,9 +151,15 @@ def export_run(
                 f"the run was trained on model folder {model!r} (its metrics.json says so), "
                 "which does not exist from here; pass --model with that model's folder"
             )
-    task = task or rcfg.get("task", "classify")
+    trained_for = rcfg.get("task")
+    task = task or trained_for or "classify"
     if task not in D.TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(D.TASKS)}")
+    if trained_for in D.TASKS and task != trained_for:
+        raise ValueError(
+            f"the run was trained for --task {trained_for} (its metrics.json says so), not "
+            f"{task}: its adapters and head belong to that model class; leave --task out"
+        )
     out = check_output(output, overwrite, "export")  # before the model loads
     net, head, tokenizer = _load_base_with_head(model, task, adapter, recorded)
     net = el.load(net, adapter)
