@@ -159,3 +159,18 @@ def test_vllm_max_lora_rank_is_the_smallest_accepted_value():
 
     got = [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 14, 64, 65, 300, 320, 321, 512, 513)]
     assert got == [1, 8, 8, 16, 16, 64, 128, 320, 320, 512, 512, None]
+
+
+@pytest.mark.parametrize("layout", ["uniform", "compact"])
+def test_flex_module_with_no_active_direction_exports_as_one_zero_direction(layout, tmp_path):
+    model = build_any("flex", "llama")
+    wrappers = list(el.adapted_modules(model).values())
+    for slot in range(wrappers[0].adapter.capacity):
+        wrappers[0].adapter.deactivate(slot)  # the controller may prune a module to nothing
+    want = outputs(model)
+    info = el.export_peft(model, tmp_path, layout=layout)
+    assert min(info.module_ranks.values()) == 0
+    for rule in ("peft", "vllm") + (("llama.cpp",) if layout == "uniform" else ()):
+        assert max_error(tmp_path, rule, "llama", want) <= 1e-4 * np.abs(want).max(), rule
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert layout == "uniform" or min(cfg["rank_pattern"].values()) == 1

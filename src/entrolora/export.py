@@ -172,7 +172,8 @@ def _consumers(layout: str, use_dora: bool, task_type: str | None) -> tuple[tupl
             "DoRA: vLLM and llama.cpp do not load DoRA adapters; serve the --merged model there"
         )
     elif task_type != "CAUSAL_LM":
-        notes.append(f"task {task_type}: vLLM and llama.cpp serve causal-LM adapters only")
+        task = task_type or "unknown (not a transformers model)"
+        notes.append(f"task {task}: vLLM and llama.cpp serve causal-LM adapters only")
     else:
         consumers.append("vLLM")
         if layout == "uniform":
