@@ -110,8 +110,15 @@ CASES = {
     "blocks4": lambda t: plan_plain(t, blocks=4),
     "dora": lambda t: plan_intervals(t, kind="dora"),
     "vera": lambda t: plan_typewide(t, "vera", ("A", "B"), ("d", "b")),
-    "lori": lambda t: plan_intervals(t, kind="lori", sparsity=0.5),
+    "lori": lambda t: random_lori_masks(plan_intervals(t, kind="lori", sparsity=0.5)),
 }
+
+
+def random_lori_masks(plan: AdaptationPlan) -> AdaptationPlan:
+    """Seeded random LoRI masks: these cases have no probe (tests/test_variants.py checks the
+    default, calibration-magnitude masks)."""
+    plan.options["mask"] = "random"
+    return plan
 
 
 def build(case: str, model_name: str = "llama", seed: int = 0, randomize: bool = True):
@@ -157,7 +164,7 @@ def numpy_delta(adapter: nn.Module, alpha: float, rank: int, w: np.ndarray) -> n
     if isinstance(adapter, VeRAAdapter):
         a, b = _np(adapter.A)[:rank], _np(adapter.B)[:, :rank]
         d, bb = _np(adapter.d)[:rank], _np(adapter.b)
-        return s * (bb[:, None] * b) @ (d[:, None] * a)
+        return (bb[:, None] * b) @ (d[:, None] * a)  # VeRA eq. 2: no α/r factor
     if isinstance(adapter, LoRIAdapter):
         b = _np(adapter.B) * adapter.mask.cpu().numpy()
         return s * b[:, :rank] @ _np(adapter.A)[:rank]
@@ -177,7 +184,8 @@ def test_every_adapter_follows_the_protocol(case):
         a = wrapper.adapter
         assert isinstance(a, Adapter)
         m = plan.modules[name]
-        assert a.scale == ALPHA / m.rank  # each adapter holds α / its own rank
+        # each adapter holds α / its own rank; VeRA has no such factor (VeRA eq. 2, peft)
+        assert a.scale == (1.0 if m.kind == "vera" else ALPHA / m.rank)
         w = numpy_weight(wrapper.base_layer)
         np.testing.assert_allclose(
             _np(a.delta_weight()), numpy_delta(a, ALPHA, m.rank, w), rtol=1e-5, atol=1e-6

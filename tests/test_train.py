@@ -233,3 +233,22 @@ def test_init_seed_redraws_the_adapter_factors(assets, tmp_path, method):
     if method == "lora":  # entrolora's default draw is --seed's
         default, same = adapter(None, "default"), adapter(0, "same")
         assert all(torch.equal(default[k], same[k]) for k in default)
+
+
+def test_e2lori_masks_from_the_probe_through_the_job(assets, tmp_path):
+    """E²LoRI's mask is calibrated from the probe's gradients; a reused plan probes for them,
+    statistics saved without gradients are refused (unless -o mask=random)."""
+    a = T.train_run(cfg(assets, tmp_path / "a", method="e2lori"))
+    assert json.loads((a.output / "plan.json").read_text())["options"]["mask"] == "magnitude"
+    b = T.train_run(cfg(assets, tmp_path / "b", method="e2lori", plan=str(a.output / "plan.json")))
+    assert (
+        b.metrics["probe_s"] > 0 and b.metrics["trainable_params"] == a.metrics["trainable_params"]
+    )
+    stats = str(a.output / "stats.safetensors")  # saved without gradients
+    with pytest.raises(ValueError, match="magnitude mask needs the probed gradients, which"):
+        T.train_run(cfg(assets, tmp_path / "c", method="e2lori", stats=stats))
+    assert not (tmp_path / "c").exists()
+    d = T.train_run(
+        cfg(assets, tmp_path / "d", method="e2lori", stats=stats, options={"mask": "random"})
+    )
+    assert json.loads((d.output / "plan.json").read_text())["options"]["mask"] == "random"

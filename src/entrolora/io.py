@@ -91,7 +91,8 @@ def load(
     except ValueError as e:
         raise ValueError(f"adapter {str(directory)!r} does not fit this model: {e}") from None
     flags = {n: p.requires_grad for n, p in unwrap(base_model).named_parameters()}
-    model = apply(base_model, plan, dropout=dropout, adapter_dtype=adapter_dtype)
+    # the saved tensors (LoRI masks included) are copied in below: nothing to calibrate
+    model = apply(base_model, plan, dropout=dropout, adapter_dtype=adapter_dtype, for_loading=True)
     try:
         expected = adapter_state(model)
         missing = sorted(set(expected) - set(tensors))

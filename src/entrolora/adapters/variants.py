@@ -6,6 +6,8 @@ to every member; frozen random matrices are buffers (saved with the adapter, nev
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -87,11 +89,14 @@ class DoRAAdapter(LowRankAdapter):
 
 
 class VeRAAdapter(nn.Module):
-    """VeRA: ``ΔW = (α/r)·diag(b)·B[:, :r]·diag(d[:r])·A[:r]`` (METHODS.md §3 E²VeRA).
+    """VeRA: ``ΔW = diag(b)·B[:, :r]·diag(d[:r])·A[:r]`` (METHODS.md §3 E²VeRA; VeRA eq. 2).
 
     ``A`` ``(R, d_in)`` and ``B`` ``(d_out, R)`` are frozen random buffers shared by the module
-    type; ``d`` ``(R_d,)`` (init 0.1) and ``b`` ``(d_out,)`` (init 0) are trainable, shared per
-    interval. A layer of rank r uses the first r rows/columns/entries.
+    type, drawn as VeRA and peft draw them (Kaiming-uniform, gain √2: ``U(±√(6/fan_in))``);
+    ``d`` ``(R_d,)`` (init 0.1, peft's ``d_initial``) and ``b`` ``(d_out,)`` (init 0) are
+    trainable, shared per interval. A layer of rank r uses the first r rows/columns/entries.
+    VeRA has no ``α/r`` factor: ``apply`` passes ``scale = 1`` (kept as an argument so that
+    ``lora_factors`` has the common ``(A, B, scale)`` form).
     """
 
     kind = "vera"
@@ -142,6 +147,7 @@ class LoRIAdapter(nn.Module):
     ``A`` ``(R, d_in)`` is a frozen random buffer; ``B`` ``(d_out, R)`` is trainable under the
     fixed boolean mask ``M`` (a buffer of B's shape, shared with B). The mask is applied in the
     forward pass, so masked entries get exactly zero gradient and stay at their (zero) init.
+    The mask comes from calibration magnitudes (``calibrate_lori_masks``), or is random.
     """
 
     kind = "lori"
@@ -181,3 +187,34 @@ class LoRIAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale:g}"
+
+
+def calibrate_lori_masks(
+    adapters: Mapping[str, LoRIAdapter],
+    gradients: Mapping[str, torch.Tensor],
+    kept: Callable[[str, int], int],
+) -> None:
+    """Set every LoRI mask to B's entries of largest calibration magnitude, in place.
+
+    B's first gradient is ``∂L/∂B = s·G·Aᵀ`` (``ΔW = s·B·A`` and ``∂L/∂ΔW = G``, the probe's
+    mean gradient ``(d_out, d_in)``); for a B shared by several layers it is the sum over them,
+    ``Σ_l s_l·G_l·A_lᵀ[:, :r_l]``. The mask keeps ``kept(first member's name, B.numel())``
+    entries of largest ``|∂L/∂B|`` (LoRI's magnitude mask, METHODS.md §3; ties: lower flat
+    index first).
+    Computed in float64 on the CPU, so every process gets the same mask.
+    """
+    members: dict[int, list[tuple[str, LoRIAdapter]]] = {}
+    for name, a in adapters.items():
+        members.setdefault(id(a.mask), []).append((name, a))
+    for group in members.values():
+        mask = group[0][1].mask
+        score = torch.zeros(mask.shape, dtype=torch.float64)  # (d_out, R)
+        for name, a in group:
+            g = gradients[name].detach().to("cpu", torch.float64)  # (d_out, d_in)
+            at = a.A[: a.rank].detach().to("cpu", torch.float64).T  # (d_in, r)
+            score[:, : a.rank] += a.scale * (g @ at)
+        order = torch.argsort(score.abs().flatten(), descending=True, stable=True)
+        new = torch.zeros(mask.numel(), dtype=torch.bool)
+        new[order[: kept(group[0][0], mask.numel())]] = True
+        with torch.no_grad():
+            mask.copy_(new.view(mask.shape))

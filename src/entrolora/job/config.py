@@ -24,6 +24,8 @@ MODEL_PLANNERS = ("lora", "sharelora", "flexlora")  # plan from the model, no pr
 FLEX_CONTROLLER_OPTIONS = {
     "b0": 4, "t_warmup": None, "t_final": None, "interval": None, "gamma": 0.1, "r_min": 1,
 }  # fmt: skip
+# E²LoRI's mask: B's calibration magnitudes |G·Aᵀ| from the probe (LoRI), or seeded random
+LORI_APPLY_OPTIONS = {"mask": "magnitude"}
 PEFT_OPTIONS: dict[str, dict[str, Any]] = {
     "peft-lora": {"lora_alpha": 16},
     "dora": {"lora_alpha": 16},
@@ -134,6 +136,8 @@ def method_options(method: str) -> dict[str, Any]:
     opts = dict(planner_options(planner_name(method)))
     if method == "flexlora":
         opts.update(FLEX_CONTROLLER_OPTIONS)
+    if method == "e2lori":
+        opts.update(LORI_APPLY_OPTIONS)
     return opts
 
 

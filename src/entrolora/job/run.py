@@ -188,9 +188,10 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
         plan = make_plan(job.method, stats, job.model, job.targets, cfg)
         job.times["plan_s"] = time.perf_counter() - t0
     plan.validate(job.model)
+    stats = _calibration(job, plan, stats)
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     seed_everything(cfg.seed)
-    model = el.apply(job.model, plan, dropout=cfg.dropout, seed=init_seed)
+    model = el.apply(job.model, plan, dropout=cfg.dropout, seed=init_seed, stats=stats)
     for h in heads.values():
         h.requires_grad_(True)
     flex = None
@@ -198,6 +199,30 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
         ctrl = {k: v for k, v in cfg.options.items() if k in FLEX_CONTROLLER_OPTIONS}
         flex = el.FlexLoRA(model, total_steps=job.total, seed=init_seed, **ctrl)
     return Adapted(model, dict(cfg.options), heads, tuple(heads), plan, stats, flex)
+
+
+def _calibration(job: Job, plan: Any, stats: Any) -> Any:
+    """``stats``, or statistics probed now when E²LoRI's magnitude masks need gradients that a
+    reused plan came without (``-o mask=random`` needs none)."""
+    if not any(m.kind == "lori" for m in plan.modules.values()):
+        return stats
+    # recorded in plan.json, so that the run says how its masks were made
+    plan.options["mask"] = job.cfg.options.get("mask", plan.options.get("mask", "magnitude"))
+    if plan.options["mask"] != "magnitude":
+        return stats
+    if stats is not None and stats.gradients is not None:
+        return stats
+    if job.cfg.stats:
+        raise ValueError(
+            f"E²LoRI's magnitude mask needs the probed gradients, which statistics file "
+            f"{job.cfg.stats!r} does not hold; write it with --keep-gradients, or pass "
+            "-o mask=random"
+        )
+    t0 = time.perf_counter()
+    names = sorted(plan.modules)
+    stats = run_probe(job.model, job.tokenizer, job.train_ds, names, job.cfg, job.device)
+    job.times["probe_s"] += time.perf_counter() - t0
+    return stats
 
 
 def train(job: Job, a: Adapted) -> list[float]:
