@@ -112,6 +112,13 @@ def apply(
         lori = {n: w.adapter for n, w in wrappers.items() if isinstance(w.adapter, LoRIAdapter)}
         calibrate_lori_masks(lori, gradients, lambda n, numel: _lori_kept(plan, n, numel))
 
+    _install(target, wrappers)
+    setattr(target, PLAN_ATTR, plan)
+    return model
+
+
+def _install(target: nn.Module, wrappers: dict[str, AdaptedLinear]) -> None:
+    """Freeze every parameter, put each wrapper in its module's place, adapters trainable."""
     for p in target.parameters():
         p.requires_grad_(False)
     for name, wrapper in wrappers.items():
@@ -120,8 +127,6 @@ def apply(
         setattr(parent, leaf, wrapper)
         for p in wrapper.adapter.parameters():
             p.requires_grad_(True)
-    setattr(target, PLAN_ATTR, plan)
-    return model
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
