@@ -280,3 +280,13 @@ def test_probe_checks_its_output_before_probing(tmp_path, monkeypatch):
     r = invoke("probe", "--output", notes, "--overwrite")
     one_line_error(r, "holds a file entrolora did not write, not an entrolora statistics file")
     assert notes.read_bytes() == b"mine" and listing(tmp_path) == ["notes.safetensors"]
+
+
+def test_file_output_sweeps_dead_writers_temporary_files(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = files.staging_prefix("s.safetensors").replace(f".{os.getpid()}.", f".{dead.pid}.")
+    orphan = tmp_path / f"{prefix}k2j4_x9a.tmp"  # what mkstemp in atomic_write names
+    orphan.write_bytes(b"half a file")
+    assert rf.check_output(tmp_path / "s.safetensors", False, "stats") == tmp_path / "s.safetensors"
+    assert listing(tmp_path) == []

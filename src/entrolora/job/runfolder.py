@@ -143,7 +143,8 @@ def _file_kind(path: Path) -> str | None:
 def check_output(output: str | os.PathLike, overwrite: bool, kind: str = "run") -> Path:
     """``output`` as a Path once it may be written: FileExistsError when it holds something that
     must not be replaced, PermissionError when it cannot be written (checked by creating and
-    removing a staging entry where it would go)."""
+    removing a staging entry where it would go). For a file output, dead writers' temporary
+    files are swept (``OutputFolder`` does it for folders)."""
     out = Path(output)
     want = KIND_NAMES[kind]
     folder = kind in FOLDER_KINDS
@@ -163,6 +164,8 @@ def check_output(output: str | os.PathLike, overwrite: bool, kind: str = "run") 
                 "choose another --output"
             )
     check_writable(out)
+    if not folder:  # a file is written by its own save (atomic_write): sweep for it here
+        sweep_orphans(out)
     return out
 
 
