@@ -7,8 +7,13 @@ One module per command group: ``train`` (train, demo), ``probe_plan`` (probe, pl
 
 from __future__ import annotations
 
-from . import outputs, probe_plan, train  # noqa: F401  (registers the commands on ``app``)
+import importlib
+
 from .common import app, guarded
+
+# importing a command module registers its commands on ``app``, in this (the help's) order
+for _module in ("train", "probe_plan", "outputs"):
+    importlib.import_module(f".{_module}", __name__)
 
 __all__ = ["app", "guarded", "main"]
 
