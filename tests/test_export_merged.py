@@ -66,7 +66,9 @@ def test_auto_peft_llama_classifier_carries_its_score_head(tmp_path):
         model.score.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
     want = logits(model)
     info = el.export_peft(model, tmp_path / "peft")
-    assert info.task_type == "SEQ_CLS" and "vLLM" not in info.consumers
+    assert info.task_type == "SEQ_CLS" and "vLLM" not in info.consumers and info.num_labels == 3
+    card = (tmp_path / "peft" / "README.md").read_text()
+    assert "from_pretrained('ADAPTER', num_labels=3)" in card
     got = logits(peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft"))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

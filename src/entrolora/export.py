@@ -59,6 +59,7 @@ class PeftExport:
     module_ranks: dict[str, int] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    num_labels: int | None = None  # SEQ_CLS: AutoPeftModel needs it when the base is a backbone
 
     def summary(self) -> str:
         """One line for people: layout, rank, consumers, vLLM's ``max_lora_rank``."""
@@ -282,6 +283,7 @@ def export_peft(
         module_ranks=ranks,
         rank_pattern=pattern,
         notes=notes,
+        num_labels=getattr(base.config, "num_labels", None) if task_type == "SEQ_CLS" else None,
     )
     plan = _plan_or_none(model)
     directory = Path(directory)

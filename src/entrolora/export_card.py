@@ -58,6 +58,8 @@ def _rank_table(info: PeftExport, plan: AdaptationPlan | None) -> list[str]:
 def _how_to_load(info: PeftExport) -> list[str]:
     auto = AUTO_CLASSES.get(info.task_type or "", "")
     base = info.base_model or "<base model folder>"
+    # a backbone base (MiniLM) has no head: transformers sizes it from num_labels (default 2)
+    labels = f", num_labels={info.num_labels}" if info.num_labels else ""
     lines = [
         "## How to load",
         "",
@@ -67,14 +69,14 @@ def _how_to_load(info: PeftExport) -> list[str]:
         "",
         "```python",
         f"from peft import AutoPeftModelFor{auto or 'CausalLM'}",
-        f"model = AutoPeftModelFor{auto or 'CausalLM'}.from_pretrained('ADAPTER')",
+        f"model = AutoPeftModelFor{auto or 'CausalLM'}.from_pretrained('ADAPTER'{labels})",
         "```",
         "",
         "transformers:",
         "",
         "```python",
         f"from transformers import AutoModelFor{auto or 'CausalLM'}",
-        f"model = AutoModelFor{auto or 'CausalLM'}.from_pretrained('{base}')",
+        f"model = AutoModelFor{auto or 'CausalLM'}.from_pretrained('{base}'{labels})",
         "model.load_adapter('ADAPTER')",
         "```",
         "",
