@@ -1,29 +1,46 @@
 """Step time and peak memory of FlexLoRA next to peft LoRA and peft AdaLoRA, in the same run.
 
-    python bench/flexlora.py            # CUDA: Llama-1.1B shape, bf16, batch 8×512
-    python bench/flexlora.py --smoke    # tiny Llama on the CPU, a few steps (CI)
+    python bench/flexlora.py                       # CUDA: --shape llama-1b, bf16, batch 8×512
+    python bench/flexlora.py --shape smollm2       # SmolLM2-135M's shape, fp32, on the CPU
+    python bench/flexlora.py --smoke               # --shape toy, a few steps (CI)
 
 Every method trains a fresh random Llama of the same shape with AdamW on the same random tokens:
 peft LoRA r=8, peft AdaLoRA (init_r 12 → target_r 8, its own orthogonality term and budget
 schedule), FlexLoRA (r=8, capacity 2r, regulariser in the loss, rank moves every ``--interval``
-steps). A step is forward + backward + controller + ``optimizer.step()`` + ``zero_grad``; figures
+steps). Adapters are float32 on both sides when the model is. A step is forward + backward +
+controller + ``optimizer.step()`` + ``zero_grad``. The methods' steps are interleaved (round
+robin, the order rotating every round) so that a busy machine slows all of them alike; figures
 are medians (and means, which include the adjustment steps) over the timed steps after warm-up,
-and ratios are against peft LoRA measured in the same run. The target (issue 5): FlexLoRA ≤ 1.10×
-peft LoRA time.
+and ratios are against peft LoRA measured in the same run. Targets: FlexLoRA ≤ 1.10× peft LoRA
+per step (issue 5) and below peft AdaLoRA (issue 16).
+
+Shapes: ``toy`` (2 layers, hidden 64: the smoke test), ``smollm2`` (random weights at
+SmolLM2-135M's shape: 30 layers, hidden 576, 9 heads / 3 kv heads, intermediate 1536, fp32,
+batch 2×64 on the CPU) and ``llama-1b`` (TinyLlama-1.1B's shape, bf16, batch 8×512 on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+SHAPES = {  # LlamaConfig fields; batch × seq; timed / warm-up steps; adjustment interval
+    "toy": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, batch=(2, 16), steps=(20, 3, 2)),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    batch=(2, 64), steps=(20, 3, 5)),
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                     batch=(8, 512), steps=(30, 5, 10)),
+}  # fmt: skip
 
 
 @dataclass
@@ -36,29 +53,11 @@ class Result:
     adapter_dtype: str
 
 
-def llama_config(smoke: bool):
+def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    if smoke:
-        return LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    # TinyLlama-1.1B's shape (as bench/adapters.py).
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
+    fields = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "steps")}
+    return LlamaConfig(max_position_embeddings=2048, **fields)
 
 
 def base_model(cfg, device: torch.device, dtype: torch.dtype):
@@ -68,9 +67,6 @@ def base_model(cfg, device: torch.device, dtype: torch.dtype):
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).train()
-
-
-Hooks = tuple[Callable[[], torch.Tensor] | None, Callable | None, Callable | None]
 
 
 def setup_lora(model, targets, total, args):
@@ -84,16 +80,9 @@ def setup_adalora(model, targets, total, args):
     from peft import AdaLoraConfig, get_peft_model
 
     cfg = AdaLoraConfig(
-        init_r=12,
-        target_r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=targets,
-        tinit=args.warmup,
-        tfinal=1,
-        deltaT=args.interval,
-        total_step=total,
-    )
+        init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+        tinit=args.warmup, tfinal=1, deltaT=args.interval, total_step=total,
+    )  # fmt: skip
     peft_model = get_peft_model(model, cfg)
     # After optimizer.step(), before zero_grad (peft's documented order): it reads the gradients.
     return peft_model, (None, None, lambda t, opt: peft_model.base_model.update_and_allocate(t))
@@ -117,80 +106,119 @@ METHODS = {
 }
 
 
-def run_one(name, setup, args, cfg, device, dtype, batch) -> Result:
-    targets = args.targets.split(",")
-    total = args.warmup + args.steps
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    model, (extra_loss, before_step, after_step) = setup(
-        base_model(cfg, device, dtype), targets, total, args
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for t in range(total):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+class Runner:
+    """One method's model, optimizer and hooks; ``step(t)`` is one timed training step."""
+
+    def __init__(self, name, setup, args, cfg, device, dtype, batch):
+        total = args.warmup + args.steps
+        self.name, self.device, self.batch, self.times = name, device, batch, []
+        self.model, (self.extra, self.before, self.after) = setup(
+            base_model(cfg, device, dtype), args.targets.split(","), total, args
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+
+    def step(self, t: int) -> float:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        loss = model(**batch).loss
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        loss = self.model(**self.batch).loss
+        if self.extra is not None:
+            loss = loss + self.extra()
         loss.backward()
-        if before_step is not None:
-            before_step(t, opt)
-        opt.step()
-        if after_step is not None:
-            after_step(t, opt)
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if self.before is not None:
+            self.before(t, self.opt)
+        self.opt.step()
+        if self.after is not None:
+            self.after(t, self.opt)
+        self.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def result(self, peak: float | None) -> Result:
+        return Result(
+            self.name, sum(p.numel() for p in self.params),
+            1e3 * statistics.median(self.times), 1e3 * statistics.fmean(self.times), peak,
+            str(self.params[0].dtype).removeprefix("torch."),
+        )  # fmt: skip
+
+
+def run_interleaved(args, cfg, device, dtype, batch) -> list[Result]:
+    """All methods side by side (CPU): one step of each per round, the order rotating."""
+    runners = [Runner(n, s, args, cfg, device, dtype, batch) for n, s in METHODS.items()]
+    for t in range(args.warmup + args.steps):
+        k = t % len(runners)
+        for r in runners[k:] + runners[:k]:
+            dt = r.step(t)
+            if t >= args.warmup:
+                r.times.append(dt)
+    return [r.result(None) for r in runners]
+
+
+def run_one(name, setup, args, cfg, device, dtype, batch) -> Result:
+    """One method alone (CUDA: its own peak memory)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    r = Runner(name, setup, args, cfg, device, dtype, batch)
+    for t in range(args.warmup + args.steps):
+        dt = r.step(t)
         if t >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    result = Result(
-        name,
-        sum(p.numel() for p in params),
-        1e3 * statistics.median(times),
-        1e3 * statistics.fmean(times),
-        peak,
-        str(params[0].dtype).removeprefix("torch."),
-    )
-    del model, opt, params
+            r.times.append(dt)
+    res = r.result(torch.cuda.max_memory_allocated(device) / 2**20)
+    del r
     gc.collect()
-    return result
+    return res
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=list(SHAPES), default=None,
+                    help="model shape (default: llama-1b on CUDA, else toy)")  # fmt: skip
+    ap.add_argument("--smoke", action="store_true", help="--shape toy, 3 timed steps, CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (shape's default)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (shape's default)")
+    ap.add_argument("--interval", type=int, default=None, help="rank-move period")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--targets", default=TARGETS, help="comma-separated target modules")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke and args.shape != "smollm2"
+    args.shape = "toy" if args.smoke else args.shape or ("llama-1b" if cuda else "toy")
+    args.device = torch.device("cuda" if cuda and args.shape == "llama-1b" else "cpu")
+    steps, warmup, interval = SHAPES[args.shape]["steps"]
+    batch, seq = SHAPES[args.shape]["batch"]
+    args.steps = args.steps or (3 if args.smoke else steps)
+    args.warmup = args.warmup or (1 if args.smoke else warmup)
+    args.interval = args.interval or (2 if args.smoke else interval)
+    args.batch, args.seq = args.batch or batch, args.seq or seq
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30; smoke 3)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; smoke 1)")
-    ap.add_argument("--interval", type=int, default=None, help="rank-move period (default 10)")
-    ap.add_argument("--batch", type=int, default=None, help="sequences (default 8; smoke 2)")
-    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512)")
-    ap.add_argument("--targets", default=TARGETS, help="comma-separated target modules")
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    small = not cuda
-    args.steps = args.steps or (3 if small else 30)
-    args.warmup = args.warmup or (1 if small else 5)
-    args.interval = args.interval or (2 if small else 10)
-    args.batch = args.batch or (2 if small else 8)
-    args.seq = args.seq or (16 if small else 512)
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = llama_config(small)
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = llama_config(args.shape)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
     batch = {"input_ids": ids, "labels": ids}
-    shape = "tiny Llama (smoke)" if small else "Llama-1.1B shape"
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(
-        f"{shape} on {torch.cuda.get_device_name() if cuda else 'CPU'}, {dtype}, batch "
+        f"{args.shape} Llama shape{' (smoke)' if args.smoke else ''} on {where}, {dtype}, batch "
         f"{args.batch}×{args.seq}, targets {args.targets}; {args.warmup} warm-up + "
-        f"{args.steps} timed steps; torch {torch.__version__}"
+        f"{args.steps} timed steps; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    results = [run_one(n, s, args, cfg, device, dtype, batch) for n, s in METHODS.items()]
+    if device.type == "cuda":
+        results = [run_one(n, s, args, cfg, device, dtype, batch) for n, s in METHODS.items()]
+    else:
+        results = run_interleaved(args, cfg, device, dtype, batch)
     ref = results[0]
     print(
         f"{'method':<20} {'trainable':>11} {'median ms':>10} {'mean ms':>9} {'× LoRA':>7} "

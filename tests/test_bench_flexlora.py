@@ -15,4 +15,4 @@ def test_bench_flexlora_smoke(capsys):
     lora, _, flex = results
     assert flex.trainable == 2 * lora.trainable + 16 * 7 * 2
     out = capsys.readouterr().out
-    assert "tiny Llama (smoke)" in out and "FlexLoRA r=8 c=16" in out and "× LoRA" in out
+    assert "toy Llama shape (smoke)" in out and "FlexLoRA r=8 c=16" in out and "× LoRA" in out

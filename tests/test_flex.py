@@ -1,4 +1,5 @@
-"""FlexLoRA: SVD-form adapter, schedule, importance, prune/expand, state, plot (METHODS §5)."""
+"""FlexLoRA: SVD-form adapter, init, regulariser, schedule, importance, prune/expand, state, plot
+(METHODS.md §5, revised)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 # -- builders shared with test_flex_distributed ------------------------------------------------
-def flex_llama(r: int = 2, capacity: int = 4, layers: int = 2, seed: int = 0) -> nn.Module:
+def flex_llama(
+    r: int = 2, capacity: int = 4, layers: int = 2, seed: int = 0, init: str = "lora"
+) -> nn.Module:
     """A tiny random Llama with FlexAdapters on q_proj/v_proj, via plan_flexlora → apply."""
     model = tiny_llama(layers=layers, seed=seed)
-    plan = el.plan_flexlora(model, r=r, capacity=capacity, target_modules=TARGETS)
+    plan = el.plan_flexlora(model, r=r, capacity=capacity, target_modules=TARGETS, init=init)
     return el.apply(model, plan)
 
 
@@ -74,10 +77,14 @@ def numpy_delta(a: FlexAdapter) -> np.ndarray:
 
 
 def randomize(a: FlexAdapter, seed: int) -> None:
-    """Give λ distinct non-zero values on active slots (as after some training)."""
+    """Give λ distinct non-zero values and P, Q random entries on active slots (as after some
+    training; P starts at 0)."""
     g = torch.Generator().manual_seed(seed)
+    m = a.mask.float()
     with torch.no_grad():
-        a.lambda_.copy_((torch.rand(a.capacity, generator=g) + 0.1) * a.mask)
+        a.lambda_.copy_((torch.rand(a.capacity, generator=g) + 0.1) * m)
+        a.P.copy_(torch.randn(a.d_out, a.capacity, generator=g) * 0.3 * m)
+        a.Q.copy_(torch.randn(a.capacity, a.d_in, generator=g) * 0.3 * m[:, None])
 
 
 # -- the adapter -------------------------------------------------------------------------------
@@ -97,15 +104,51 @@ def test_adapter_forward_matches_dense_numpy():
     assert a.scale == 4.0 and a.rank == 2 and a.capacity == 4
 
 
-def test_adapter_init_and_seed():
-    a = FlexAdapter(7, 9, rank=3, generator=torch.Generator().manual_seed(5))
-    b = FlexAdapter(7, 9, rank=3, generator=torch.Generator().manual_seed(5))
-    assert a.capacity == 6 and a.mask.tolist() == [True] * 3 + [False] * 3
-    assert torch.equal(a.P, b.P) and torch.equal(a.Q, b.Q)
-    assert not a.lambda_.any()
+def test_adapter_init_lora_speed_zero_impact_and_seed():
+    a = FlexAdapter(70, 9, rank=3, generator=torch.Generator().manual_seed(5))
+    b = FlexAdapter(70, 9, rank=3, generator=torch.Generator().manual_seed(5))
+    assert a.capacity == 6 and a.mask.tolist() == [True] * 3 + [False] * 3 and a.init == "lora"
+    assert torch.equal(a.Q, b.Q)
+    assert not a.P.any()  # P = 0: zero impact, P learns as LoRA's B
+    assert a.lambda_.tolist() == [1.0] * 3 + [0.0] * 3
+    assert not a.Q[3:].any() and a.Q[:3].all()
+    bound = 1 / np.sqrt(70)  # Kaiming-uniform as LoRA's A: U(−1/√d_in, 1/√d_in)
+    q = a.Q[:3].detach().numpy()
+    assert np.abs(q).max() <= bound and np.abs(q).max() > 0.9 * bound
+    assert abs(q.std() - bound / np.sqrt(3)) < 0.15 * bound
+    assert a.delta_weight().abs().max() == 0
+
+
+def test_adapter_init_paper():
+    a = FlexAdapter(7, 9, rank=3, generator=torch.Generator().manual_seed(5), init="paper")
+    assert not a.lambda_.any() and a.delta_weight().abs().max() == 0
     assert not a.P[:, 3:].any() and not a.Q[3:].any()
     assert a.P[:, :3].all() and 0.005 < a.P[:, :3].std().item() < 0.05
-    assert a.delta_weight().abs().max() == 0  # λ = 0: the adapter starts as a no-op
+    with pytest.raises(ValueError, match="unknown FlexLoRA init 'svd'"):
+        FlexAdapter(7, 9, rank=3, init="svd")
+
+
+def test_flex_starts_exactly_as_lora():
+    """Same seed: Q's active rows are LoRA's A, and P's first gradient is LoRA's B's."""
+    lora = el.apply(
+        tiny_llama(layers=2),
+        el.plan_lora(tiny_llama(layers=2), r=2, target_modules=TARGETS),
+        seed=3,
+    )
+    flex = el.apply(
+        tiny_llama(layers=2),
+        el.plan_flexlora(tiny_llama(layers=2), r=2, target_modules=TARGETS),
+        seed=3,
+    )
+    batch = BATCHES[0]
+    lora(**batch).loss.backward()
+    flex(**batch).loss.backward()
+    la = {n: m.adapter for n, m in el.adapted_modules(lora).items()}
+    for name, a in flex_adapters(flex).items():
+        A, B = la[name].A, la[name].B
+        torch.testing.assert_close(a.Q[:2], A, rtol=0, atol=0)
+        torch.testing.assert_close(a.P.grad[:, :2], B.grad, rtol=1e-5, atol=1e-7)
+        assert B.grad.abs().max() > 0
 
 
 def test_lora_factors_are_active_directions():
@@ -135,27 +178,63 @@ def test_inactive_slots_get_zero_gradient():
     assert a.P.grad[:, :2].any() and a.lambda_.grad[:2].any()
 
 
+def numpy_orthogonality(a: FlexAdapter) -> float:
+    """‖PₐᵀPₐ − I‖_F + ‖QₐQₐᵀ − I‖_F over active directions, float64, not squared."""
+    idx = a.mask.numpy().nonzero()[0]
+    p = a.P.detach().double().numpy()[:, idx]
+    q = a.Q.detach().double().numpy()[idx]
+    k = len(idx)
+    return float(np.linalg.norm(p.T @ p - np.eye(k)) + np.linalg.norm(q @ q.T - np.eye(k)))
+
+
 def test_orthogonality_matches_numpy_over_active_directions():
     a = FlexAdapter(6, 5, rank=3, capacity=5, generator=torch.Generator().manual_seed(0))
     a.activate(4, torch.randn(5), torch.randn(6))
     a.deactivate(0)
     with torch.no_grad():
         a.P[:, 0] = 3.0  # an inactive dirty slot must not count
-    idx = [1, 2, 4]
-    p = a.P.detach().double().numpy()[:, idx]
-    q = a.Q.detach().double().numpy()[idx]
-    want = ((p.T @ p - np.eye(3)) ** 2).sum() + ((q @ q.T - np.eye(3)) ** 2).sum()
-    assert a.orthogonality().item() == pytest.approx(want, rel=1e-5)
+    assert a.orthogonality().item() == pytest.approx(numpy_orthogonality(a), rel=1e-5)
 
 
-def test_orthogonality_grad_matches_autograd():
-    a = FlexAdapter(6, 5, rank=2, capacity=4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a.P.mul_(20)
-    a.orthogonality().backward()
-    gp, gq = a.orthogonality_grad()
-    torch.testing.assert_close(gp, a.P.grad)
-    torch.testing.assert_close(gq, a.Q.grad)
+def naive_distance(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """‖XₐᵀXₐ − I‖_F by gathering active columns, plain autograd (independent of flex_ops)."""
+    out = []
+    for xi, mi in zip(x, m.bool()):
+        xa = xi[:, mi]
+        out.append(torch.linalg.norm(xa.T @ xa - torch.eye(xa.shape[1], dtype=x.dtype)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_distance_grad_matches_autograd(seed):
+    from entrolora.flex_ops import gram_distance, gram_distance_grad
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    m = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    x1 = x.clone().requires_grad_(True)
+    naive_distance(x1, m).sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    d = gram_distance(x2, m)
+    d.sum().backward()
+    norm, grad = gram_distance_grad(x, m)
+    torch.testing.assert_close(d, naive_distance(x, m))
+    torch.testing.assert_close(norm, d.detach())
+    want = x1.grad * m[:, None, :]  # autograd gives inactive columns 0 as well
+    torch.testing.assert_close(x2.grad, want)
+    torch.testing.assert_close(grad, want)
+
+
+def test_gram_distance_at_its_minimum_has_zero_gradient():
+    """‖E‖ = 0 (orthonormal columns): not differentiable there; both paths give 0, no NaN."""
+    from entrolora.flex_ops import gram_distance, gram_distance_grad
+
+    x = torch.eye(5, 3, dtype=torch.float32)[None].clone().requires_grad_(True)
+    m = torch.ones(1, 3)
+    d = gram_distance(x, m)
+    d.sum().backward()
+    assert d.item() == 0.0 and not x.grad.any()
+    assert not gram_distance_grad(x.detach(), m)[1].any()
 
 
 def test_adapter_bad_inputs():
@@ -268,23 +347,33 @@ def test_finds_modules_in_order():
     assert list(flex_adapters(model)) == list(flex.modules)
 
 
-def test_regularizer_is_gamma_times_sum():
-    model = flex_llama()
+def test_regularizer_is_gamma_times_mean_of_norms():
+    model = flex_llama(capacity=5)
     flex = FlexLoRA(model, total_steps=20, gamma=0.25)
-    want = 0.0
-    for a in flex.modules.values():
-        idx = a.mask.nonzero().flatten().numpy()
-        p = a.P.detach().double().numpy()[:, idx]
-        q = a.Q.detach().double().numpy()[idx]
-        k = len(idx)
-        want += ((p.T @ p - np.eye(k)) ** 2).sum() + ((q @ q.T - np.eye(k)) ** 2).sum()
-    assert flex.regularizer().item() == pytest.approx(0.25 * want, rel=1e-5)
+    for i, a in enumerate(flex.modules.values()):
+        randomize(a, i)
+    flex.expand(next(iter(flex.modules)))  # ranks differ between modules
+    # each Pₐ and each Qₐ counts as one matrix: 2 per module
+    want = sum(numpy_orthogonality(a) for a in flex.modules.values()) / (2 * len(flex.modules))
+    got = flex.regularizer()
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(0.25 * want, rel=1e-5)
     assert FlexLoRA(model, total_steps=20, gamma=0).regularizer().item() == 0.0
+
+
+def test_regularizer_is_float32_under_autocast():
+    model = flex_llama()
+    flex = FlexLoRA(model, total_steps=20)
+    want = flex.regularizer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = flex.regularizer()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_add_regularizer_grad_equals_backward():
     model = flex_llama()
     flex = FlexLoRA(model, total_steps=20)
+    for i, a in enumerate(flex.modules.values()):
+        randomize(a, i)
     flex.regularizer().backward()
     want = {n: (a.P.grad.clone(), a.Q.grad.clone()) for n, a in flex.modules.items()}
     model.zero_grad(set_to_none=True)
@@ -294,37 +383,65 @@ def test_add_regularizer_grad_equals_backward():
         torch.testing.assert_close(a.Q.grad, want[n][1])
 
 
-def test_importance_of_modules_matches_numpy():
-    model = flex_llama(capacity=5)
+def test_importance_is_eq3_on_the_exact_spectrum_of_the_update():
+    model = flex_llama(r=3, capacity=5)
     flex = FlexLoRA(model, total_steps=20)
     for i, a in enumerate(flex.modules.values()):
-        randomize(a, i)
+        randomize(a, i)  # P, Q far from orthonormal: λ alone is not the spectrum
     first = next(iter(flex.modules))
-    flex.expand(first)  # an active λ = 0 counts in r
+    flex.expand(first)  # P column 0: the new direction adds nothing to ΔW, yet counts in r
+    imp = flex.importance()
+    for n, a in flex.modules.items():
+        sigma = np.linalg.svd(numpy_delta(a), compute_uv=False)
+        r = int(a.mask.sum())
+        assert imp[n] == pytest.approx(numpy_importance(sigma[:r]), abs=1e-10)
+        lam = a.lambda_.detach().double().numpy()[a.mask.numpy()]
+        assert abs(imp[n] - numpy_importance(lam)) > 1e-3  # not the λ reading
+    assert flex.modules[first].rank == 4
+
+
+def test_importance_lambda_is_the_papers_reading():
+    model = flex_llama(capacity=5)
+    flex = FlexLoRA(model, total_steps=20, importance="lambda")
+    for i, a in enumerate(flex.modules.values()):
+        randomize(a, i)
     imp = flex.importance()
     for n, a in flex.modules.items():
         lam = a.lambda_.detach().double().numpy()[a.mask.numpy()]
         assert imp[n] == pytest.approx(numpy_importance(lam), abs=1e-12)
 
 
-def test_prune_removes_smallest_abs_lambda_only():
+def test_importance_of_a_zero_update_is_zero():
+    flex = FlexLoRA(flex_llama(), total_steps=20)  # P = 0 at init: ΔW = 0
+    assert set(flex.importance().values()) == {0.0}
+
+
+@pytest.mark.parametrize("importance, slot", [("spectrum", 2), ("lambda", 1)])
+def test_prune_removes_the_smallest_own_term_only(importance, slot):
     model = flex_llama(r=3, capacity=4)
-    flex = FlexLoRA(model, total_steps=20)
+    flex = FlexLoRA(model, total_steps=20, importance=importance)
     name, a = next(iter(flex.modules.items()))
+    randomize(a, 0)
     with torch.no_grad():
         a.lambda_.copy_(torch.tensor([0.5, -0.05, -0.3, 0.0]))
+        a.P[:, 2] *= 0.01  # slot 2's own term |λ|·‖p‖·‖q‖ is the smallest, slot 1's |λ| is
+    terms = [abs(a.lambda_[i].item()) * a.P[:, i].norm().item() * a.Q[i].norm().item()
+             for i in range(3)]  # fmt: skip
+    assert int(np.argmin(terms)) == 2
+    keep = [i for i in range(3) if i != slot]
+    lam_slot = a.lambda_[slot].item()
     before = numpy_delta(a)
-    p1 = a.P.detach().double().numpy()[:, 1].copy()
-    q1 = a.Q.detach().double().numpy()[1].copy()
+    p1 = a.P.detach().double().numpy()[:, slot].copy()
+    q1 = a.Q.detach().double().numpy()[slot].copy()
     others = {n: b.delta_weight().detach().clone() for n, b in flex.modules.items() if n != name}
     wrapper = model.get_submodule(name)
     x = torch.randn(2, 3, a.d_in)
     y_before = wrapper(x).detach().double().numpy()
 
-    assert flex.prune(name) == 1
-    assert flex.ranks[name] == 2 and a.mask.tolist() == [True, False, True, False]
-    assert a.lambda_[1] == 0 and not a.P[:, 1].any() and not a.Q[1].any()
-    direction = a.scale * -0.05 * np.outer(p1, q1)
+    assert flex.prune(name) == slot
+    assert flex.ranks[name] == 2 and a.mask.nonzero().flatten().tolist() == keep
+    assert a.lambda_[slot] == 0 and not a.P[:, slot].any() and not a.Q[slot].any()
+    direction = a.scale * lam_slot * np.outer(p1, q1)
     np.testing.assert_allclose(numpy_delta(a), before - direction, atol=1e-9)
     y_want = y_before - x.double().numpy() @ direction.T
     np.testing.assert_allclose(wrapper(x).detach().double().numpy(), y_want, atol=1e-6)
@@ -332,8 +449,9 @@ def test_prune_removes_smallest_abs_lambda_only():
         assert torch.equal(flex.modules[n].delta_weight(), d)
 
 
-def test_expand_leaves_outputs_exactly_unchanged():
-    model = flex_llama(r=2, capacity=4)
+@pytest.mark.parametrize("init", ["lora", "paper"])
+def test_expand_leaves_outputs_exactly_unchanged(init):
+    model = flex_llama(r=2, capacity=4, init=init)
     flex = FlexLoRA(model, total_steps=20, seed=3)
     for i, a in enumerate(flex.modules.values()):
         randomize(a, i)
@@ -343,8 +461,12 @@ def test_expand_leaves_outputs_exactly_unchanged():
     name = list(flex.modules)[1]
     a = flex.modules[name]
     assert flex.expand(name) == 2
-    assert a.mask.tolist() == [True, True, True, False] and a.lambda_[2] == 0
-    assert 0.005 < a.P[:, 2].std().item() < 0.05 and a.Q[2].abs().sum() > 0
+    assert a.mask.tolist() == [True, True, True, False] and a.Q[2].all()
+    if init == "lora":  # P column 0, λ = 1, Q row as LoRA's A (bound 1/√d_in)
+        assert not a.P[:, 2].any() and a.lambda_[2] == 1
+        assert a.Q[2].abs().max() <= 1 / np.sqrt(a.d_in)
+    else:  # the paper's: λ = 0, P, Q ~ N(0, 0.02²)
+        assert a.lambda_[2] == 0 and 0.005 < a.P[:, 2].std().item() < 0.05
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
 
@@ -426,6 +548,8 @@ def test_whole_run_constant_rank_and_decisions_only_when_scheduled():
 def test_rank_one_modules_are_handled():
     model = flex_llama(r=1, capacity=3)
     flex = FlexLoRA(model, total_steps=12, b0=2, t_warmup=1, t_final=1, interval=2)
+    for i, a in enumerate(flex.modules.values()):
+        randomize(a, i)
     assert set(flex.importance().values()) == {0.0}
     opt = torch.optim.AdamW(trainable(model), lr=2e-2)
     train(model, flex, opt, range(12))
@@ -459,6 +583,7 @@ def test_resume_from_checkpoint_equals_straight_run(tmp_path, save_after):
     model, opt = fresh()
     flex = FlexLoRA(model, **opts)
     train(model, flex, opt, range(save_after + 1))
+    assert flex.fresh.born  # young slots whose Adam correction must carry over
     el.save(model, tmp_path, flex=flex)  # weights, masks, plan, flex_state.json
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)  # the user's optimizer checkpoint (test only)
@@ -557,8 +682,10 @@ def test_bad_options():
     model = flex_llama()
     with pytest.raises(ValueError, match="gamma must be a finite number ≥ 0"):
         FlexLoRA(model, total_steps=10, gamma=-1.0)
-    with pytest.raises(ValueError, match="init_std must be a finite number > 0"):
-        FlexLoRA(model, total_steps=10, init_std=0.0)
+    with pytest.raises(ValueError, match="importance must be spectrum or lambda, got 'sigma'"):
+        FlexLoRA(model, total_steps=10, importance="sigma")
+    with pytest.raises(ValueError, match="FlexLoRA init must be one of lora, paper, got 'svd'"):
+        el.plan_flexlora(tiny_llama(layers=1), r=2, target_modules=TARGETS, init="svd")
     with pytest.raises(TypeError, match="needs the int step index"):
         FlexLoRA(model, total_steps=10).step(1.0, None)
 
@@ -615,6 +742,8 @@ def test_load_state_mismatches(tmp_path):
     with pytest.raises(ValueError, match="not a FlexLoRA controller state"):
         flex.load_state_dict({"format": "other"})
     with pytest.raises(ValueError, match="state is malformed"):
+        flex.load_state_dict({"format": "entrolora.flex", "format_version": 2})
+    with pytest.raises(ValueError, match="version 1 is not 2"):
         flex.load_state_dict({"format": "entrolora.flex", "format_version": 1})
     with pytest.raises(ValueError, match="does not exist"):
         FlexLoRA.from_checkpoint(model, tmp_path)

@@ -1,7 +1,7 @@
 """FlexAdapter: the SVD-form adapter of FlexLoRA, ``ΔW = (α/r₀)·P·diag(λ·mask)·Q`` (METHODS.md §5).
 
 Capacity ``c`` slots are allocated once; a boolean buffer ``mask`` says which are active. Shapes
-never change during training, so optimizers, ``torch.compile``, DDP/FSDP and ZeRO keep working;
+never change during training, so optimizers, ``torch.compile``, DDP and FSDP2 keep working;
 the FlexLoRA controller (``entrolora.flex``) moves rank between modules by flipping mask bits.
 Inactive slots are multiplied by 0 in the forward pass and the regulariser, so they contribute
 nothing and receive exactly zero gradient.
@@ -9,17 +9,45 @@ nothing and receive exactly zero gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from ..flex_ops import gram_distance, write_slot
+from .base import kaiming_uniform
+
+INITS = ("lora", "paper")
+PAPER_STD = 0.02  # AdaLoRA's and the FlexLoRA paper's N(0, 0.02²)
+
+
+def new_directions(
+    d_out: int, d_in: int, n: int, init: str, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` fresh directions ``(P cols (d_out, n), λ (n,), Q rows (n, d_in))``, float32, CPU.
+
+    ``init="lora"`` (METHODS.md §5, revised): P = 0, λ = 1, Q Kaiming-uniform as LoRA's A (bound
+    1/√d_in) — zero impact, and P learns exactly as LoRA's B. ``init="paper"``: λ = 0, P and Q
+    ~ N(0, 0.02²) (AdaLoRA's convention, the paper's reading). Drawn from ``generator`` on the
+    CPU so a seed gives the same directions on every device and process.
+    """
+    if init == "lora":
+        q = kaiming_uniform((n, d_in), d_in, generator)
+        return torch.zeros(d_out, n), torch.ones(n), q
+    if init == "paper":
+        p = torch.randn(d_out, n, generator=generator) * PAPER_STD
+        q = torch.randn(n, d_in, generator=generator) * PAPER_STD
+        return p, torch.zeros(n), q
+    raise ValueError(f"unknown FlexLoRA init {init!r}; use one of {', '.join(INITS)}")
 
 
 class FlexAdapter(nn.Module):
     """``delta(x) = ((x @ Qᵀ) · (λ·mask)) @ Pᵀ · α/r₀`` — METHODS.md §5.
 
     Parameters: P ``(d_out, c)``, λ ``(c)`` (attribute ``lambda_``), Q ``(c, d_in)``; buffer
-    ``mask`` ``(c)`` bool, the first ``rank`` slots active. Init (AdaLoRA's convention): λ = 0,
-    active P columns / Q rows ~ N(0, init_std²); inactive slots are all zeros. The scale α/r₀ is
-    fixed at construction and does not follow the active rank.
+    ``mask`` ``(c)`` bool, the first ``rank`` slots active, initialised by ``new_directions``
+    with ``init`` ("lora", the default, or "paper"); inactive slots are all zeros. The scale
+    α/r₀ is fixed at construction and does not follow the active rank.
     """
 
     kind = "flex"
@@ -34,7 +62,7 @@ class FlexAdapter(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-        init_std: float = 0.02,
+        init: str = "lora",
     ) -> None:
         super().__init__()
         capacity = 2 * rank if capacity is None else capacity
@@ -52,16 +80,16 @@ class FlexAdapter(nn.Module):
         self.d_in, self.d_out, self.r0, self.capacity = d_in, d_out, rank, capacity
         self.lora_alpha = float(lora_alpha)
         self.scale = self.lora_alpha / rank
+        self.init = init
         mask = torch.zeros(capacity, dtype=torch.bool, device=device)
         mask[:rank] = True
         self.register_buffer("mask", mask, persistent=True)
-        # Draw on the CPU (the generator's device) so a seed gives the same init on any device.
-        p = torch.randn(d_out, capacity, generator=generator) * init_std
-        q = torch.randn(capacity, d_in, generator=generator) * init_std
-        keep = mask.cpu().to(p.dtype)
-        self.P = nn.Parameter((p * keep).to(device=device, dtype=dtype))
-        self.lambda_ = nn.Parameter(torch.zeros(capacity, device=device, dtype=dtype))
-        self.Q = nn.Parameter((q * keep[:, None]).to(device=device, dtype=dtype))
+        p0, lam0, q0 = new_directions(d_out, d_in, rank, init, generator)
+        p, lam, q = torch.zeros(d_out, capacity), torch.zeros(capacity), torch.zeros(capacity, d_in)
+        p[:, :rank], lam[:rank], q[:rank] = p0, lam0, q0
+        self.P = nn.Parameter(p.to(device=device, dtype=dtype))
+        self.lambda_ = nn.Parameter(lam.to(device=device, dtype=dtype))
+        self.Q = nn.Parameter(q.to(device=device, dtype=dtype))
 
     # -- the function --------------------------------------------------------------------------
     def effective_lambda(self) -> torch.Tensor:
@@ -91,31 +119,14 @@ class FlexAdapter(nn.Module):
         return a, b, self.scale
 
     def orthogonality(self) -> torch.Tensor:
-        """``‖PₐᵀPₐ − I‖²_F + ‖QₐQₐᵀ − I‖²_F`` over active directions (METHODS §5 eq. 2), float32.
+        """``‖PₐᵀPₐ − I‖_F + ‖QₐQₐᵀ − I‖_F`` over active directions (METHODS §5, revised), float32.
 
-        Masking zeroes the inactive rows/columns of both Gram matrices and of the identity, so
-        the full ``c×c`` computation equals the active-only one without gathering slots.
+        The same code as the controller's batched regulariser (``flex_ops.gram_distance``).
         """
-        m = self.mask.to(torch.float32)
-        p = self.P.float() * m  # (d_out, c)
-        q = self.Q.float() * m[:, None]  # (c, d_in)
-        eye = torch.diag(m)
-        return ((p.T @ p - eye) ** 2).sum() + ((q @ q.T - eye) ** 2).sum()
-
-    @torch.no_grad()
-    def orthogonality_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Analytic gradients of ``orthogonality()`` w.r.t. P and Q, in the parameters' dtype.
-
-        ``∂/∂P = 4·Pₐ(PₐᵀPₐ − I)``, ``∂/∂Q = 4·(QₐQₐᵀ − I)Qₐ`` (inactive slots get 0). Used where
-        the regulariser cannot join the loss (the Trainer callback), without a second backward.
-        """
-        m = self.mask.to(torch.float32)
-        p = self.P.float() * m
-        q = self.Q.float() * m[:, None]
-        eye = torch.diag(m)
-        gp = 4 * p @ (p.T @ p - eye)
-        gq = 4 * (q @ q.T - eye) @ q
-        return gp.to(self.P.dtype), gq.to(self.Q.dtype)
+        m = self.mask.to(torch.float32)[None]
+        p = gram_distance(self.P.float()[None], m)
+        q = gram_distance(self.Q.float().T[None], m)
+        return (p + q)[0]
 
     # -- slots ---------------------------------------------------------------------------------
     @property
@@ -131,25 +142,32 @@ class FlexAdapter(nn.Module):
     def deactivate(self, slot: int) -> None:
         """Prune ``slot``: mask it off and zero its λ, P column and Q row, so it is clean."""
         self.mask[slot] = False
-        self.lambda_[slot] = 0
-        self.P[:, slot] = 0
-        self.Q[slot, :] = 0
+        write_slot(self.lambda_, 0, slot, 0.0)
+        write_slot(self.P, 1, slot, 0.0)
+        write_slot(self.Q, 0, slot, 0.0)
 
     @torch.no_grad()
-    def activate(self, slot: int, p_col: torch.Tensor, q_row: torch.Tensor) -> None:
-        """Expand into ``slot`` with zero impact: λ = 0, P column ``p_col``, Q row ``q_row``."""
+    def activate(
+        self, slot: int, p_col: torch.Tensor, q_row: torch.Tensor, lam: float = 0.0
+    ) -> None:
+        """Expand into ``slot``: P column ``p_col``, Q row ``q_row``, λ ``lam``.
+
+        Zero impact when ``p_col = 0`` or ``lam = 0`` (``new_directions`` gives either).
+        """
         if p_col.shape != (self.d_out,) or q_row.shape != (self.d_in,):
             raise ValueError(
                 f"activate needs p_col ({self.d_out},) and q_row ({self.d_in},); "
                 f"got {tuple(p_col.shape)} and {tuple(q_row.shape)}"
             )
+        if not math.isfinite(lam):
+            raise ValueError(f"activate needs a finite λ, got {lam!r}")
         self.mask[slot] = True
-        self.lambda_[slot] = 0
-        self.P[:, slot] = p_col.to(self.P)
-        self.Q[slot, :] = q_row.to(self.Q)
+        write_slot(self.lambda_, 0, slot, float(lam))
+        write_slot(self.P, 1, slot, p_col)
+        write_slot(self.Q, 0, slot, q_row)
 
     def extra_repr(self) -> str:
         return (
             f"d_in={self.d_in}, d_out={self.d_out}, rank={self.r0}, capacity={self.capacity}, "
-            f"scale={self.scale:g}"
+            f"scale={self.scale:g}, init={self.init}"
         )

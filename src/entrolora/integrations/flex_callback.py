@@ -4,9 +4,11 @@
     trainer = Trainer(model, args, ..., callbacks=[FlexLoRACallback(flex)])
 
 The Trainer computes its own loss, so the callback adds the regulariser's gradient (analytic,
-``FlexLoRA.add_regularizer_grad``) to P and Q just before each optimizer step, then lets the
-controller adjust ranks (``on_pre_optimizer_step``: after backward and gradient clipping,
-before ``optimizer.step()``). The regulariser's gradient is therefore not clipped; with fp16
+``FlexLoRA.add_regularizer_grad``: the same code as the regulariser's backward) to P and Q just
+before each optimizer step, then lets the controller adjust ranks (``on_pre_optimizer_step``:
+after backward and gradient clipping, before ``optimizer.step()``). The controller finds the
+torch optimizer inside accelerate's wrapper and hooks its step, so moved slots start like fresh
+parameters under Adam/AdamW. The regulariser's gradient is therefore not clipped; with fp16
 loss scaling and ``max_grad_norm = 0`` the gradients are still scaled at that point, so keep
 gradient clipping on (the default) or add ``flex.regularizer()`` to the loss in your own
 ``compute_loss`` and pass ``regularize=False``.
@@ -24,8 +26,8 @@ from ..flex import FlexLoRA
 class FlexLoRACallback(TrainerCallback):
     """Calls ``flex.step(state.global_step, optimizer)`` before every optimizer step.
 
-    ``regularize``: add γ·∇(orthogonality) to the gradients first (METHODS.md §5 eq. 2).
-    ``reset_moments=False`` skips the per-slot optimizer-moment reset (ZeRO/FSDP flat params).
+    ``regularize``: add γ·∇(orthogonality) to the gradients first (METHODS.md §5, revised).
+    ``reset_moments=False`` skips the per-slot optimizer reset (optimizers with flat state).
     """
 
     def __init__(self, flex: FlexLoRA, regularize: bool = True, reset_moments: bool = True):

@@ -196,8 +196,17 @@ def plan_flexlora(
     *,
     target_modules: str | Sequence[str] | None = None,
     lora_alpha: float | None = None,
+    init: str = "lora",
 ) -> AdaptationPlan:
-    """FlexLoRA (METHODS.md §5): kind ``flex``, ``r`` active of ``capacity`` (default ``2·r``)."""
+    """FlexLoRA (METHODS.md §5): kind ``flex``, ``r`` active of ``capacity`` (default ``2·r``).
+
+    ``init``: "lora" (P = 0, λ = 1, Q as LoRA's A) or "paper" (λ = 0, P, Q ~ N(0, 0.02²)); the
+    adapters and every later expansion follow it.
+    """
+    from ..adapters.flex import INITS
+
+    if init not in INITS:
+        raise ValueError(f"FlexLoRA init must be one of {', '.join(INITS)}, got {init!r}")
     r = check_int("r", r)
     capacity = 2 * r if capacity is None else check_int("capacity", capacity)
     if capacity < r:
@@ -215,5 +224,6 @@ def plan_flexlora(
         "capacity": capacity,
         "target_modules": targets_option(target_modules),
         "lora_alpha": alpha,
+        "init": init,
     }
     return AdaptationPlan("flexlora", modules, {}, alpha, options)
