@@ -9,13 +9,14 @@ other parameter and records the plan on the model (``model.entrolora_plan``) so 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters.base import AdaptedLinear, kaiming_uniform
 from .adapters.lowrank import BlockDiagonalAdapter, LowRankAdapter
-from .adapters.variants import DoRAAdapter, LoRIAdapter, VeRAAdapter
+from .adapters.variants import DoRAAdapter, LoRIAdapter, VeRAAdapter, calibrate_lori_masks
 from .plans import AdaptationPlan, ModulePlan, lori_kept
 from .targets import get_module
 
@@ -67,14 +68,22 @@ def apply(
     dropout: float = 0.0,
     seed: int = 0,
     adapter_dtype: torch.dtype | None = None,
+    stats: Any = None,
+    for_loading: bool = False,
 ) -> nn.Module:
     """Inject ``plan``'s adapters into ``model`` in place and return it.
 
     Validates the plan against the model first (``AdaptationPlan.validate``); refuses a model that
     already has adapters. Factors are drawn from ``torch.Generator().manual_seed(seed)`` on the
     CPU (the global RNG is untouched), so every process builds identical adapters. Init follows
-    METHODS.md §4: A Kaiming-uniform as peft's LoRA, B zero (shared B too). Adapter dtype follows
-    each base layer unless ``adapter_dtype`` is given; device follows the base layer.
+    METHODS.md §4: A Kaiming-uniform as peft's LoRA, B zero (shared B too); VeRA's frozen
+    matrices as VeRA/peft draw them. Adapter dtype follows each base layer unless
+    ``adapter_dtype`` is given; device follows the base layer.
+
+    E²LoRI's masks come from ``stats`` (``GradientStats`` holding the probe's gradients, as
+    ``el.probe`` returns them): B's calibration magnitudes ``|G·Aᵀ|``; ``plan.options["mask"] =
+    "random"`` draws them instead. ``for_loading`` (``el.load``) leaves them empty for the saved
+    ones to be copied in.
     """
     if not isinstance(plan, AdaptationPlan):
         raise TypeError(f"apply needs an AdaptationPlan, got {type(plan).__name__}")
@@ -88,6 +97,7 @@ def apply(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     plan.validate(target)
     _check_groups(plan)
+    gradients = None if for_loading else _lori_gradients(plan, stats)
 
     generator = torch.Generator().manual_seed(int(seed))
     cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -98,7 +108,17 @@ def apply(
         dtype = adapter_dtype or base.weight.dtype
         factory = _Factory(plan, m, cache, generator, dtype, base.weight.device)
         wrappers[name] = AdaptedLinear(base, factory.adapter(base, name), dropout)
+    if gradients is not None:
+        lori = {n: w.adapter for n, w in wrappers.items() if isinstance(w.adapter, LoRIAdapter)}
+        calibrate_lori_masks(lori, gradients, lambda n, numel: _lori_kept(plan, n, numel))
 
+    _install(target, wrappers)
+    setattr(target, PLAN_ATTR, plan)
+    return model
+
+
+def _install(target: nn.Module, wrappers: dict[str, AdaptedLinear]) -> None:
+    """Freeze every parameter, put each wrapper in its module's place, adapters trainable."""
     for p in target.parameters():
         p.requires_grad_(False)
     for name, wrapper in wrappers.items():
@@ -107,8 +127,6 @@ def apply(
         setattr(parent, leaf, wrapper)
         for p in wrapper.adapter.parameters():
             p.requires_grad_(True)
-    setattr(target, PLAN_ATTR, plan)
-    return model
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -274,20 +292,57 @@ class _Factory:
                 return LowRankAdapter(A, B, m.rank, scale, shared)
             return DoRAAdapter(A, B, m.rank, scale, base, shared)
         if m.kind == "vera":
-            A = self.get("A", lambda r: kaiming_uniform((r, d_in), d_in, g), False)
-            B = self.get("B", lambda r: kaiming_uniform((d_out, r), r, g), False)
+            # VeRA and peft: Kaiming-uniform with gain √2, U(±√(6/fan_in)); d = 0.1, b = 0;
+            # no α/r factor (VeRA eq. 2)
+            A = self.get("A", lambda r: kaiming_uniform((r, d_in), d_in, g, a=0.0), False)
+            B = self.get("B", lambda r: kaiming_uniform((d_out, r), r, g, a=0.0), False)
             d = self.get("d", lambda r: torch.full((r,), 0.1), True)
             b = self.get("b", lambda r: torch.zeros(d_out), True)
-            return VeRAAdapter(A, B, d, b, m.rank, scale, shared)
-        # lori: a seeded random mask fixed at apply time (B starts at zero, so the paper's
-        # magnitude mask has nothing to rank yet); it keeps exactly lori_kept entries.
+            return VeRAAdapter(A, B, d, b, m.rank, 1.0, shared)
+        # lori: the mask keeps exactly lori_kept entries: B's calibration magnitudes, set by
+        # apply once every adapter exists (a shared B sums its layers), or seeded random
         sparsity = m.sparsity or 0.0
         A = self.get("A", lambda r: kaiming_uniform((r, d_in), d_in, g), False)
         B = self.get("B", lambda r: torch.zeros(d_out, r), True)
-        mask = self.get("mask", lambda r: _random_mask(d_out, r, sparsity, g), False, key="B")
+        if _lori_mask_mode(self.plan) == "random":
+            make = lambda r: _random_mask(d_out, r, sparsity, g)  # noqa: E731
+        else:
+            make = lambda r: torch.zeros(d_out, r, dtype=torch.bool)  # noqa: E731
+        mask = self.get("mask", make, False, key="B")
         if "B" in shared:
             shared["mask"] = shared["B"]
         return LoRIAdapter(A, B, mask, m.rank, scale, shared)
+
+
+LORI_MASKS = ("magnitude", "random")
+
+
+def _lori_mask_mode(plan: AdaptationPlan) -> str:
+    mode = plan.options.get("mask", "magnitude")
+    if mode not in LORI_MASKS:
+        raise ValueError(f"plan option mask must be one of {', '.join(LORI_MASKS)}, got {mode!r}")
+    return mode
+
+
+def _lori_kept(plan: AdaptationPlan, name: str, numel: int) -> int:
+    return lori_kept(numel, plan.modules[name].sparsity or 0.0)
+
+
+def _lori_gradients(plan: AdaptationPlan, stats: Any) -> dict[str, torch.Tensor] | None:
+    """The probe's gradients of the LoRI modules when their masks are calibrated, else None;
+    ValueError (before the model is touched) when they are needed and missing."""
+    names = [n for n, m in plan.modules.items() if m.kind == "lori"]
+    if not names or _lori_mask_mode(plan) == "random":
+        return None
+    grads = getattr(stats, "gradients", None) or {}
+    missing = [n for n in names if n not in grads]
+    if missing:
+        raise ValueError(
+            f"E²LoRI masks B by calibration magnitudes |G·Aᵀ| and needs the probed gradient of "
+            f"{missing[0]!r}: pass el.apply(model, plan, stats=el.probe(...)) (statistics that "
+            "keep their gradients), or set plan.options['mask'] = 'random'"
+        )
+    return {n: grads[n] for n in names}
 
 
 def _random_mask(d_out: int, r: int, sparsity: float, g: torch.Generator) -> torch.Tensor:
