@@ -13,6 +13,7 @@ from torch import nn
 from .. import data as D
 from .. import distributed as eld
 from .config import TrainConfig, planner_name
+from .model_checks import check_max_length, model_name
 
 
 def calibration_batches(
@@ -52,6 +53,7 @@ def run_probe(
     """
     import entrolora as el
 
+    check_max_length(model, cfg.max_length, model_name(cfg.model))
     model.eval()
     batches = calibration_batches(tokenizer, train_ds, cfg, device)
     stats = el.probe(

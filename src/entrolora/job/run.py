@@ -34,6 +34,7 @@ from .config import (
     PEFT_METHODS,
     RunResult,
     TrainConfig,
+    absolute_paths,
     validate_config,
 )  # fmt: skip
 from .loop import (
@@ -93,6 +94,7 @@ def train_run(cfg: TrainConfig) -> RunResult:
     5. train (``train``), then evaluate on the held-out split (``evaluate_run``);
     6. write the run folder into a staging folder and publish it with one rename (``write_run``).
     """
+    cfg = absolute_paths(cfg)
     method = validate_config(cfg)
     check_output(cfg.output, cfg.overwrite, "run")  # before anything loads
     t_start = time.perf_counter()
@@ -134,7 +136,7 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
     train_ds, test_ds = load_splits(cfg)
     seed_everything(cfg.seed)
     model, tokenizer, family = load_model(
-        cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names
+        cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names, cfg.max_length
     )
     model.to(device)
     steps_per_epoch = D.num_batches(len(train_ds), cfg.batch_size) // world  # per rank
