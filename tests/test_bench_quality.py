@@ -3,6 +3,7 @@ matches a numpy computation on runs.csv; bad input is refused. No timing asserts
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,10 @@ from scripts import load_script
 
 quality = load_script("bench/quality.py")
 common = load_script("bench/common.py")
+qs = load_script("bench/quality_summary.py")
+quality_grid = load_script("bench/quality_grid.py")
+ql = load_script("bench/quality_lr.py")
+qr = load_script("bench/quality_run.py")
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +27,73 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_grid_rows_and_tables(smoke):
-    rows = common.read_rows(smoke / "runs.csv")
-    assert [r["cell"] for r in rows] == list(quality.SMOKE_CELLS)
+    rows = [r for r in common.read_rows(smoke / "runs.csv") if r["phase"] != "sweep"]
+    select = [r for r in rows if r["phase"] == "select"]
+    test = [r for r in rows if r["phase"] == "test"]
+    # Learning-rate selection first (every cell at every lr of the grid), then the test runs.
+    assert [(r["cell"], float(r["lr"])) for r in select] == [
+        (c, lr) for c in quality.SMOKE_CELLS for lr in (2e-3, 5e-3)
+    ]
+    assert [r["cell"] for r in test] == list(quality.SMOKE_CELLS)
+    assert rows.index(select[-1]) < rows.index(test[0])
     assert {r["seed"] for r in rows} == {"0"}
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
         assert int(r["steps"]) == 2
-    by_cell = {r["cell"]: r for r in rows}
+    # 64 rows: 13 test, and 15 % of the 51 training rows (8) validate the selection runs.
+    for r in select:
+        assert (r["val_examples"], r["test_examples"], r["train_examples"]) == ("8", "", "43")
+    for r in test:
+        assert (r["val_examples"], r["test_examples"], r["train_examples"]) == ("", "13", "51")
+    for r in test:  # each test run at the lr its cell's validation runs chose
+        runs = [x for x in select if x["cell"] == r["cell"]]
+        best = max(runs, key=lambda x: (float(x["accuracy"]), -float(x["eval_loss"])))
+        assert float(r["lr"]) == float(best["lr"])
+    by_cell = {r["cell"]: r for r in test}
     # Tiny BERT: 3 layers × 4 attention targets (32×32), LoRA r=8 has A (8×32) and B (32×8).
     assert int(by_cell["lora-r8"]["trainable_params"]) == 3 * 4 * (8 * 32 + 32 * 8)
     assert by_cell["peft-lora-r8"]["trainable_params"] == by_cell["lora-r8"]["trainable_params"]
-    assert by_cell["e2lora-r8"]["stats_reused"] == "False"  # the first probing cell probes
+    # The selection runs train on other rows than the test runs: their statistics are their own.
+    e2 = [r for r in rows if r["cell"] == "e2lora-r8"]
+    assert [r["stats_reused"] for r in e2] == ["False", "True", "False"]
     table = (smoke / "table.md").read_text(encoding="utf-8")
     for label in ("LoRA r=8", "E²LoRA r=8", "peft LoRA r=8"):
-        assert f"| {label} |" in table
-    assert "Finished runs: 3 of 3" in table
+        assert f"| {label} | " in table
+    assert f"| LoRA r=8 | methods | {by_cell['lora-r8']['lr']} |" in table
+    assert (
+        "Finished test runs: 3 of 3 (cells × seeds); learning-rate selection runs: 6 of 6" in table
+    )
     assert "(one seed)" in table  # no ± 0.00 pretending to be an error bar
     claims = (smoke / "claims.md").read_text(encoding="utf-8")
     assert "entrolora LoRA matches peft LoRA (sanity)" in claims
-    assert "pending (cells not run on a common seed yet)" in claims  # not in the smoke grid
+    assert "RaLoRA" not in claims  # claims about cells outside the grid are left out
+    selection = (smoke / "lr_selection.md").read_text(encoding="utf-8")
+    assert "| LoRA r=8 | " in selection and "| chosen lr |" in selection
     assert (smoke / "table.csv").is_file()
     pytest.importorskip("matplotlib")
     assert (smoke / "accuracy_vs_params.png").stat().st_size > 0
+
+
+def test_lr_sweep_runs_its_own_steps_beside_the_selection_runs(smoke):
+    before = common.read_rows(smoke / "runs.csv")
+    quality.main(["--smoke", "--lr-sweep", "--results", str(smoke.parent), "--quiet"])
+    rows = common.read_rows(smoke / "runs.csv")
+    new = rows[len(before) :]
+    assert [(r["cell"], r["phase"], r["lr"], r["steps"]) for r in new] == [
+        ("lora-r8", "sweep", lr, "3") for lr in ("0.001", "0.002", "0.005")
+    ]
+    assert {r["val_examples"] for r in new} == {"8"}  # validation, like the selection runs
+    sweep = (smoke / "lr_sweep.md").read_text(encoding="utf-8")
+    own = {r["lr"]: r for r in new}
+    short = {r["lr"]: r for r in before if r["cell"] == "lora-r8" and r["phase"] == "select"}
+    for lr in ("0.001", "0.002", "0.005"):
+        acc = f"{100 * float(own[lr]['accuracy']):.2f}"
+        loss = f"{float(own[lr]['train_loss']):.3f}"
+        grid = f"{100 * float(short[lr]['accuracy']):.2f}" if lr in short else ""
+        assert f"| {lr} | {acc} | {loss} | {grid} |" in sweep
+    assert "0.002" in short and "0.001" not in short
+    pytest.importorskip("matplotlib")
+    assert (smoke / "lr_sweep.png").stat().st_size > 0
 
 
 def test_smoke_grid_resumes_without_rerunning(smoke, capsys):
@@ -65,7 +115,7 @@ def test_summary_matches_numpy():
     accs = {"lora-r8": [0.80, 0.82, 0.77], "e2lora-r8": [0.81, 0.79, 0.80]}
     params = {"lora-r8": 1000, "e2lora-r8": 520}
     cells = [c for c in quality.CELLS if c.key in accs]
-    summary = {s["cell"].key: s for s in quality.summarize(_rows(accs, params), cells)}
+    summary = {s["cell"].key: s for s in qs.summarize(_rows(accs, params), cells)}
     for key, vals in accs.items():
         v = 100 * np.array(vals, dtype=np.float64)
         assert summary[key]["acc_mean"] == pytest.approx(v.mean(), abs=1e-12)
@@ -73,55 +123,125 @@ def test_summary_matches_numpy():
         assert summary[key]["train_s"] == pytest.approx(2.0)
         assert summary[key]["params"] == [params[key]] * 3
     rows = _rows(accs, params)
-    claim = next(r for r in quality.claims_rows(rows) if r["claim"].startswith("E²LoRA matches"))
+    claims = qs.claims_rows(rows, quality.CELLS)
+    claim = next(r for r in claims if r["claim"].startswith("E²LoRA matches"))
     d = 100 * (np.array(accs["e2lora-r8"]) - np.array(accs["lora-r8"]))  # paired by seed
     delta, se = d.mean(), d.std(ddof=1) / np.sqrt(3)
     assert claim["Δ acc (pp)"] == f"{delta:+.2f} ± {se:.2f}"
     assert claim["seeds"] == "0,1,2"
     assert claim["params ratio"] == "0.52"
     assert claim["verdict"] == "held"
+    assert se > 1 and claim["SE < 1 pp"] == f"≈ {int(np.floor(d.var(ddof=1))) + 1} seeds"
     # The same accuracies with E²LoRA at 0.8× LoRA's parameters: not "about half".
     params["e2lora-r8"] = 800
-    claim = quality.claims_rows(_rows(accs, params))[0]
+    claim = qs.claims_rows(_rows(accs, params), quality.CELLS)[0]
     assert claim["verdict"] == "not held (parameter ratio 0.80 > 0.75; accuracy: held)"
+
+
+def test_select_rows_stay_out_of_the_table_and_claims():
+    rows = _rows(
+        {"lora-r8": [0.80, 0.82], "e2lora-r8": [0.81, 0.79]}, {"lora-r8": 2, "e2lora-r8": 1}
+    )
+    noise = {**rows[0], "phase": "select", "lr": "0.005", "accuracy": "0.1"}
+    cells = [c for c in quality.CELLS if c.key in ("lora-r8", "e2lora-r8")]
+    assert qs.summarize([*rows, noise], cells) == qs.summarize(rows, cells)
+    assert qs.claims_rows([*rows, noise], cells) == qs.claims_rows(rows, cells)
+
+
+def test_seeds_for_se_against_numpy():
+    d = np.array([2.5, -1.0, 0.4])  # per-seed differences, pp
+    sd = d.std(ddof=1)
+    assert sd / np.sqrt(3) > 1.0
+    want = int(np.floor(sd**2)) + 1  # the least m with sd / sqrt(m) < 1
+    assert sd / np.sqrt(want) < 1.0 <= sd / np.sqrt(want - 1)
+    assert qs.seeds_for_se(sd, 3) == f"≈ {want} seeds"
+    assert qs.seeds_for_se(0.5, 3) == "met (3 seeds)"
+    assert qs.seeds_for_se(0.0, 1) == "needs ≥ 2 seeds"
+
+
+def test_chosen_lr_best_validation_then_loss_then_smaller():
+    def sel(lr, acc, loss, cell="lora-r8", seed=0):
+        return {"cell": cell, "seed": str(seed), "phase": "select", "lr": str(lr),
+                "accuracy": str(acc), "eval_loss": str(loss)}  # fmt: skip
+
+    lrs = (5e-4, 1e-3, 2e-3)
+    rows = [sel(5e-4, 0.70, 0.6), sel(1e-3, 0.75, 0.5), sel(2e-3, 0.75, 0.4)]
+    assert ql.chosen_lr(rows, "lora-r8", lrs, 0) == 2e-3  # tie on accuracy: lower loss
+    rows[2] = sel(2e-3, 0.75, 0.5)
+    assert ql.chosen_lr(rows, "lora-r8", lrs, 0) == 1e-3  # full tie: the smaller lr
+    assert ql.chosen_lr(rows[:2], "lora-r8", lrs, 0) is None  # 2e-3 not run yet
+    assert ql.chosen_lr(rows, "lora-r8", lrs, 1) is None  # another seed chooses nothing
+    other = [*rows, sel(5e-4, 0.99, 0.1, cell="lora-r4"), sel(5e-4, 0.99, 0.1, seed=1)]
+    assert ql.chosen_lr(other, "lora-r8", lrs, 0) == 1e-3
 
 
 def test_params_from_the_plan_count_and_ranges():
     # A FlexLoRA run written before train_run reported the plan count: its plan_params wins.
-    assert quality.row_params({"trainable_params": "295296", "plan_params": "147648"}) == 147648
-    assert quality.row_params({"trainable_params": "221472", "plan_params": ""}) == 221472
-    assert quality.params_text([73728, 67584, 73728]) == "67,584–73,728"
-    assert quality.params_text([5, 5]) == "5"
+    assert qs.row_params({"trainable_params": "295296", "plan_params": "147648"}) == 147648
+    assert qs.row_params({"trainable_params": "221472", "plan_params": ""}) == 221472
+    assert qs.params_text([73728, 67584, 73728]) == "67,584–73,728"
+    assert qs.params_text([5, 5]) == "5"
 
 
 def test_claims_compare_only_common_seeds():
     accs = {"lora-r8": [0.70, 0.90], "e2lora-r8": [0.71]}  # LoRA's seed 1 has no partner yet
     rows = _rows(accs, {"lora-r8": 100, "e2lora-r8": 50})
-    claim = quality.claims_rows(rows)[0]
+    claim = qs.claims_rows(rows, quality.CELLS)[0]
     assert claim["seeds"] == "0"
     assert claim["ours"] == "E²LoRA r=8: 71.00 vs LoRA r=8: 70.00"
     assert claim["Δ acc (pp)"] == "+1.00 (one seed: no error bar)"
-    pending = quality.claims_rows(_rows({"lora-r8": [0.7]}, {"lora-r8": 1}))[0]
+    pending = qs.claims_rows(_rows({"lora-r8": [0.7]}, {"lora-r8": 1}), quality.CELLS)[0]
     assert pending["verdict"].startswith("pending")
 
 
+def test_flexlora_rank_claim():
+    rows = _rows({"flexlora-r8": [0.7, 0.7]}, {"flexlora-r8": 1})
+    rows[0]["flex_ranks_moved"], rows[1]["flex_ranks_moved"] = "3/24", "0/24"
+    claim = qs.flex_rank_claim(rows, {"flexlora-r8": "FlexLoRA"})
+    assert claim["ours"] == "seed 0: 3/24 modules; seed 1: 0/24 modules"
+    assert claim["verdict"] == "not held (1 of 2 runs end at r₀ everywhere)"
+    rows[1]["flex_ranks_moved"] = "1/24"
+    assert qs.flex_rank_claim(rows, {"flexlora-r8": "FlexLoRA"})["verdict"] == "held"
+    assert qs.flex_rank_claim(rows, {"lora-r8": "LoRA"}) is None  # not in this grid
+
+
+def test_flex_ranks_moved_reads_the_last_history_entry(tmp_path):
+    assert qr.flex_ranks_moved(tmp_path, 8) == ""
+    history = [[10, {"a": 8, "b": 8, "c": 8}], [20, {"a": 9, "b": 7, "c": 8}]]
+    (tmp_path / "flex_history.json").write_text(json.dumps(history), encoding="utf-8")
+    assert qr.flex_ranks_moved(tmp_path, 8) == "2/3"
+
+
 @pytest.mark.parametrize(
-    "kind, delta, se, n, want",
+    "kind, delta, se, n, margin, want",
     [
-        ("beats", 1.0, 0.2, 3, "held"),
-        ("beats", 0.3, 0.2, 3, "held (within noise)"),
-        ("beats", -0.3, 0.2, 3, "not held (within noise)"),
-        ("beats", -1.0, 0.2, 3, "not held"),
-        ("beats", 1.0, 0.0, 1, "held (within noise)"),  # one seed: never "clearly"
-        ("matches", -0.4, 0.1, 3, "held"),
-        ("matches", -0.6, 0.1, 3, "not held"),
-        ("matches", -0.6, 0.4, 3, "held"),
-        ("matches", 0.7, 0.0, 1, "held (within noise)"),
-        ("matches", -0.7, 0.0, 1, "not held (within noise)"),
+        ("beats", 1.0, 0.2, 3, 0, "held"),
+        ("beats", 0.3, 0.2, 3, 0, "held (within noise)"),
+        ("beats", -0.3, 0.2, 3, 0, "not held (within noise)"),
+        ("beats", -1.0, 0.2, 3, 0, "not held"),
+        ("beats", 1.0, 0.0, 1, 0, "held (within noise)"),  # one seed: never "clearly"
+        ("matches", -0.4, 0.1, 3, 0, "held"),
+        ("matches", -0.6, 0.1, 3, 0, "not held"),
+        ("matches", -0.6, 0.4, 3, 0, "held"),
+        ("matches", 0.7, 0.0, 1, 0, "held (within noise)"),
+        ("matches", -0.7, 0.0, 1, 0, "not held (within noise)"),
+        ("at-least", -0.4, 0.01, 3, 0.5, "held"),
+        ("at-least", -0.4, 0.2, 3, 0.5, "held (within noise)"),
+        ("at-least", -0.7, 0.05, 3, 0.5, "not held"),
+        ("at-least", -0.1, 0.02, 3, 0.0, "not held"),
+        ("at-least", 0.0, 0.0, 1, 0.0, "held (within noise)"),
+        ("not-below", -0.3, 0.2, 3, 0, "held"),
+        ("not-below", -0.5, 0.2, 3, 0, "not held"),
+        ("not-below", 2.0, 0.0, 1, 0, "pending (needs two seeds for an error bar)"),
     ],
 )
-def test_verdict(kind, delta, se, n, want):
-    assert quality.verdict(kind, delta, se, n) == want
+def test_verdict(kind, delta, se, n, margin, want):
+    assert qs.verdict(kind, delta, se, n, margin) == want
+
+
+def test_verdict_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="unknown claim kind 'wins'; use beats, matches"):
+        qs.verdict("wins", 1.0, 0.1, 3)
 
 
 def test_cells_are_unique_and_valid_for_train_run():
@@ -130,10 +250,88 @@ def test_cells_are_unique_and_valid_for_train_run():
     keys = [c.key for c in quality.CELLS]
     assert len(keys) == len(set(keys))
     for cell in quality.CELLS:
-        check_options(normalize_method(cell.method), cell.options)
-    for _, a, b, _, _ in quality.CLAIMS:
-        assert a in keys and b in keys
+        if "statistics" in cell.options:
+            continue  # issue 14's option: test_statistics_cells_have_their_option
+        check_options(normalize_method(cell.method), qr.cell_options(quality.CONFIGS["cpu"], cell))
+    for c in qs.CLAIMS:
+        assert c.a in keys and c.b in keys
     assert set(quality.SMOKE_CELLS) <= set(keys)
+    for setup in quality.CONFIGS.values():
+        assert set(setup.cells) <= set(keys) and set(setup.sweep_cells) <= set(keys)
+
+
+def test_statistics_cells_have_their_option():
+    from entrolora.planners import planner_options
+    from entrolora.train import check_options
+
+    if "statistics" not in planner_options("e2lora"):
+        pytest.skip("the planners' statistics option (issue 14) has not landed yet")
+    raw = [c for c in quality.CELLS if "statistics" in c.options]
+    assert {c.method for c in raw} == {"e2lora", "ralora"}
+    for cell in raw:
+        check_options(cell.method, cell.options)
+
+
+def test_adalora_schedule_sized_to_the_steps():
+    import peft
+
+    assert qr.adalora_schedule(200) == {"tinit": 24, "tfinal": 88, "deltaT": 1}
+    assert qr.adalora_schedule(50_500) == {"tinit": 6060, "tfinal": 22220, "deltaT": 101}
+    cell = next(c for c in quality.CELLS if c.method == "adalora")
+    opts = qr.cell_options(quality.CONFIGS["cpu"], cell)
+    assert opts == qr.adalora_schedule(quality.CONFIGS["cpu"].max_steps)
+    assert qr.cell_options(quality.CONFIGS["gpu"], cell) == {}  # epochs: train_run sizes it
+    # peft accepts it: a budget phase is left between the initial and the final steps.
+    peft.AdaLoraConfig(target_r=8, init_r=12, total_step=200, target_modules=["q"], **opts)
+
+
+def test_held_out_cuts_validation_from_the_training_split_by_group():
+    from entrolora import data as D
+
+    n = 200
+    ds = D.TextDataset(
+        [f"t{i}" for i in range(n)], [i % 2 for i in range(n)], [f"film{i // 4}" for i in range(n)],
+        ("a", "b"),
+    )  # fmt: skip
+    train, test = D.split(ds, 0.2, 3)
+    with qr.held_out(0.25) as seen:
+        fit, val = D.split(ds, 0.2, 3)
+    assert D.split is not None and seen[0]["fit"] == len(fit) and seen[0]["held_out"] == len(val)
+    assert sorted(fit.texts + val.texts) == sorted(train.texts)  # the test split is not in either
+    assert not set(val.groups) & set(fit.groups) and not set(val.groups) & set(test.groups)
+    assert len(val) == pytest.approx(0.25 * len(train), abs=4)  # whole films of 4
+    assert seen[0]["majority"] == max(val.labels.count(0), val.labels.count(1)) / len(val)
+    with qr.held_out(None) as seen:
+        assert D.split(ds, 0.2, 3) == (train, test)  # test runs: the split is unchanged
+    assert D.split(ds, 0.2, 3) == (train, test)  # restored
+
+
+def test_worker_refuses_a_run_that_did_not_evaluate_on_the_given_split(tmp_path, monkeypatch):
+    import entrolora.train as T
+
+    class Result:
+        output, metrics = tmp_path, {"test_examples": 5}
+
+    monkeypatch.setattr(T, "train_run", lambda cfg: Result())  # never splits
+    payload = json.dumps({"config": {"output": str(tmp_path)}, "validation": 0.15})
+    with pytest.raises(RuntimeError, match="did not evaluate on the split bench/quality.py"):
+        qr.worker(payload)
+
+
+def test_claims_are_exclusive_and_stale_ones_removed(tmp_path):
+    import subprocess
+    import sys
+
+    claims = quality_grid.Claims(tmp_path)
+    assert claims.take("a", "seed0") and not claims.take("a", None)
+    assert claims.live() == {"a": "seed0"}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (tmp_path / ".claims" / "b.json").write_text(json.dumps({"pid": int(dead.stdout)}))
+    assert claims.live() == {"a": "seed0"}  # b's process is gone: its claim is stale
+    assert not (tmp_path / ".claims" / "b.json").exists()
+    claims.release("a")
+    assert claims.live() == {} and claims.take("a", None)
 
 
 def test_unknown_cell_is_refused(tmp_path):
@@ -155,20 +353,25 @@ def test_jobs_must_be_positive(tmp_path):
         quality.main(["--smoke", "--jobs", "0", "--results", str(tmp_path), "--quiet"])
 
 
-def test_parallel_jobs_wait_for_the_seed_statistics(smoke, tmp_path):
+def test_parallel_jobs_wait_for_the_seed_statistics(tmp_path):
     """Two runs at a time, each its own process: the cosine ablation waits for the probing cell,
-    reuses its statistics (gradients kept), and LoRA gives what the in-process grid gave."""
+    reuses its statistics (gradients kept), and the runs give what the in-process grid gives."""
     cells = "e2lora-r8,e2lora-cosine,lora-r8"
-    args = ["--smoke", "--jobs", "2", "--threads", "1", "--cells", cells, "--quiet"]
-    folder = quality.main([*args, "--results", str(tmp_path)])
-    rows = {r["cell"]: r for r in common.read_rows(folder / "runs.csv")}
+    args = ["--smoke", "--lr", "2e-3", "--cells", cells, "--quiet"]
+    parallel = quality.main(
+        [*args, "--jobs", "2", "--threads", "1", "--results", str(tmp_path / "p")]
+    )
+    serial = quality.main([*args, "--results", str(tmp_path / "s")])
+    rows = {r["cell"]: r for r in common.read_rows(parallel / "runs.csv")}
     assert set(rows) == set(cells.split(","))
+    assert {r["phase"] for r in rows.values()} == {"test"}  # --lr: no selection runs
     assert rows["e2lora-r8"]["stats_reused"] == "False"
     assert rows["e2lora-cosine"]["stats_reused"] == "True"
-    serial = {r["cell"]: r for r in common.read_rows(smoke / "runs.csv")}
-    for key in ("accuracy", "eval_loss", "trainable_params"):
-        assert rows["lora-r8"][key] == serial["lora-r8"][key], key
-        assert rows["e2lora-r8"][key] == serial["e2lora-r8"][key], key
+    serial_rows = {r["cell"]: r for r in common.read_rows(serial / "runs.csv")}
+    for cell in rows:
+        for key in ("accuracy", "eval_loss", "trainable_params", "lr"):
+            assert rows[cell][key] == serial_rows[cell][key], (cell, key)
+    assert not list((tmp_path / "p").glob("**/.claims/*.json"))  # every claim released
 
 
 def test_append_row_round_trip_and_keeps_extra_columns(tmp_path):
@@ -232,21 +435,47 @@ def test_refresh_includes_copies_files_verbatim(tmp_path):
 
 
 def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch):
-    def fake_run_cell(setup, cell, seed, work, stats):
-        if cell.key == "lora-r8":
-            raise RuntimeError("lora-r8 seed 0 failed (exit 1):\nboom")
+    def fake_run_cell(setup, task, lr, work, stats):
+        if task.cell.key == "lora-r8":
+            raise RuntimeError("lora-r8-seed0 failed (exit 1):\nboom")
         return {
-            "cell": cell.key, "seed": seed, "accuracy": 0.5, "trainable_params": 10,
+            "cell": task.cell.key, "seed": task.seed, "phase": task.phase, "lr": lr,
+            "accuracy": 0.5, "trainable_params": 10,
             "head_params": 2, "train_s": 1.0, "probe_s": 0.0, "peak_memory_mib": 3.0,
         }  # fmt: skip
 
     monkeypatch.setattr(quality, "run_cell", fake_run_cell)
     setup = quality.Setup("t", None, None, (0,), 1, None, 8, cells=("lora-r8", "lora-r4"))
-    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed \(rerun to retry\): lora-r8 seed 0"):
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed \(rerun to retry\): lora-r8-seed0"):
         quality.run_grid(setup, tmp_path / "t", tmp_path / "w", "header", progress=False)
     assert [r["cell"] for r in common.read_rows(tmp_path / "t" / "runs.csv")] == ["lora-r4"]
     table = (tmp_path / "t" / "table.md").read_text(encoding="utf-8")
     assert (
-        "Finished runs: 1 of 2 (cells × seeds). Failed in the last invocation: lora-r8 seed 0"
+        "Finished test runs: 1 of 2 (cells × seeds). Failed in the last invocation: lora-r8-seed0"
         in table
     )
+
+
+def test_a_failed_selection_run_leaves_its_cell_without_test_runs(tmp_path, monkeypatch):
+    def fake_run_cell(setup, task, lr, work, stats):
+        if task.cell.key == "lora-r8" and task.phase == "select" and lr == 2e-3:
+            raise RuntimeError(f"{task.name} failed (exit 1):\nboom")
+        acc = 0.6 + 10 * lr if task.phase == "select" else 0.5
+        return {
+            "cell": task.cell.key, "seed": task.seed, "phase": task.phase, "lr": lr,
+            "accuracy": acc, "eval_loss": 0.5, "trainable_params": 10, "head_params": 2,
+            "train_s": 1.0, "probe_s": 0.0, "peak_memory_mib": 3.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    setup = quality.Setup("t", None, None, (0, 1), 1, None, 8, lrs=(1e-3, 2e-3),
+                          cells=("lora-r8", "lora-r4"))  # fmt: skip
+    with pytest.raises(RuntimeError, match="3 run\\(s\\) failed") as err:
+        quality.run_grid(setup, tmp_path / "t", tmp_path / "w", "header", progress=False)
+    assert "lora-r8-seed0-select-lr0.002, lora-r8-seed0 (no learning rate chosen)" in str(err.value)
+    rows = common.read_rows(tmp_path / "t" / "runs.csv")
+    tested = [(r["cell"], r["seed"], r["lr"]) for r in rows if r["phase"] == "test"]
+    assert tested == [("lora-r4", "0", "0.002"), ("lora-r4", "1", "0.002")]  # 2e-3 won
+    selection = (tmp_path / "t" / "lr_selection.md").read_text(encoding="utf-8")
+    assert "| LoRA r=8 | 61.00 |  | pending |" in selection
+    assert "| LoRA r=4 | 61.00 | **62.00** | 0.002 |" in selection
