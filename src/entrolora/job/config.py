@@ -23,6 +23,7 @@ METHODS = ENTROLORA_METHODS + PEFT_METHODS
 MODEL_PLANNERS = ("lora", "sharelora", "flexlora")  # plan from the model, no probe needed
 FLEX_CONTROLLER_OPTIONS = {
     "b0": 4, "t_warmup": None, "t_final": None, "interval": None, "gamma": 0.1, "r_min": 1,
+    "importance": "spectrum",
 }  # fmt: skip
 # E²LoRI's mask: B's calibration magnitudes |G·Aᵀ| from the probe (LoRI), or seeded random
 LORI_APPLY_OPTIONS = {"mask": "magnitude"}
@@ -164,6 +165,8 @@ def validate_config(cfg: TrainConfig) -> str:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer ≥ 1, got {v!r}")
+    if cfg.max_length < 2:  # one token leaves nothing to predict or classify beside [CLS]
+        raise ValueError(f"--max-length must be ≥ 2, got {cfg.max_length}")
     if cfg.probe_steps < 1:
         raise ValueError(f"--probe-steps must be ≥ 1, got {cfg.probe_steps}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -180,7 +183,31 @@ def validate_config(cfg: TrainConfig) -> str:
             raise FileNotFoundError(f"{flag} file {p!r} does not exist")
     if cfg.plan:
         check_plan_method(cfg.plan, method)
+    check_reuse(cfg, method)
     return method
+
+
+def check_reuse(cfg: TrainConfig, method: str) -> None:
+    """ValueError for what a reused plan or statistics file would silently ignore.
+
+    ``--plan`` fixes the modules and every planner option; ``--stats`` fixes the modules. Only
+    options applied after planning (FlexLoRA's schedule, E²LoRI's mask) still act.
+    """
+    if cfg.target_modules and (cfg.plan or cfg.stats):
+        flag = "--plan" if cfg.plan else "--stats"
+        raise ValueError(
+            f"--target-modules has no effect with {flag}: the {flag[2:]} file fixes the modules; "
+            f"drop --target-modules, or probe again without {flag}"
+        )
+    if cfg.plan and method not in PEFT_METHODS:
+        from ..planners import planner_options
+
+        planned = sorted(set(cfg.options) & set(planner_options(planner_name(method))))
+        if planned:
+            raise ValueError(
+                f"option(s) {', '.join(planned)} are planner options and --plan reuses a plan as "
+                "it is; drop them, or plan again with --stats instead of --plan"
+            )
 
 
 def check_plan_method(plan_path: str, method: str) -> None:
