@@ -89,6 +89,83 @@ def sensitivity(w: np.ndarray, g: np.ndarray) -> float:
     return float(np.abs(np.asarray(w, np.float64) * np.asarray(g, np.float64)).mean())
 
 
+# -- §2 probe noise: statistics of the signal ---------------------------------------------------
+def halves(first: np.ndarray, second: np.ndarray, n1: int, n2: int):
+    """``(G, D)`` from two half means: ``G = (n₁G₁ + n₂G₂)/S``, ``D = √(n₁n₂)/S·(G₁ − G₂)``."""
+    a, b = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    total = n1 + n2
+    return (n1 * a + n2 * b) / total, math.sqrt(n1 * n2) / total * (a - b)
+
+
+def signal_variance(g: np.ndarray, d: np.ndarray) -> float:
+    """``max(var G − var D, 2·var D/√n)`` (docs/methods.md §2)."""
+    g, d = np.ravel(np.asarray(g, np.float64)), np.ravel(np.asarray(d, np.float64))
+    return max(float(g.var() - d.var()), 2.0 * float(d.var()) / math.sqrt(g.size))
+
+
+def signal_eigenvalues(g: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Eigenvalues of ``GGᵀ − DDᵀ`` on the smaller side, by numpy's eigvalsh, ascending."""
+    g, d = np.asarray(g, np.float64), np.asarray(d, np.float64)
+    if g.shape[0] > g.shape[1]:
+        g, d = g.T, d.T
+    return np.linalg.eigvalsh(g @ g.T - d @ d.T)
+
+
+def signal_erank(g: np.ndarray, d: np.ndarray) -> float | None:
+    """Effective rank of the signal (§2): eigenvalues of ``GGᵀ − DDᵀ`` clipped at 0, their
+    square roots as singular values; None when none is positive."""
+    lam = signal_eigenvalues(g, d)
+    s = np.sqrt(np.clip(lam, 0, None))
+    if s.sum() <= 0:
+        return None
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def signal_stats(g: np.ndarray, d: np.ndarray) -> dict:
+    """The noise and signal fields of one module from ``G`` and ``D`` in float64 numpy."""
+    g64, d64 = np.asarray(g, np.float64), np.asarray(d, np.float64)
+    eg, ed = float((g64**2).sum()), float((d64**2).sum())
+    sd = math.sqrt(signal_variance(g64, d64))
+    return {
+        "noise_mean": float(d64.mean()),
+        "noise_std": float(d64.std()),
+        "snr": max(eg - ed, 0.0) / ed if ed > 0 else math.inf,
+        "signal_std": sd,
+        "signal_entropy": math.log(sd) + C,
+        "signal_erank": signal_erank(g64, d64),
+    }
+
+
+def signal_rmi_matrix(
+    grads: list[np.ndarray], noises: list[np.ndarray], scale: str = "reference"
+) -> np.ndarray:
+    """RMI of the signal: module entropies from the signal variance; the joint variance of i, j
+    is the size-weighted mean of their signal variances plus ``n_i n_j/n²`` times the squared
+    difference of their means minus that of their noise means (clipped at 0)."""
+    gs = [np.ravel(np.asarray(g, np.float64)) for g in grads]
+    ds = [np.ravel(np.asarray(d, np.float64)) for d in noises]
+    var = [signal_variance(g, d) for g, d in zip(gs, ds)]
+    c = 1.0
+    if scale == "reference":
+        c = 1e-3 / math.exp(np.mean([0.5 * math.log(v) for v in var]))
+    k = len(gs)
+    out = np.eye(k)
+    for i in range(k):
+        for j in range(k):
+            if i == j:
+                continue
+            ni, nj = gs[i].size, gs[j].size
+            n = ni + nj
+            between = (gs[i].mean() - gs[j].mean()) ** 2 - (ds[i].mean() - ds[j].mean()) ** 2
+            joint = (ni * var[i] + nj * var[j]) / n + ni * nj / n**2 * max(between, 0.0)
+            hi, hj = 0.5 * math.log(c * c * var[i]) + C, 0.5 * math.log(c * c * var[j]) + C
+            hij = 0.5 * math.log(c * c * joint) + C
+            out[i, j] = (hi + hj - hij) / min(hi, hj)
+    return out
+
+
 # -- §3 E²LoRA --------------------------------------------------------------------------------
 def greedy(sim: np.ndarray, degenerate: list[bool] | None = None, threshold=None):
     """Algorithm 2; degenerate layers are singletons. Returns ``(intervals, thresholds)``."""

@@ -23,7 +23,8 @@ def stats(layers=3):
         grads[Q.format(i)] = torch.randn(32, 32, generator=g) * 1e-3
         grads[V.format(i)] = torch.randn(16, 32, generator=g) * 1e-3
     weights = {n: torch.randn(t.shape, generator=g) for n, t in grads.items()}
-    return el.GradientStats.from_gradients(grads, weights)
+    noise = {n: torch.randn(t.shape, generator=g) * 1e-4 for n, t in grads.items()}
+    return el.GradientStats.from_gradients(grads, weights, noise=noise)
 
 
 def test_lora_from_stats_and_model_agree():
@@ -134,7 +135,8 @@ def test_every_planner_by_name(method):
 
 def test_planner_options():
     assert planner_options("ralora-pro") == {
-        "r_ref": 8, "r_min": None, "r_max": None, "n_max": 32, "lora_alpha": None,
+        "r_ref": 8, "r_min": None, "r_max": None, "n_max": 32, "statistics": "signal",
+        "lora_alpha": None,
     }  # fmt: skip
     opts = planner_options("e2lori")
     assert opts["sparsity"] == 0.9 and opts["allocation"] == "shifted" and opts["r"] == 8

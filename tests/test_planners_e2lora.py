@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -14,8 +15,12 @@ from hypothesis import strategies as st
 
 import entrolora as el
 import reference_methods as ref
+from entrolora.planners import planner_options
 from entrolora.planners.e2lora import largest_remainder
 from entrolora.stats import GradientStats, ModuleStats
+
+# Most statistics here are built without a noise estimate: the planners read them raw, warned.
+pytestmark = pytest.mark.filterwarnings("ignore:these statistics hold no noise estimate")
 
 Q = "model.layers.{}.self_attn.q_proj"
 V = "model.layers.{}.self_attn.v_proj"
@@ -144,7 +149,7 @@ def test_no_warning_with_shifted_allocation():
     stats = GradientStats.from_gradients(block_grads([1e-3, 1e-2]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        el.plan_e2lora(stats)
+        el.plan_e2lora(stats, statistics="raw")
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 7, 16, 48, 101])
@@ -333,6 +338,63 @@ def test_bad_options(kw, match):
     stats = moment_stats({Q: [(0.0, 1e-3)] * 2})
     with pytest.raises(ValueError, match=match):
         el.plan_e2lora(stats, **kw)
+
+
+@pytest.mark.parametrize(
+    "similarity, value, span",
+    [("rmi", 2, r"\(0, 1\]"), ("rmi", -5, r"\(0, 1\]"), ("rmi", 0.0, r"\(0, 1\]"),
+     ("kl", 1.5, r"\(0, 1\]"), ("cosine", -1.5, r"\[-1, 1\]"), ("cosine", 1.01, r"\[-1, 1\]")],
+)  # fmt: skip
+def test_threshold_outside_the_similarity_range(similarity, value, span):
+    # issue 13 case 13: a threshold no similarity reaches silently made every layer a singleton
+    grads = block_grads([1e-3, 1e-3])
+    with pytest.raises(ValueError, match=rf"threshold must be a finite number in {span} for "):
+        el.plan_e2lora(GradientStats.from_gradients(grads), similarity=similarity, threshold=value)
+
+
+def test_threshold_inside_the_range_is_accepted():
+    stats = GradientStats.from_gradients(block_grads([1e-3, 1e-3]))
+    assert el.plan_e2lora(stats, threshold=1.0).options["threshold"] == 1.0
+    assert el.plan_e2lora(stats, similarity="cosine", threshold=-1).options["threshold"] == -1.0
+
+
+def test_one_option_signature_for_the_family():
+    sig = inspect.signature(el.plan_e2lora)
+    assert list(sig.parameters)[:2] == ["stats", "r"]
+    base = planner_options("e2lora")
+    for method in ("e2sharelora", "e2dora", "e2vera"):
+        assert planner_options(method) == base
+    assert planner_options("e2lori") == {**base, "sparsity": 0.9}
+    assert base["statistics"] == "signal" and base["threshold"] is None
+    with pytest.raises(TypeError, match=r"plan_e2lora\(\) got unexpected option\(s\) 'sparsity'"):
+        el.plan_e2lora(moment_stats({Q: [(0.0, 1e-3)] * 2}), sparsity=0.5)
+
+
+def noisy_type(seed=0):
+    """Six layers: signal σ 1e-3 in layers 0–2 and 2e-3 in 3–5; noise 3× the signal in layer 1,
+    none elsewhere — raw statistics see layer 1 as different, the signal does not."""
+    g = torch.Generator().manual_seed(seed)
+    first, second = {}, {}
+    for i, (sd, noise) in enumerate([(1e-3, 0.1), (1e-3, 3.0), (1e-3, 0.1)] + [(2e-3, 0.1)] * 3):
+        mu = torch.randn(32, 48, generator=g, dtype=torch.float64) * sd
+        e, d = (torch.randn(32, 48, generator=g, dtype=torch.float64) * sd * noise for _ in "ed")
+        first[Q.format(i)], second[Q.format(i)] = mu + e + d, mu + e - d  # G = μ + e, D = d
+    return GradientStats.from_halves(first, second, counts=(8, 8))
+
+
+def test_signal_statistics_plan_from_the_signal():
+    stats = noisy_type()
+    raw = el.plan_e2lora(stats, r=4, statistics="raw")
+    signal = el.plan_e2lora(stats, r=4)
+    assert signal.options["statistics"] == "signal" and raw.options["statistics"] == "raw"
+    assert signal.options["types"][QT]["intervals"] == [[0, 2], [3, 5]]
+    assert raw.options["types"][QT]["intervals"] != [[0, 2], [3, 5]]
+    # the planner's reading agrees with the reference on the same signal statistics
+    pairs = [(stats.gradients[n].numpy(), stats.noise[n].numpy()) for n in stats.types[QT]]
+    sim = ref.signal_rmi_matrix([p[0] for p in pairs], [p[1] for p in pairs])
+    intervals, taus = ref.greedy(sim)
+    assert signal.options["types"][QT]["intervals"] == [list(iv) for iv in intervals]
+    np.testing.assert_allclose(signal.options["types"][QT]["thresholds"], taus, rtol=1e-9)
 
 
 def test_bad_sparsity():

@@ -15,6 +15,9 @@ import entrolora as el
 import reference_methods as ref
 from entrolora.stats import GradientStats, ModuleStats
 
+# Most statistics here are built without a noise estimate: the planners read them raw, warned.
+pytestmark = pytest.mark.filterwarnings("ignore:these statistics hold no noise estimate")
+
 Q = "model.layers.{}.self_attn.q_proj"
 
 
@@ -246,3 +249,24 @@ def test_numbers_are_float64_reference_agnostic():
     stats = GradientStats.from_gradients({Q.format(0): g})
     assert stats[Q.format(0)].erank == pytest.approx(ref.erank(g.numpy()), rel=1e-2)
     assert np.isfinite(stats[Q.format(0)].erank)
+
+
+def test_signal_statistics_read_the_signal_effective_rank():
+    # G = μ + e with μ of effective rank 8 (r = 2 → 4 blocks); the raw erank reads the noise
+    # into it (17.5 → 8 blocks), the signal erank half as much (12.4, still 4 blocks)
+    mu = spectrum_grad(64, 64, [1.0] * 8, seed=4)
+    g = torch.Generator().manual_seed(5)
+    e, d = (torch.randn(64, 64, generator=g, dtype=torch.float64) * 0.005 for _ in "ed")
+    stats = GradientStats.from_halves({Q.format(0): mu + e + d}, {Q.format(0): mu + e - d})
+    s = stats[Q.format(0)]
+    for method, kw in (("ralora", {"r": 2}), ("ralora_pro", {"r_ref": 2}), ("lora_gid", {})):
+        if method == "ralora_pro":
+            stats = GradientStats.from_halves(
+                {Q.format(0): mu + e + d}, {Q.format(0): mu + e - d}, {Q.format(0): mu}
+            )
+        signal, raw = el.plan(method, stats, **kw), el.plan(method, stats, statistics="raw", **kw)
+        assert signal.options["statistics"] == "signal" and raw.options["statistics"] == "raw"
+        assert signal.options["eranks"][Q.format(0)] == s.signal_erank
+        assert raw.options["eranks"][Q.format(0)] == s.erank
+    assert el.plan_ralora(stats, r=2).modules[Q.format(0)].blocks == 4
+    assert el.plan_ralora(stats, r=2, statistics="raw").modules[Q.format(0)].blocks == 8

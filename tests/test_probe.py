@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import entrolora as el
+import reference_methods as ref
 from entrolora.targets import find_targets
 from tiny import cls_batches, lm_batches, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -81,6 +82,41 @@ def test_statistics_match_float64_reference(arch):
         assert s.entropy == pytest.approx(want["entropy"], abs=1e-5)
         assert s.erank == pytest.approx(want["erank"], rel=1e-4)
         assert s.sensitivity == pytest.approx(want["sensitivity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("steps", [4, 5])  # 5: the halves hold 3 and 2 batches
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_noise_estimate_from_even_and_odd_halves(arch, steps):
+    make, make_batches, names = CASES[arch]
+    model = make(layers=2)
+    batches = make_batches(steps, seed=3)
+    stats = el.probe(model, batches, names, steps=steps, progress=False)
+    even = reference_gradients(model, batches[0::2], names)
+    odd = reference_gradients(model, batches[1::2], names)
+    n1, n2 = len(batches[0::2]), len(batches[1::2])
+    assert stats.meta["halves"] == [n1, n2] and stats.has_noise
+    for name in stats:
+        g, d = ref.halves(even[name], odd[name], n1, n2)
+        scale = np.abs(g).max()
+        np.testing.assert_allclose(stats.gradients[name].numpy(), g, rtol=1e-4, atol=1e-6 * scale)
+        np.testing.assert_allclose(stats.noise[name].numpy(), d, rtol=1e-4, atol=1e-6 * scale)
+        want = ref.signal_stats(g, d)
+        s = stats[name]
+        assert s.noise_std == pytest.approx(want["noise_std"], rel=1e-4)
+        assert s.noise_mean == pytest.approx(want["noise_mean"], abs=1e-5 * want["noise_std"])
+        assert s.snr == pytest.approx(want["snr"], rel=1e-3, abs=1e-6)
+        assert s.signal_std == pytest.approx(want["signal_std"], rel=1e-3)
+
+
+def test_one_batch_has_no_noise_estimate_and_planners_read_raw():
+    stats = el.probe(tiny_llama(layers=2), lm_batches(1), ["q_proj"], steps=1, progress=False)
+    assert not stats.has_noise and stats.noise is None
+    assert all(m.snr is None for m in stats.modules.values())
+    with pytest.warns(UserWarning, match="hold no noise estimate") as seen:
+        plan = el.plan_e2lora(stats)
+        el.plan_ralora(stats)  # the same statistics warn once
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    assert plan.options["statistics"] == "raw"
 
 
 def test_single_batch_is_captured():
@@ -365,6 +401,7 @@ def test_offload_cpu_on_a_cpu_model_gives_the_same_statistics():
     b = el.probe(model, batches, ["q_proj"], steps=2, offload="cpu", progress=False)
     for name in a:
         assert torch.equal(a.gradients[name], b.gradients[name])
+        assert torch.equal(a.noise[name], b.noise[name])
         assert a[name] == b[name]
 
 
@@ -378,6 +415,7 @@ def test_keep_gradients_false_and_meta():
         "model": "GPT2LMHeadModel",
         "target_modules": ["c_attn"],
         "steps": 1,
+        "halves": [1, 0],
         "world_size": 1,
         "dtype": "float32",
     }

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import reference_methods as ref
 from entrolora.stats import GradientStats, ModuleStats
 
 K = 0.5 * math.log(2 * math.pi) + 0.5
@@ -208,9 +209,9 @@ def test_other_format_version(tmp_path):
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    meta["format_version"] = "2"
+    meta["format_version"] = "3"
     save_file(load_file(str(path)), str(path), metadata=meta)
-    with pytest.raises(ValueError, match=r"format version 2; this entrolora reads version 1"):
+    with pytest.raises(ValueError, match=r"format version 3; this entrolora reads versions 1, 2"):
         GradientStats.load(path)
 
 
@@ -275,3 +276,176 @@ def test_statistics_device_argument():
     a = GradientStats.from_gradients(grads)
     b = GradientStats.from_gradients(grads, device="cpu")
     assert a.modules == b.modules
+
+
+# -- probe noise and the statistics of the signal (METHODS.md §2) --------------------------------
+SIGNAL_FIELDS = ("noise_mean", "noise_std", "snr", "signal_std", "signal_entropy", "signal_erank")
+
+
+def signal_plus_noise(
+    n: int = 4, shape=(24, 40), rank: int = 6, noise: float = 0.3, steps: int = 16, seed: int = 0
+):
+    """Per layer: a known rank-``rank`` signal μ (σ varying by layer) and ``steps`` batch
+    gradients μ + white noise; returns ``({name: μ}, {name: G₁}, {name: G₂})`` (half means)."""
+    rng = np.random.default_rng(seed)
+    mus, first, second = {}, {}, {}
+    for i in range(n):
+        u, _ = np.linalg.qr(rng.standard_normal((shape[0], rank)))
+        v, _ = np.linalg.qr(rng.standard_normal((shape[1], rank)))
+        mu = (u * np.linspace(1.0, 0.3, rank)) @ v.T * 1e-3 * (1 + i)
+        scale = noise * np.linalg.norm(mu) / math.sqrt(mu.size) * math.sqrt(steps)
+        batches = mu + scale * rng.standard_normal((steps, *shape))
+        name = f"model.layers.{i}.self_attn.q_proj"
+        mus[name] = mu
+        first[name] = torch.from_numpy(batches[0::2].mean(0))
+        second[name] = torch.from_numpy(batches[1::2].mean(0))
+    return mus, first, second
+
+
+def test_signal_statistics_match_numpy():
+    _, first, second = signal_plus_noise(noise=1.5)  # low snr: the floor and clipping act too
+    stats = GradientStats.from_halves(first, second, counts=(8, 8))
+    assert stats.has_noise and stats.steps == 16
+    for name in stats:
+        g, d = ref.halves(first[name].numpy(), second[name].numpy(), 8, 8)
+        want = ref.signal_stats(g, d)
+        for f in SIGNAL_FIELDS:
+            assert getattr(stats[name], f) == pytest.approx(want[f], rel=1e-9, abs=1e-15), f
+        assert stats[name].erank == pytest.approx(ref.erank(g), rel=1e-6)
+
+
+def test_signal_rmi_matches_numpy_and_the_unbiased_joint_variance():
+    _, first, second = signal_plus_noise(noise=0.2, seed=1)
+    stats = GradientStats.from_halves(first, second, counts=(8, 8))
+    pairs = [ref.halves(first[n].numpy(), second[n].numpy(), 8, 8) for n in stats]
+    for scale in ("reference", "raw"):
+        want = ref.signal_rmi_matrix([g for g, _ in pairs], [d for _, d in pairs], scale)
+        got = stats.similarity(TYPE, rmi_scale=scale, statistics="signal").numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # Where nothing is clipped, the joint variance is var([G_i, G_j]) − var([D_i, D_j]).
+    (g0, d0), (g1, d1) = pairs[:2]
+    joint = (
+        np.concatenate([g0.ravel(), g1.ravel()]).var()
+        - np.concatenate([d0.ravel(), d1.ravel()]).var()
+    )
+    h0, h1 = (math.log(stats[n].signal_std) + K for n in list(stats)[:2])
+    rmi = (h0 + h1 - (0.5 * math.log(joint) + K)) / min(h0, h1)
+    assert stats.similarity(TYPE, rmi_scale="raw", statistics="signal")[0, 1] == pytest.approx(rmi)
+
+
+def test_signal_effective_rank_recovers_the_known_signal():
+    # Noise at 0.6 % of the signal per element: the raw effective rank reads it in (+8 %), the
+    # signal's clipped eigenvalues keep about half of that bias (docs/methods.md §2) and stay
+    # within 5 %. Against a float64 numpy reference of the same formula as well.
+    mus, first, second = signal_plus_noise(noise=0.006, steps=64, seed=2)
+    stats = GradientStats.from_halves(first, second, counts=(32, 32))
+    for name, mu in mus.items():
+        true = ref.erank(mu)
+        assert abs(stats[name].erank / true - 1) > 0.05  # raw: off by more than 5 %
+        assert stats[name].signal_erank == pytest.approx(true, rel=0.05)
+        g, d = ref.halves(first[name].numpy(), second[name].numpy(), 32, 32)
+        assert stats[name].signal_erank == pytest.approx(ref.signal_erank(g, d), rel=1e-6)
+
+
+def test_identical_signals_with_different_noise_have_signal_rmi_one():
+    # Same μ in two layers, noise 0.3× and 1.5× its size: raw RMI sees the noise, signal not.
+    shape = (48, 64)
+    mus, first, second = signal_plus_noise(n=1, shape=shape, noise=0.3, steps=64, seed=3)
+    _, f2, s2 = signal_plus_noise(n=1, shape=shape, noise=1.5, steps=64, seed=3)
+    other = "model.layers.1.self_attn.q_proj"
+    name = next(iter(mus))
+    first[other], second[other] = f2[name], s2[name]
+    stats = GradientStats.from_halves(first, second, counts=(32, 32))
+    raw = float(stats.similarity(TYPE)[0, 1])
+    signal = float(stats.similarity(TYPE, statistics="signal")[0, 1])
+    assert abs(1 - signal) < abs(1 - raw) / 3
+    assert stats[other].snr < 1 < stats[name].snr
+
+
+def test_from_halves_weights_unequal_halves():
+    _, first, second = signal_plus_noise(n=2, seed=4)
+    a = GradientStats.from_halves(first, second, counts=(3, 2))
+    g = {n: (3 * first[n] + 2 * second[n]) / 5 for n in first}
+    d = {n: (first[n] - second[n]) * math.sqrt(6) / 5 for n in first}
+    b = GradientStats.from_gradients(g, noise=d, steps=5)
+    assert a.steps == 5
+    for n in first:
+        for f in ("mean", "std", "erank", *SIGNAL_FIELDS):
+            assert getattr(a[n], f) == pytest.approx(getattr(b[n], f), rel=1e-12), f
+    with pytest.raises(
+        ValueError, match=r"each half needs at least one batch, got counts=\(2, 0\)"
+    ):
+        GradientStats.from_halves(first, second, counts=(2, 0))
+    with pytest.raises(ValueError, match="first and second half must hold the same module names"):
+        GradientStats.from_halves(first, {}, counts=(1, 1))
+
+
+def test_noise_bad_inputs():
+    g = {"l.0.fc": torch.ones(2, 3)}
+    with pytest.raises(ValueError, match=r"noise must hold one estimate per gradient.*'l.1.fc'"):
+        GradientStats.from_gradients(g, noise={"l.1.fc": torch.ones(2, 3)})
+    with pytest.raises(ValueError, match=r"noise estimate of 'l.0.fc' has shape \(3, 2\)"):
+        GradientStats.from_gradients(g, noise={"l.0.fc": torch.ones(3, 2)})
+    with pytest.raises(ValueError, match=r"noise estimate of 'l.0.fc' contains NaN or Inf"):
+        GradientStats.from_gradients(g, noise={"l.0.fc": torch.full((2, 3), float("inf"))})
+    stats = GradientStats.from_gradients(g)
+    with pytest.raises(ValueError, match=r"hold no noise estimate.*use statistics='raw'"):
+        stats.similarity("l.*.fc", statistics="signal")
+    with pytest.raises(ValueError, match=r"statistics must be one of 'signal', 'raw'; got 'mean'"):
+        stats.similarity("l.*.fc", statistics="mean")
+
+
+def test_noise_free_gradients_have_infinite_snr_and_raw_signal():
+    grads = synthetic(n=3, seed=5)
+    stats = GradientStats.from_gradients(
+        grads, noise={n: torch.zeros_like(g) for n, g in grads.items()}
+    )
+    for s in stats.modules.values():
+        assert s.snr == math.inf and s.signal_std == s.std and s.signal_entropy == s.entropy
+        assert s.signal_erank == pytest.approx(s.erank, rel=1e-9)
+    assert torch.allclose(stats.similarity(TYPE, statistics="signal"), stats.similarity(TYPE))
+
+
+def test_low_snr_warning_names_the_steps_that_lift_it():
+    _, first, second = signal_plus_noise(n=4, noise=2.0, steps=16, seed=6)
+    stats = GradientStats.from_halves(first, second, counts=(8, 8))
+    snrs = sorted(s.snr for s in stats.modules.values())
+    assert sum(v < 1 for v in snrs) >= 3
+    median = (snrs[1] + snrs[2]) / 2
+    line = stats.low_snr_warning()
+    assert "\n" not in line
+    assert f"modules have gradient SNR < 1 at 16 probe steps (median {median:.2f})" in line
+    assert f"about {math.ceil(16 / median)} probe steps would lift most above 1" in line
+    assert set(stats.snr_by_type()) == {TYPE}
+    _, first, second = signal_plus_noise(n=4, noise=0.1, steps=16, seed=6)
+    assert GradientStats.from_halves(first, second, counts=(8, 8)).low_snr_warning() is None
+    assert GradientStats.from_gradients(synthetic()).low_snr_warning() is None
+
+
+def test_signal_statistics_round_trip_and_old_files_load(tmp_path):
+    _, first, second = signal_plus_noise(seed=7)
+    stats = GradientStats.from_halves(first, second, counts=(8, 8))
+    back = GradientStats.load(stats.save(tmp_path / "s.safetensors"))
+    assert back.modules == stats.modules and back.has_noise and back.noise is None
+    back = GradientStats.load(stats.save(tmp_path / "g.safetensors", keep_gradients=True))
+    assert set(back.noise) == set(back.gradients) == set(stats.modules)
+    again = GradientStats.from_gradients(back.gradients, noise=back.noise, steps=back.steps)
+    for n in stats:  # the kept G and D give the same statistics again
+        for f in ("std", "erank", *SIGNAL_FIELDS):
+            assert getattr(again[n], f) == pytest.approx(getattr(stats[n], f), rel=1e-6), f
+    # A version-1 file (before the noise estimate): loads, and says it holds none.
+    from safetensors import safe_open
+
+    path = tmp_path / "old.safetensors"
+    GradientStats.from_gradients(synthetic(seed=8)).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    mods = json.loads(meta["modules"])
+    for m in mods:
+        for f in SIGNAL_FIELDS:
+            del m[f]
+    meta.update(format_version="1", modules=json.dumps(mods))
+    save_file({}, str(path), metadata=meta)
+    old = GradientStats.load(path)
+    assert not old.has_noise and old.snr_by_type() == {}
+    assert all(m.snr is None and m.signal_erank is None for m in old.modules.values())

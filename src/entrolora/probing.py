@@ -9,9 +9,12 @@ gradient is alive beyond the accumulators (the plain training step holds all of 
 of its backward). The hook fires after the last contribution to the weight's gradient in every
 backward, the last batch's included, and exactly once per backward with gradient checkpointing.
 
-Under ``torch.distributed`` each process passes its own batches; the sums and the batch counts
-are all-reduced once at the end, so every process returns the statistics of the mean gradient
-over the union of all processes' batches.
+The accumulators are two half-sums, of the even and of the odd batches (``probe_sums``): their
+total is ``S·G`` and their difference the noise estimate ``D`` of METHODS.md §2, at no extra
+forward or backward. Under ``torch.distributed`` each process passes its own batches; a batch's
+half is the parity of its global index (``rank + i·world_size``, as ``distributed.shard`` deals
+them); the half-sums and the batch counts are all-reduced once at the end, so every process
+returns the statistics of the mean gradient over the union of all processes' batches.
 
 The model's mode is left as the caller set it (eval is what you want: no dropout noise in the
 measurement; HF models load in eval mode). Gradient checkpointing only acts in train mode in
@@ -20,13 +23,16 @@ transformers, so a checkpointed probe is a probe in train mode.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from .inject import unwrap
+from .probe_sums import HalfSums, HostHalfSums, mean_and_noise
+from .progress import progress_bar
 from .stats import GradientStats
 from .targets import find_targets
 
@@ -34,92 +40,10 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OFFLOADS = (None, "cpu")
 
 
-# -- accumulators ----------------------------------------------------------------------------
-class _DeviceSums:
-    """float32 sums on each weight's own device (``offload=None``, or any CPU model)."""
-
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-
-    def add(self, i: int, g: torch.Tensor) -> None:
-        self.sums[i].add_(g)  # promotes bf16/fp16 into the float32 sum, no temporary copy
-
-    def end_step(self) -> None:
-        pass
-
-    def finish(self) -> list[torch.Tensor]:
-        return self.sums
-
-    def close(self) -> None:
-        pass
-
-
-class _HostSums:
-    """float32 sums in pinned host memory for a CUDA model (``offload="cpu"``).
-
-    A gradient is copied asynchronously, on a side stream, into a pinned staging buffer of its
-    own dtype; ``record_stream`` keeps its device memory from being reused before the copy ends.
-    After the step, one worker thread folds the staging buffers into the sums while the GPU runs
-    the next step; two sets of staging buffers alternate so that the fold of step s and the copies
-    of step s+1 never touch the same buffer.
-    """
-
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        self.sums = [torch.zeros(p.shape, dtype=torch.float32, pin_memory=True) for p in params]
-        self.staging = [
-            [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params] for _ in range(2)
-        ]
-        self.streams = {p.device: torch.cuda.Stream(device=p.device) for p in params}
-        self.slot = 0
-        self.copied: list[list[int]] = [[], []]
-        self.pending: list[Future | None] = [None, None]
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrolora-probe")
-
-    def add(self, i: int, g: torch.Tensor) -> None:
-        stream = self.streams[g.device]
-        stream.wait_stream(torch.cuda.current_stream(g.device))  # the gradient is complete
-        with torch.cuda.stream(stream):
-            self.staging[self.slot][i].copy_(g, non_blocking=True)
-        g.record_stream(stream)
-        self.copied[self.slot].append(i)
-
-    def end_step(self) -> None:
-        for stream in self.streams.values():
-            stream.synchronize()  # staging of this step is complete before the host reads it
-        slot = self.slot
-        idx, self.copied[slot] = self.copied[slot], []
-        self.pending[slot] = self.pool.submit(self._fold, slot, idx)
-        self.slot = slot ^ 1
-        # The next step writes into the other set: its previous fold must be over.
-        self._wait(self.slot)
-
-    def _fold(self, slot: int, idx: list[int]) -> None:
-        for i in idx:
-            self.sums[i].add_(self.staging[slot][i])
-
-    def _wait(self, slot: int) -> None:
-        fut, self.pending[slot] = self.pending[slot], None
-        if fut is not None:
-            fut.result()
-
-    def finish(self) -> list[torch.Tensor]:
-        self._wait(0)
-        self._wait(1)
-        return self.sums
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+Sums = HalfSums | HostHalfSums
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module to run: DDP's inner module (its own gradient hooks stay idle when it is
-    called directly; the probe all-reduces once at the end instead)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
 def _check_not_sharded(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """ValueError for FSDP/FSDP2/DeepSpeed wrappers and sharded weights, with the workaround."""
     fix = (
@@ -199,22 +123,12 @@ def _loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None, step: int) ->
     return loss.reshape(())
 
 
-def _progress(steps: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=steps, desc="probe", unit="step", dynamic_ncols=True)
-
-
-def _dist_world() -> int:
+def _dist_rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _all_reduce_sum(t: torch.Tensor) -> None:
@@ -229,11 +143,61 @@ def _all_reduce_sum(t: torch.Tensor) -> None:
         dist.all_reduce(t)
 
 
-def _reduce_counts(count: int, failed: bool) -> tuple[int, int]:
-    """``(total batches, failed processes)`` over all processes, in one collective."""
-    status = torch.tensor([count, int(failed)], dtype=torch.int64)
+def _reduce_counts(counts: tuple[int, int], failed: bool) -> tuple[tuple[int, int], int]:
+    """``((even batches, odd batches), failed processes)`` over all processes, one collective."""
+    status = torch.tensor([counts[0], counts[1], int(failed)], dtype=torch.int64)
     _all_reduce_sum(status)
-    return int(status[0]), int(status[1])
+    return (int(status[0]), int(status[1])), int(status[2])
+
+
+def _check_args(steps: Any, offload: Any, loss_fn: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (number of batches), got {steps!r}")
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+
+
+def _distinct_weights(
+    modules: Mapping[str, nn.Module],
+) -> tuple[list[nn.Parameter], dict[str, int], dict[int, list[str]]]:
+    """One accumulator per distinct weight (tied targets share one): ``(params, slot of each
+    target, targets of each slot)``."""
+    params: list[nn.Parameter] = []
+    slot_of: dict[str, int] = {}
+    index: dict[int, int] = {}
+    for name, m in modules.items():
+        w = m.weight
+        if id(w) not in index:
+            index[id(w)] = len(params)
+            params.append(w)
+        slot_of[name] = index[id(w)]
+    owners = {i: [n for n, j in slot_of.items() if j == i] for i in range(len(params))}
+    return params, slot_of, owners
+
+
+@contextmanager
+def _probing_state(net: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Only ``params`` require grad inside; ``requires_grad``, ``.grad`` and train/eval modes of
+    the whole model are restored on exit, also on error."""
+    all_params = list(net.parameters())
+    saved_requires = [p.requires_grad for p in all_params]
+    saved_grads = [p.grad for p in all_params]
+    saved_modes = [(m, m.training) for m in net.modules()]
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for p in params:
+            p.grad = None
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, req, g in zip(all_params, saved_requires, saved_grads):
+            p.requires_grad_(req)
+            p.grad = g
+        for m, mode in saved_modes:
+            m.training = mode
 
 
 # -- the probe -------------------------------------------------------------------------------
@@ -256,132 +220,120 @@ def probe(
     ``target_modules``: suffixes, full names or one regex (``find_targets``). ``offload="cpu"``
     keeps the float32 accumulators in pinned host memory (CUDA models). ``allow_fewer``: fewer
     batches than ``steps`` is accepted (else a ValueError). Returns ``GradientStats`` of
-    ``G = mean of the gradients`` (METHODS.md §1–2) with sensitivities (RaLoRA eq. 5), the
-    gradients kept when ``keep_gradients``. Under ``torch.distributed`` every process returns
-    the statistics of the mean over all processes' batches (a DDP-wrapped model is probed
-    through ``model.module``, so names carry no ``module.`` prefix; FSDP/ZeRO-3 models are
-    refused: probe before wrapping). Parameters' ``requires_grad`` and ``.grad`` and modules'
+    ``G = mean of the gradients`` (METHODS.md §1–2) with sensitivities (RaLoRA eq. 5) and, from
+    two batches on, the noise estimate of §2 (half-sums of the even and odd batches, no extra
+    pass) and the signal statistics; the gradients kept when ``keep_gradients``. Under
+    ``torch.distributed`` every process returns the statistics of the mean over all processes'
+    batches; a batch's half is the parity of its global index ``rank + i·world_size``, the order
+    in which ``entrolora.distributed.shard`` deals batches (a DDP-wrapped model is probed through
+    ``model.module``, so names carry no ``module.`` prefix; FSDP/ZeRO-3 models are refused:
+    probe before wrapping). Parameters' ``requires_grad`` and ``.grad`` and modules'
     train/eval mode are restored, also on error; the mode is not changed (eval: no dropout).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer (number of batches), got {steps!r}")
-    if offload not in OFFLOADS:
-        raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-    net = _unwrap(model)
+    _check_args(steps, offload, loss_fn)
+    net = unwrap(model)
     targets = find_targets(net, target_modules)
     modules = {name: net.get_submodule(name) for name in targets}
     _check_not_sharded(net, {name: m.weight for name, m in modules.items()})
-
-    # One accumulator per distinct weight: tied targets share one parameter and one sum.
-    params: list[nn.Parameter] = []
-    slot_of: dict[str, int] = {}
-    index: dict[int, int] = {}
-    for name, m in modules.items():
-        w = m.weight
-        if id(w) not in index:
-            index[id(w)] = len(params)
-            params.append(w)
-        slot_of[name] = index[id(w)]
-    owners = {i: [n for n, j in slot_of.items() if j == i] for i in range(len(params))}
-
-    all_params = list(net.parameters())
-    saved_requires = [p.requires_grad for p in all_params]
-    saved_grads = [p.grad for p in all_params]
-    saved_modes = [(m, m.training) for m in net.modules()]
-    world = _dist_world()
-    device = _input_device(net)
+    params, slot_of, owners = _distinct_weights(modules)
     on_cuda = any(p.device.type == "cuda" for p in params)
-    sums_kind = _HostSums if (offload == "cpu" and on_cuda) else _DeviceSums
-    handles: list[Any] = []
-    sums: _DeviceSums | _HostSums | None = None
-    bar = None
-    try:
-        for p in all_params:
-            p.requires_grad_(False)
-        for p in params:
-            p.grad = None
-            p.requires_grad_(True)
+    sums_kind = HostHalfSums if (offload == "cpu" and on_cuda) else HalfSums
+    with _probing_state(net, params):
         sums = sums_kind(params)
-        finite: dict[int, torch.Tensor] = {}
-
-        def make_hook(i: int) -> Callable[[torch.Tensor], None]:
-            def hook(p: torch.Tensor) -> None:
-                g = p.grad
-                finite[i] = torch.isfinite(g).all()  # stays on the device: no sync here
-                sums.add(i, g)
-                p.grad = None  # free it now: at most one target gradient alive at a time
-
-            return hook
-
-        handles = [p.register_post_accumulate_grad_hook(make_hook(i)) for i, p in enumerate(params)]
-        bar = _progress(steps, progress)
-        count, error = 0, None
         try:
-            count = _run(net, batches, steps, loss_fn, device, sums, finite, owners, bar)
-            if count == 0:
-                raise ValueError("batches is empty; the probe needs at least one batch")
-            if count < steps and not allow_fewer:
+            counts = _accumulate(net, params, batches, steps, loss_fn, sums, owners, progress)
+            if counts[0] + counts[1] < steps and not allow_fewer:  # raised on every rank alike
                 raise ValueError(
-                    f"batches ran out after {count} of steps={steps} batches; pass more batches, "
-                    f"steps={count}, or allow_fewer=True"
+                    f"batches ran out after {sum(counts)} of steps={steps} batches; pass more "
+                    f"batches, steps={sum(counts)}, or allow_fewer=True"
                 )
-        except Exception as e:  # in a process group the peers must still learn that we failed
-            error = e
-        total = count
-        if world > 1:
-            total, failed = _reduce_counts(count, error is not None)
-            if error is None and failed:
-                raise ValueError(
-                    f"the probe failed on {failed} other process(es) of {world}; see their error"
-                )
-        if error is not None:
-            raise error
-        accumulated = sums.finish()
-        for acc in accumulated:
-            if world > 1:
-                _all_reduce_sum(acc)
-            acc.div_(total)  # in place: no second copy of every gradient on the device
-        grads: dict[str, torch.Tensor] = {}
-        weights: dict[str, torch.Tensor] = {}
-        for name, t in targets.items():
-            acc = accumulated[slot_of[name]]
-            w = modules[name].weight.detach()
-            # Conv1D stores (d_in, d_out): statistics and plans use the (d_out, d_in) orientation.
-            grads[name] = acc.T if t.transposed else acc
-            weights[name] = w.T if t.transposed else w
-    finally:
-        for h in handles:
-            h.remove()
-        if bar is not None:
-            bar.close()
-        if sums is not None:
+            means, noises = mean_and_noise(sums.finish(), counts)
+        finally:
             sums.close()
-        for p, req, g in zip(all_params, saved_requires, saved_grads):
-            p.requires_grad_(req)
-            p.grad = g
-        for m, mode in saved_modes:
-            m.training = mode
+    grads: dict[str, torch.Tensor] = {}
+    noise: dict[str, torch.Tensor] | None = None if noises is None else {}
+    weights: dict[str, torch.Tensor] = {}
+    for name, t in targets.items():
+        # Conv1D stores (d_in, d_out): statistics and plans use the (d_out, d_in) orientation.
+        def oriented(x: torch.Tensor, t=t) -> torch.Tensor:
+            return x.T if t.transposed else x
 
+        grads[name] = oriented(means[slot_of[name]])
+        weights[name] = oriented(modules[name].weight.detach())
+        if noise is not None:
+            noise[name] = oriented(noises[slot_of[name]])
     meta = {
         "model": type(net).__name__,
         "target_modules": target_modules
         if isinstance(target_modules, str)
         else list(target_modules),
-        "steps": total,
-        "world_size": world,
+        "steps": sum(counts),
+        "halves": list(counts),
+        "world_size": _dist_rank_world()[1],
         "dtype": str(params[0].dtype).removeprefix("torch."),
     }
-    stat_device = params[0].device  # statistics on the accelerator even when offloaded
     return GradientStats.from_gradients(
         grads,
         weights,
-        steps=total,
+        noise=noise,
+        steps=sum(counts),
         keep_gradients=keep_gradients,
         meta=meta,
-        device=stat_device,
+        device=params[0].device,  # statistics on the accelerator even when offloaded
     )
+
+
+def _accumulate(
+    net: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Iterable[Any],
+    steps: int,
+    loss_fn: LossFn | None,
+    sums: Sums,
+    owners: Mapping[int, list[str]],
+    progress: bool,
+) -> tuple[int, int]:
+    """Run the batches with the accumulating hooks; ``(even, odd)`` batch counts over all
+    processes, the half-sums all-reduced. Every process raises if any one failed."""
+    rank, world = _dist_rank_world()
+    finite: dict[int, torch.Tensor] = {}
+
+    def make_hook(i: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            finite[i] = torch.isfinite(g).all()  # stays on the device: no sync here
+            sums.add(i, g)
+            p.grad = None  # free it now: at most one target gradient alive at a time
+
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(make_hook(i)) for i, p in enumerate(params)]
+    bar = progress_bar(steps, "probe", progress)  # tqdm shows the rate in step/s
+    counts, error = (0, 0), None
+    try:
+        device = _input_device(net)
+        counts = _run(net, batches, steps, loss_fn, device, sums, finite, owners, bar, rank, world)
+        if sum(counts) == 0:
+            raise ValueError("batches is empty; the probe needs at least one batch")
+    except Exception as e:  # in a process group the peers must still learn that we failed
+        error = e
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    if world > 1:
+        counts, failed = _reduce_counts(counts, error is not None)
+        if error is None and failed:
+            raise ValueError(
+                f"the probe failed on {failed} other process(es) of {world}; see their error"
+            )
+    if error is not None:
+        raise error
+    if world > 1:
+        for half in sums.finish():
+            for acc in half:
+                _all_reduce_sum(acc)
+    return counts
 
 
 def _run(
@@ -390,13 +342,16 @@ def _run(
     steps: int,
     loss_fn: LossFn | None,
     device: torch.device,
-    sums: _DeviceSums | _HostSums,
+    sums: Sums,
     finite: dict[int, torch.Tensor],
     owners: Mapping[int, list[str]],
     bar: Any,
-) -> int:
-    """Forward+backward over up to ``steps`` batches; returns how many were seen."""
-    count = 0
+    rank: int,
+    world: int,
+) -> tuple[int, int]:
+    """Forward+backward over up to ``steps`` batches; ``(even, odd)`` batches seen here, the
+    half of local batch i being the parity of its global index ``rank + i·world``."""
+    counts = [0, 0]
     iterator = iter(batches)
     with torch.enable_grad():
         for step in range(steps):
@@ -404,30 +359,40 @@ def _run(
                 batch = next(iterator)
             except StopIteration:
                 break
+            half = (rank + step * world) % 2
+            sums.begin_step(half)
             finite.clear()
             loss = _loss_of(net, _to_device(batch, device), loss_fn, step)
             loss.backward()
             sums.end_step()
-            # One host sync per step, as a training loop's loss.item(): loss and gradients checked.
-            order = sorted(finite)
-            flags = [torch.isfinite(loss.detach())] + [finite[i].to(loss.device) for i in order]
-            ok = torch.stack(flags).cpu()
-            if not bool(ok[0]):
-                raise ValueError(
-                    f"the loss of batch {step} is {float(loss.detach())}; the probe needs finite "
-                    "losses: check that batch's data and labels (or loss scaling in fp16)"
-                )
-            if not bool(ok.all()):
-                bad = [n for i, f in zip(order, ok[1:].tolist()) if not f for n in owners[i]]
-                raise ValueError(
-                    f"the gradient of module {bad[0]!r} in batch {step} contains NaN or Inf"
-                    + (f" (also {', '.join(bad[1:4])})" if len(bad) > 1 else "")
-                    + "; in fp16 use bf16 or fp32 for the probe, or check the data"
-                )
-            count += 1
-            if bar is not None:
-                bar.update(1)  # tqdm shows the rate in step/s
-    return count
+            _check_step(loss, finite, owners, step)
+            counts[half] += 1
+            bar.update(1)
+    return counts[0], counts[1]
+
+
+def _check_step(
+    loss: torch.Tensor,
+    finite: Mapping[int, torch.Tensor],
+    owners: Mapping[int, list[str]],
+    step: int,
+) -> None:
+    """One host sync per step, as a training loop's loss.item(): loss and gradients checked."""
+    order = sorted(finite)
+    flags = [torch.isfinite(loss.detach())] + [finite[i].to(loss.device) for i in order]
+    ok = torch.stack(flags).cpu()
+    if not bool(ok[0]):
+        raise ValueError(
+            f"the loss of batch {step} is {float(loss.detach())}; the probe needs finite "
+            "losses: check that batch's data and labels (or loss scaling in fp16)"
+        )
+    if not bool(ok.all()):
+        bad = [n for i, f in zip(order, ok[1:].tolist()) if not f for n in owners[i]]
+        raise ValueError(
+            f"the gradient of module {bad[0]!r} in batch {step} contains NaN or Inf"
+            + (f" (also {', '.join(bad[1:4])})" if len(bad) > 1 else "")
+            + "; in fp16 use bf16 or fp32 for the probe, or check the data"
+        )
 
 
 __all__ = ["probe"]

@@ -1,7 +1,9 @@
 """GradientStats: per-module statistics of accumulated gradients and their similarity matrices.
 
-Everything here is a function of the accumulated gradients ``G`` (METHODS.md §1) and, for
-sensitivity, of the weights ``W``. Statistics are computed in float64 whatever the model dtype.
+Everything here is a function of the accumulated gradients ``G`` (METHODS.md §1), of the probe's
+noise estimate ``D`` when there is one (§2, "Probe noise") and, for sensitivity, of the weights
+``W``. Statistics are computed in float64 whatever the model dtype. Each module carries the raw
+statistics of ``G`` (the papers' reading) and, with ``D``, the statistics of the signal.
 """
 
 from __future__ import annotations
@@ -12,24 +14,38 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .files import atomic_write
+from .moments import (
+    HALF_LOG_2PI_PLUS_HALF,
+    REFERENCE_SIGMA,
+    gradient_similarity,
+    kl_similarity,
+    moments,
+    proxy_entropy,
+    rmi_matrix,
+    signal_fields,
+)
 from .spectral import effective_ranks
 from .targets import split_module_name
 
 FORMAT = "entrolora.stats"
-FORMAT_VERSION = 1
-HALF_LOG_2PI_PLUS_HALF = 0.5 * math.log(2 * math.pi) + 0.5
-REFERENCE_SIGMA = 1e-3
+FORMAT_VERSION = 2  # 2: noise estimate and signal statistics; version 1 files still load
+READABLE_VERSIONS = ("1", "2")
 SIMILARITY_KINDS = ("rmi", "cosine", "l1", "l2", "kl")
 RMI_SCALES = ("reference", "raw")
-
-
-def proxy_entropy(sigma: float) -> float:
-    """Proxy entropy ``log σ + ½ log 2π + ½`` (E²LoRA eq. 1); σ must be > 0."""
-    return math.log(sigma) + HALF_LOG_2PI_PLUS_HALF
+STATISTICS = ("signal", "raw")
+NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
+__all__ = [
+    "HALF_LOG_2PI_PLUS_HALF",
+    "REFERENCE_SIGMA",
+    "GradientStats",
+    "ModuleStats",
+    "proxy_entropy",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,12 @@ class ModuleStats:
 
     ``entropy`` and ``erank`` are None for a *degenerate* module (``std == 0``: no gradient
     reached it), METHODS.md §2. ``sensitivity`` (RaLoRA eq. 5) is None when no weight was given.
+
+    With a noise estimate ``D`` (§2, "Probe noise"): ``noise_mean``/``noise_std`` are its moments,
+    ``snr = max(‖G‖² − ‖D‖², 0)/‖D‖²`` (inf when ``D = 0``), ``signal_std`` the square root of
+    the clipped signal variance ``max(var G − var D, 2·var D/√n)``, ``signal_entropy`` its proxy
+    entropy and ``signal_erank`` the effective rank of the clipped eigenvalues of ``GGᵀ − DDᵀ``
+    (None when no signal is left). All six are None without a noise estimate.
     """
 
     name: str
@@ -50,10 +72,29 @@ class ModuleStats:
     entropy: float | None
     erank: float | None
     sensitivity: float | None
+    noise_mean: float | None = None
+    noise_std: float | None = None
+    snr: float | None = None
+    signal_std: float | None = None
+    signal_entropy: float | None = None
+    signal_erank: float | None = None
 
     @property
     def degenerate(self) -> bool:
         return self.std == 0.0
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether a noise estimate, hence the signal statistics, is there."""
+        return self.noise_std is not None
+
+    def entropy_of(self, statistics: str) -> float | None:
+        """Proxy entropy of ``G`` (``"raw"``) or of the signal (``"signal"``)."""
+        return self.signal_entropy if statistics == "signal" else self.entropy
+
+    def erank_of(self, statistics: str) -> float | None:
+        """Effective rank of ``G`` (``"raw"``) or of the signal (``"signal"``)."""
+        return self.signal_erank if statistics == "signal" else self.erank
 
     @property
     def d_out(self) -> int:
@@ -64,17 +105,43 @@ class ModuleStats:
         return self.shape[1]
 
 
-def _moments(g: torch.Tensor) -> tuple[float, float]:
-    g64 = g.detach().to(torch.float64)
-    mean = g64.mean()
-    std = (g64 - mean).square().mean().sqrt()  # population std (ddof = 0)
-    return float(mean), float(std)
+def _check_inputs(
+    grads: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    noise: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """ValueError naming the first bad input of ``from_gradients`` (see its docstring)."""
+    if not grads:
+        raise ValueError("no gradients given: pass {module name: gradient tensor}")
+    unknown = set(weights) - set(grads)
+    if unknown:
+        raise ValueError(f"weights given for modules without gradients: {sorted(unknown)[:5]}")
+    if noise is not None and set(noise) != set(grads):
+        odd = sorted(set(noise) ^ set(grads))
+        raise ValueError(
+            f"noise must hold one estimate per gradient; mismatched modules: {odd[:5]}"
+        )
+    for name, g in grads.items():
+        if g.dim() != 2:
+            raise ValueError(
+                f"gradient of {name!r} has shape {tuple(g.shape)}; expected a 2-D "
+                "(d_out, d_in) matrix"
+            )
+        _check_finite(name, g)
+        for what, other in (("weight", weights), ("noise estimate", noise or {})):
+            if name in other and tuple(other[name].shape) != tuple(g.shape):
+                raise ValueError(
+                    f"{what} of {name!r} has shape {tuple(other[name].shape)} but its gradient "
+                    f"{tuple(g.shape)}; pass it in (d_out, d_in) orientation"
+                )
+        if noise is not None:
+            _check_finite(name, noise[name], "noise estimate")
 
 
-def _check_finite(name: str, g: torch.Tensor) -> None:
+def _check_finite(name: str, g: torch.Tensor, what: str = "gradient") -> None:
     if not bool(torch.isfinite(g).all()):
         raise ValueError(
-            f"gradient of {name!r} contains NaN or Inf; check the data and the loss "
+            f"{what} of {name!r} contains NaN or Inf; check the data and the loss "
             "(a lower learning-rate-free probe still needs a finite loss)."
         )
 
@@ -84,7 +151,8 @@ class GradientStats:
     """Per-module gradient statistics, grouped by module type (METHODS.md §1–2).
 
     ``modules`` maps each qualified module name to its ``ModuleStats``; ``gradients`` holds the
-    accumulated float32 gradients (``d_out × d_in``) when they were kept, which the ``cosine``,
+    accumulated float32 gradients (``d_out × d_in``) when they were kept (``noise`` their noise
+    estimates ``D``, kept with them when there are some), which the ``cosine``,
     ``l1`` and ``l2`` similarities need.
     """
 
@@ -92,6 +160,7 @@ class GradientStats:
     gradients: dict[str, torch.Tensor] | None = None
     steps: int = 1
     meta: dict = field(default_factory=dict)
+    noise: dict[str, torch.Tensor] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -100,6 +169,7 @@ class GradientStats:
         grads: Mapping[str, torch.Tensor],
         weights: Mapping[str, torch.Tensor] | None = None,
         *,
+        noise: Mapping[str, torch.Tensor] | None = None,
         steps: int = 1,
         keep_gradients: bool = True,
         meta: dict | None = None,
@@ -109,47 +179,39 @@ class GradientStats:
 
         METHODS.md §2: mean, population std, proxy entropy (E²LoRA eq. 1), effective rank
         (RaLoRA eq. 3) and, given W, sensitivity ``mean|W ⊙ G|`` (RaLoRA eq. 5), all in float64.
-        ``device``: where the statistics are computed (default: each gradient's own device), so
-        that host-held gradients can still use the accelerator. Names must carry a layer index
+        ``noise``: ``{name: D}``, the noise estimate of every ``G`` (§2 "Probe noise", e.g.
+        ``(G₁ − G₂)/2`` of two equal halves; ``from_halves`` builds it); then each module also
+        gets ``snr`` and the signal statistics. ``device``: where the statistics are computed
+        (default: each gradient's own device). Names must carry a layer index
         (``...layers.3.q_proj``). Raises ValueError on an empty mapping, a non-2-D or non-finite
-        gradient, or a weight whose shape differs from ``G``.
+        gradient or noise, or a weight or noise whose shape differs from ``G``.
         """
-        if not grads:
-            raise ValueError("no gradients given: pass {module name: gradient tensor}")
+        _check_inputs(grads, weights or {}, noise)
         weights = weights or {}
-        unknown = set(weights) - set(grads)
-        if unknown:
-            raise ValueError(f"weights given for modules without gradients: {sorted(unknown)[:5]}")
-        for name, g in grads.items():
-            if g.dim() != 2:
-                raise ValueError(
-                    f"gradient of {name!r} has shape {tuple(g.shape)}; expected a 2-D "
-                    "(d_out, d_in) matrix"
-                )
-            _check_finite(name, g)
-            if name in weights and tuple(weights[name].shape) != tuple(g.shape):
-                raise ValueError(
-                    f"weight of {name!r} has shape {tuple(weights[name].shape)} but its gradient "
-                    f"{tuple(g.shape)}; pass weights in (d_out, d_in) orientation"
-                )
         located = {name: split_module_name(name) for name in grads}
         order = sorted(grads, key=lambda n: located[n])
 
         def on(t: torch.Tensor) -> torch.Tensor:
             return t.detach() if device is None else t.detach().to(device)
 
-        moments = {n: _moments(on(grads[n])) for n in order}
-        live = [n for n in order if moments[n][1] > 0]
+        found = {n: moments(on(grads[n])) for n in order}
+        noise_moments = {n: moments(on(noise[n])) for n in order} if noise else {}
+        live = [n for n in order if found[n][1] > 0]
         eranks = dict(zip(live, effective_ranks([grads[n] for n in live], device=device)))
+        signal_eranks = {}
+        if noise:
+            noises = [noise[n] for n in live]
+            signal = effective_ranks([grads[n] for n in live], noises=noises, device=device)
+            signal_eranks = dict(zip(live, signal))
         modules = {}
         for n in order:
             g = grads[n]
-            mean, std = moments[n]
             sens = None
             if n in weights:
                 g64 = on(g).to(torch.float64)
                 w = weights[n].detach().to(device=g64.device, dtype=torch.float64)
                 sens = float((w * g64).abs().mean())
+            mean, std = found[n]
             modules[n] = ModuleStats(
                 name=n,
                 module_type=located[n][0],
@@ -161,11 +223,45 @@ class GradientStats:
                 entropy=proxy_entropy(std) if std > 0 else None,
                 erank=eranks.get(n),
                 sensitivity=sens,
+                **signal_fields(g.numel(), found[n], noise_moments.get(n), signal_eranks.get(n)),
             )
-        kept = None
+        kept = kept_noise = None
         if keep_gradients:
             kept = {n: grads[n].detach().to(device="cpu", dtype=torch.float32) for n in order}
-        return cls(modules=modules, gradients=kept, steps=steps, meta=dict(meta or {}))
+            if noise:
+                kept_noise = {n: noise[n].detach().to("cpu", torch.float32) for n in order}
+        return cls(modules, kept, steps, dict(meta or {}), kept_noise)
+
+    @classmethod
+    def from_halves(
+        cls,
+        first: Mapping[str, torch.Tensor],
+        second: Mapping[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor] | None = None,
+        *,
+        counts: tuple[int, int] = (1, 1),
+        **kwargs: Any,
+    ) -> GradientStats:
+        """Statistics from the mean gradients of two disjoint halves of the batches (§2).
+
+        ``first``/``second``: ``{name: G₁}``, ``{name: G₂}``, the means over ``counts = (n₁, n₂)``
+        batches. ``G = (n₁G₁ + n₂G₂)/S`` and ``D = √(n₁n₂)/S · (G₁ − G₂)`` (``(G₁ − G₂)/2`` for
+        equal halves), whose covariance is that of G's sampling noise for any ``n₁, n₂ ≥ 1``.
+        ``steps`` defaults to ``S``; other keywords as ``from_gradients``.
+        """
+        n1, n2 = counts
+        if set(first) != set(second):
+            raise ValueError("first and second half must hold the same module names")
+        if n1 < 1 or n2 < 1:
+            raise ValueError(f"each half needs at least one batch, got counts={counts!r}")
+        total = n1 + n2
+        grads, noise = {}, {}
+        for name, g1 in first.items():
+            g2 = second[name]
+            grads[name] = (n1 * g1 + n2 * g2) / total
+            noise[name] = (g1 - g2) * (math.sqrt(n1 * n2) / total)
+        kwargs.setdefault("steps", total)
+        return cls.from_gradients(grads, weights, noise=noise, **kwargs)
 
     # -- access -------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> ModuleStats:
@@ -196,15 +292,70 @@ class GradientStats:
         """Names of modules whose accumulated gradient is exactly zero."""
         return [n for n, s in self.modules.items() if s.degenerate]
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether every module has a noise estimate (a probe of ≥ 2 batches, format ≥ 2)."""
+        return bool(self.modules) and all(m.has_noise for m in self.modules.values())
+
+    def check_statistics(self, statistics: str) -> str:
+        """``statistics`` if valid and available; ValueError naming the fix otherwise."""
+        if statistics not in STATISTICS:
+            raise ValueError(
+                f"statistics must be one of {', '.join(map(repr, STATISTICS))}; got {statistics!r}"
+            )
+        if statistics == "signal" and not self.has_noise:
+            raise ValueError(
+                "these statistics hold no noise estimate (probed with one batch, or saved by an "
+                "entrolora before statistics format 2); use statistics='raw' or probe again"
+            )
+        return statistics
+
+    # -- probe noise --------------------------------------------------------------------------
+    def snr_by_type(self) -> dict[str, float]:
+        """``{module type: median snr of its modules}``; empty without a noise estimate (§2)."""
+        if not self.has_noise:
+            return {}
+        out = {}
+        for t, names in self.types.items():
+            vals = sorted(self.modules[n].snr for n in names)
+            out[t] = _median(vals)
+        return out
+
+    def low_snr_warning(self) -> str | None:
+        """One line when most modules have ``snr < 1``, with the probe steps that would lift
+        them (snr grows in proportion to the steps: ``steps / median snr``); None otherwise."""
+        if not self.has_noise:
+            return None
+        snrs = sorted(m.snr for m in self.modules.values())
+        low = sum(v < 1 for v in snrs)
+        if 2 * low <= len(snrs):
+            return None
+        med = _median(snrs)
+        lift = (
+            f"about {math.ceil(self.steps / med)} probe steps would lift most above 1"
+            if med > 0
+            else "no signal is measurable in most of them; probe far more steps"
+        )
+        return (
+            f"warning: {low} of {len(snrs)} modules have gradient SNR < 1 at {self.steps} probe "
+            f"steps (median {med:.2f}): their plan reads mostly noise; {lift} (--probe-steps)"
+        )
+
     # -- similarity ---------------------------------------------------------------------------
     def similarity(
-        self, module_type: str, kind: str = "rmi", rmi_scale: str = "reference"
+        self,
+        module_type: str,
+        kind: str = "rmi",
+        rmi_scale: str = "reference",
+        statistics: str = "raw",
     ) -> torch.Tensor:
         """Symmetric ``N × N`` float64 similarity of the type's modules, unit diagonal (§2).
 
         ``kind``: ``rmi`` (eq. 3; ``rmi_scale="reference"`` rescales the type's gradients to a
         geometric-mean σ of 1e-3 first, ``"raw"`` is the literal formula), ``cosine``, ``l1``,
-        ``l2`` (need kept gradients) or ``kl``. Degenerate modules get 0 off the diagonal.
+        ``l2`` (need kept gradients) or ``kl``. ``statistics="signal"`` reads the signal
+        moments for ``rmi`` and ``kl`` (needs a noise estimate); ``cosine``, ``l1``, ``l2``
+        compare the kept gradients as they are. Degenerate modules get 0 off the diagonal.
         """
         if module_type not in self.types:
             raise ValueError(
@@ -218,13 +369,14 @@ class GradientStats:
             raise ValueError(
                 f"unknown rmi_scale {rmi_scale!r}; choose one of {', '.join(RMI_SCALES)}"
             )
+        self.check_statistics(statistics)
         names = self.types[module_type]
         mods = [self.modules[n] for n in names]
         live = [not m.degenerate for m in mods]
         if kind == "rmi":
-            sim = _rmi(mods, live, rmi_scale)
+            sim = rmi_matrix(mods, live, rmi_scale, statistics)
         elif kind == "kl":
-            sim = _kl_similarity(mods, live)
+            sim = kl_similarity(mods, statistics)
         else:
             sim = self._gradient_similarity(names, kind)
         live_t = torch.tensor(live)
@@ -242,24 +394,12 @@ class GradientStats:
             raise ValueError(
                 f"similarity {kind!r} needs same-shape gradients; got {sorted(shapes)}"
             )
-        g = torch.stack([self.gradients[n].reshape(-1) for n in names]).to(torch.float64)
-        if kind == "cosine":
-            unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            return unit @ unit.T
-        if kind == "l1":
-            return 1.0 / (
-                1.0
-                + torch.cdist(g, g, p=1, compute_mode="donot_use_mm_for_euclid_dist") / g.shape[1]
-            )
-        return 1.0 / (
-            1.0
-            + torch.cdist(g, g, p=2, compute_mode="donot_use_mm_for_euclid_dist")
-            / math.sqrt(g.shape[1])
-        )
+        return gradient_similarity([self.gradients[n] for n in names], kind)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, keep_gradients: bool = False) -> Path:
-        """Write one safetensors file: statistics as JSON metadata, gradients if asked.
+        """Write one safetensors file: statistics as JSON metadata, gradients if asked (with
+        their noise estimates, as ``noise/<name>``, when these statistics hold them).
 
         Returns the path. The write is atomic (temporary file, then rename).
         """
@@ -273,6 +413,8 @@ class GradientStats:
                 n: g.detach().to("cpu", torch.float32).contiguous()
                 for n, g in self.gradients.items()
             }
+            for n, d in (self.noise or {}).items():
+                tensors[NOISE_PREFIX + n] = d.detach().to("cpu", torch.float32).contiguous()
         meta = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -300,53 +442,26 @@ class GradientStats:
             ) from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an entrolora statistics file")
-        if meta.get("format_version") != str(FORMAT_VERSION):
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{str(path)!r} has statistics format version {meta.get('format_version')}; this "
-                f"entrolora reads version {FORMAT_VERSION}. Probe again with this version."
+                f"entrolora reads versions {', '.join(READABLE_VERSIONS)}. Probe again with this "
+                "version."
             )
         modules = {}
         for d in json.loads(meta["modules"]):
             d["shape"] = tuple(d["shape"])
             modules[d["name"]] = ModuleStats(**d)
+        noise = {
+            k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)
+        }
+        grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
         return cls(
-            modules=modules,
-            gradients=tensors or None,
-            steps=int(meta["steps"]),
-            meta=json.loads(meta["meta"]),
+            modules, grads or None, int(meta["steps"]), json.loads(meta["meta"]), noise or None
         )
 
 
-def _rmi(mods: list[ModuleStats], live: list[bool], scale: str) -> torch.Tensor:
-    """RMI matrix (E²LoRA eq. 3) from counts, means and stds; joint entropy from pooled moments."""
-    n = torch.tensor([float(m.numel) for m in mods], dtype=torch.float64)
-    mu = torch.tensor([m.mean for m in mods], dtype=torch.float64)
-    sd = torch.tensor([m.std for m in mods], dtype=torch.float64)
-    if scale == "reference" and any(live):
-        mask = torch.tensor(live)
-        geo = torch.exp(torch.log(sd[mask]).mean())
-        c = REFERENCE_SIGMA / geo
-        mu, sd = mu * c, sd * c
-    sd_safe = torch.where(sd > 0, sd, torch.ones_like(sd))
-    h = torch.log(sd_safe) + HALF_LOG_2PI_PLUS_HALF  # (N,)
-    ni, nj = n[:, None], n[None, :]
-    tot = ni + nj
-    mu_ij = (ni * mu[:, None] + nj * mu[None, :]) / tot
-    second = (
-        ni * (sd[:, None] ** 2 + mu[:, None] ** 2) + nj * (sd[None, :] ** 2 + mu[None, :] ** 2)
-    ) / tot
-    var_ij = (second - mu_ij**2).clamp_min(torch.finfo(torch.float64).tiny)
-    h_ij = 0.5 * torch.log(var_ij) + HALF_LOG_2PI_PLUS_HALF
-    denom = torch.minimum(h[:, None], h[None, :])
-    return (h[:, None] + h[None, :] - h_ij) / denom
-
-
-def _kl_similarity(mods: list[ModuleStats], live: list[bool]) -> torch.Tensor:
-    """``exp(−½(KL(i‖j) + KL(j‖i)))`` between fitted Gaussians ``N(μ, σ²)``."""
-    mu = torch.tensor([m.mean for m in mods], dtype=torch.float64)
-    sd = torch.tensor([m.std if m.std > 0 else 1.0 for m in mods], dtype=torch.float64)
-    var = sd**2
-    dmu2 = (mu[:, None] - mu[None, :]) ** 2
-    # KL(N_i ‖ N_j) = log(σ_j/σ_i) + (σ_i² + (μ_i−μ_j)²)/(2σ_j²) − ½
-    kl = torch.log(sd[None, :] / sd[:, None]) + (var[:, None] + dmu2) / (2 * var[None, :]) - 0.5
-    return torch.exp(-0.5 * (kl + kl.T))
+def _median(sorted_values: list[float]) -> float:
+    k = len(sorted_values)
+    mid = k // 2
+    return sorted_values[mid] if k % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])

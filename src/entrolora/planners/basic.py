@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..plans import AdaptationPlan, GroupPlan, ModulePlan
-from ..stats import GradientStats
+from ..stats import STATISTICS, GradientStats
 
 TypeTargets = dict[str, list["Site"]]
 
@@ -130,6 +131,26 @@ def resolve_alpha(lora_alpha: Any, r: int) -> float:
     if alpha <= 0:
         raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
     return alpha
+
+
+def resolve_statistics(stats: GradientStats, statistics: Any, stacklevel: int = 3) -> str:
+    """The statistics a planner reads: ``statistics`` checked; ``"signal"`` on statistics
+    without a noise estimate warns (once per statistics object, one line) and gives ``"raw"``.
+    ``stacklevel``: of the warning, counted from here (3: the caller of a planner that calls
+    this directly)."""
+    statistics = check_choice("statistics", statistics, STATISTICS)
+    if statistics == "signal" and not stats.has_noise:
+        if not getattr(stats, "_warned_no_noise", False):
+            warnings.warn(
+                "these statistics hold no noise estimate (a 1-batch probe, or a file from before "
+                "statistics format 2), so the plan reads the raw statistics (recorded as "
+                "statistics='raw'); probe again for signal statistics",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+            stats._warned_no_noise = True  # type: ignore[attr-defined]
+        return "raw"
+    return statistics
 
 
 def check_power_of_two(name: str, value: Any) -> int:

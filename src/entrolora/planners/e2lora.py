@@ -10,18 +10,27 @@ as E²LoRA plus a per-module magnitude, E²VeRA trainable (d, b) per interval on
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from ..plans import AdaptationPlan, GroupPlan, ModulePlan
 from ..stats import RMI_SCALES, SIMILARITY_KINDS, GradientStats
-from .basic import check_choice, check_float, check_int, require_stats, resolve_alpha
+from .basic import (
+    check_choice,
+    check_float,
+    check_int,
+    require_stats,
+    resolve_alpha,
+    resolve_statistics,
+)
 
 PARTITIONS = ("greedy", "dp")
 ALLOCATIONS = ("shifted", "literal", "uniform")
@@ -156,7 +165,7 @@ def interval_weights(entropies: Sequence[float | None], allocation: str) -> list
                 "LESS informative intervals (E²LoRA eq. 6 as written); use allocation='shifted' "
                 "for ranks increasing with entropy",
                 UserWarning,
-                stacklevel=6,
+                stacklevel=7,
             )
         if live and math.fsum(live) == 0.0:
             raise ValueError(
@@ -195,38 +204,39 @@ class TypeAllocation:
 def allocate(
     stats: GradientStats,
     module_type: str,
-    r: int,
-    threshold: float | None,
-    partition: str,
-    lam: float,
-    similarity: str,
-    rmi_scale: str,
-    allocation: str,
-    budget: str,
-    sharing: str,
+    opts: E2Options,
     names: list[str] | None = None,
 ) -> TypeAllocation:
-    """LSS then HRA for one module type (METHODS.md §3); ``names``: the type's modules by layer."""
+    """LSS then HRA for one module type (METHODS.md §3); ``names``: the type's modules by layer.
+
+    ``opts`` must be checked (``E2Options.checked``); entropies and similarities are read from
+    the raw or the signal statistics as ``opts.statistics`` says.
+    """
     names = stats.types[module_type] if names is None else names
     mods = [stats.modules[n] for n in names]
     n = len(names)
-    degenerate = [m.entropy is None for m in mods]
+    reading = opts.statistics
+    entropies = [m.entropy_of(reading) for m in mods]
+    degenerate = [h is None for h in entropies]
     taus: list[float | None] | None = None
-    if sharing == "none":
+    if opts.sharing == "none":
         intervals = [(i, i) for i in range(n)]
     elif n == 1:
         intervals, taus = [(0, 0)], [None]
     else:
-        sim = stats.similarity(module_type, kind=similarity, rmi_scale=rmi_scale).numpy().tolist()
-        if partition == "greedy":
-            intervals, taus = greedy_intervals(sim, degenerate, threshold)
+        sim = stats.similarity(
+            module_type, kind=opts.similarity, rmi_scale=opts.rmi_scale, statistics=reading
+        )
+        sim = sim.numpy().tolist()
+        if opts.partition == "greedy":
+            intervals, taus = greedy_intervals(sim, degenerate, opts.threshold)
         else:
-            intervals = dp_intervals(sim, degenerate, lam)
+            intervals = dp_intervals(sim, degenerate, opts.lam)
     ent: list[float | None] = []
     for s, e in intervals:
-        live = [mods[i].entropy for i in range(s, e + 1) if mods[i].entropy is not None]
+        live = [h for h in entropies[s : e + 1] if h is not None]
         ent.append(max(live) if live else None)
-    ranks, weights, total = hra_ranks(ent, r, n, allocation, budget)
+    ranks, weights, total = hra_ranks(ent, opts.r, n, opts.allocation, opts.budget)
     diagnostics = {
         "layers": [m.layer for m in mods],
         "intervals": [[s, e] for s, e in intervals],
@@ -241,75 +251,110 @@ def allocate(
     return TypeAllocation(names, intervals, ranks, diagnostics)
 
 
-def _resolve(
-    stats: Any,
-    method: str,
-    r: Any,
-    threshold: Any,
-    partition: Any,
-    lam: Any,
-    similarity: Any,
-    rmi_scale: Any,
-    allocation: Any,
-    budget: Any,
-    sharing: Any,
-    lora_alpha: Any,
-) -> tuple[GradientStats, dict]:
-    """Checked options, resolved defaults included (``plan.options`` minus diagnostics)."""
-    stats = require_stats(stats, method)
-    r = check_int("r", r)
-    partition = check_choice("partition", partition, PARTITIONS)
-    if threshold is not None:
-        threshold = check_float("threshold", threshold)
-        if partition != "greedy":
-            raise ValueError("threshold applies to partition='greedy' only; drop it or use greedy")
-    options = {
-        "r": r,
-        "threshold": threshold,
-        "partition": partition,
-        "lam": check_float("lam", lam, low=0.0),
-        "similarity": check_choice("similarity", similarity, SIMILARITY_KINDS),
-        "rmi_scale": check_choice("rmi_scale", rmi_scale, RMI_SCALES),
-        "allocation": check_choice("allocation", allocation, ALLOCATIONS),
-        "budget": check_choice("budget", budget, BUDGETS),
-        "sharing": check_choice("sharing", sharing, SHARINGS),
-        "lora_alpha": resolve_alpha(lora_alpha, r),
-    }
-    return stats, options
+# -- options: one signature for the five planners -------------------------------------------------
+@dataclass(frozen=True)
+class E2Options:
+    """Options of the E²LoRA family (METHODS.md §3); every ``plan_e2*`` takes exactly these.
+
+    ``threshold`` None (adaptive τ_s, Algorithm 2) or a constant; ``partition`` greedy | dp
+    (Appendix G, penalty ``lam``); ``similarity`` rmi | cosine | l1 | l2 | kl; ``rmi_scale``
+    reference | raw (§2); ``statistics`` signal | raw (§2 "Probe noise": entropies and RMI of
+    the signal, or of G as the papers read it); ``allocation`` shifted | literal | uniform;
+    ``budget`` intervals (R = K·r) | layers (R = N·r); ``sharing`` intervals | none (HRA only);
+    ``lora_alpha`` default 2·r; ``sparsity`` (E²LoRI only) the masked share of B's entries.
+    """
+
+    r: int = 8
+    threshold: float | None = None
+    partition: str = "greedy"
+    lam: float = 0.5
+    similarity: str = "rmi"
+    rmi_scale: str = "reference"
+    statistics: str = "signal"
+    allocation: str = "shifted"
+    budget: str = "intervals"
+    sharing: str = "intervals"
+    lora_alpha: float | None = None
+    sparsity: float = 0.9
+
+    def checked(self, stats: GradientStats) -> E2Options:
+        """Validated options with defaults resolved; ValueError naming the bad one."""
+        partition = check_choice("partition", self.partition, PARTITIONS)
+        similarity = check_choice("similarity", self.similarity, SIMILARITY_KINDS)
+        threshold = self.threshold
+        if threshold is not None:
+            threshold = check_threshold(threshold, similarity)
+            if partition != "greedy":
+                raise ValueError(
+                    "threshold applies to partition='greedy' only; drop it or use greedy"
+                )
+        r = check_int("r", self.r)
+        return E2Options(
+            r=r,
+            threshold=threshold,
+            partition=partition,
+            lam=check_float("lam", self.lam, low=0.0),
+            similarity=similarity,
+            rmi_scale=check_choice("rmi_scale", self.rmi_scale, RMI_SCALES),
+            statistics=resolve_statistics(stats, self.statistics, stacklevel=5),
+            allocation=check_choice("allocation", self.allocation, ALLOCATIONS),
+            budget=check_choice("budget", self.budget, BUDGETS),
+            sharing=check_choice("sharing", self.sharing, SHARINGS),
+            lora_alpha=resolve_alpha(self.lora_alpha, r),
+            sparsity=check_float("sparsity", self.sparsity, low=0.0, high=1.0),
+        )
 
 
-def _build(stats: GradientStats, method: str, options: dict, variant: str, **extra: Any):
-    """Allocate every type, then lay out modules and groups of ``variant`` (§3 What is shared)."""
-    keys = ("threshold", "partition", "lam", "similarity", "rmi_scale", "allocation", "budget")
-    args = {k: options[k] for k in keys}
-    shared_intervals = options["sharing"] == "intervals"
+def check_threshold(value: Any, similarity: str) -> float:
+    """A constant LSS threshold inside the range of the similarity (ValueError otherwise).
+
+    RMI (reference scale), L1, L2 and KL similarities lie in (0, 1] and cosine in [−1, 1]: a
+    threshold above 1 never shares a layer and one at or below the lowest possible similarity
+    shares all of them, so neither is an E²LoRA plan.
+    """
+    low, closed, span = (
+        (-1.0, True, "[-1, 1]") if similarity == "cosine" else (0.0, False, "(0, 1]")
+    )
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or value > 1.0 or value < low or (value == low and not closed):
+        raise ValueError(
+            f"threshold must be a finite number in {span} for similarity={similarity!r} "
+            f"(above 1 no layers share, at the bottom all do), got {value!r}"
+        )
+    return float(value)
+
+
+def _build(stats: GradientStats, method: str, opts: E2Options) -> AdaptationPlan:
+    """Allocate every type, then lay out modules and groups of ``method`` (§3 What is shared)."""
+    shared_intervals = opts.sharing == "intervals"
+    extra = {"sparsity": opts.sparsity} if method == "e2lori" else {}
     modules: dict[str, ModulePlan] = {}
     groups: dict[str, GroupPlan] = {}
     diagnostics: dict[str, dict] = {}
-    kind = {"e2lora": "lora", "e2sharelora": "lora", "e2dora": "dora"}.get(variant, variant[2:])
+    kind = {"e2lora": "lora", "e2sharelora": "lora", "e2dora": "dora"}.get(method, method[2:])
     for t, names in stats.types.items():
-        a = allocate(stats, t, options["r"], sharing=options["sharing"], names=names, **args)
+        a = allocate(stats, t, opts, names=names)
         diagnostics[t] = a.diagnostics
         top = max(a.ranks)
         type_gid = None
-        if variant == "e2sharelora":
+        if method == "e2sharelora":
             type_gid = f"{t}:A"
             groups[type_gid] = GroupPlan(tuple(a.names), ("A",), top, t)
-        elif variant == "e2vera":
+        elif method == "e2vera":
             type_gid = f"{t}:AB"
             groups[type_gid] = GroupPlan(tuple(a.names), ("A", "B"), top, t)
         for k, ((s, e), rank) in enumerate(zip(a.intervals, a.ranks)):
             members = a.names[s : e + 1]
             gid = None
             shared: dict[str, str] = {}
-            if variant in ("e2sharelora", "e2vera"):
-                shared = dict.fromkeys(("A",) if variant == "e2sharelora" else ("A", "B"), type_gid)
+            if method in ("e2sharelora", "e2vera"):
+                shared = dict.fromkeys(("A",) if method == "e2sharelora" else ("A", "B"), type_gid)
             if shared_intervals:
                 gid = f"{t}:i{k}"
-                factors = {"e2sharelora": ("B",), "e2vera": ("d", "b")}.get(variant, ("A", "B"))
+                factors = {"e2sharelora": ("B",), "e2vera": ("d", "b")}.get(method, ("A", "B"))
                 groups[gid] = GroupPlan(tuple(members), factors, rank, t)
                 shared.update(dict.fromkeys(factors, gid))
-            elif variant == "e2sharelora":
+            elif method == "e2sharelora":
                 gid = type_gid  # ShareLoRA's own layout: the type-wide A is the module's group
             for name in members:
                 ms = stats.modules[name]
@@ -317,133 +362,72 @@ def _build(stats: GradientStats, method: str, options: dict, variant: str, **ext
                     rank, ms.d_in, ms.d_out, t, ms.layer, kind=kind, group=gid,
                     shared=dict(shared), **extra,
                 )  # fmt: skip
-    options = {**options, **extra, "types": diagnostics}
-    return AdaptationPlan(method, modules, groups, options["lora_alpha"], options)
+    recorded = {k: v for k, v in asdict(opts).items() if k != "sparsity"}
+    options = {**recorded, **extra, "types": diagnostics}
+    return AdaptationPlan(method, modules, groups, opts.lora_alpha, options)
+
+
+def _plan(method: str, stats: Any, r: Any, options: dict[str, Any]) -> AdaptationPlan:
+    """Check the options against ``E2Options`` (as a signature would) and build the plan."""
+    allowed = [f.name for f in fields(E2Options) if f.name != "r"]
+    if method != "e2lori":
+        allowed.remove("sparsity")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"plan_{method}() got unexpected option(s) {', '.join(map(repr, unknown))}; "
+            f"accepted: r, {', '.join(allowed)}"
+        )
+    stats = require_stats(stats, method)
+    return _build(stats, method, E2Options(r=r, **options).checked(stats))
+
+
+def plan_e2lora(stats: GradientStats, r: int = 8, **options: Any) -> AdaptationPlan:
+    """E²LoRA: one (A, B) per sharing interval at the interval's rank r_k."""
+    return _plan("e2lora", stats, r, options)
+
+
+def plan_e2sharelora(stats: GradientStats, r: int = 8, **options: Any) -> AdaptationPlan:
+    """E²ShareLoRA: one A per type (``"<type>:A"``, rank max r_k), one B per interval at r_k."""
+    return _plan("e2sharelora", stats, r, options)
+
+
+def plan_e2dora(stats: GradientStats, r: int = 8, **options: Any) -> AdaptationPlan:
+    """E²DoRA: kind ``dora``; (A, B) shared per interval, each module its own magnitude."""
+    return _plan("e2dora", stats, r, options)
+
+
+def plan_e2vera(stats: GradientStats, r: int = 8, **options: Any) -> AdaptationPlan:
+    """E²VeRA: frozen (A, B) per type (``"<type>:AB"``, rank max r_k); (d, b) per interval."""
+    return _plan("e2vera", stats, r, options)
+
+
+def plan_e2lori(stats: GradientStats, r: int = 8, **options: Any) -> AdaptationPlan:
+    """E²LoRI: frozen A and sparse trainable B (``sparsity`` of entries masked) per interval."""
+    return _plan("e2lori", stats, r, options)
+
+
+def _signature(with_sparsity: bool) -> inspect.Signature:
+    """``(stats, r=8, *, <E2Options fields>)``: what ``planner_options`` and the CLI read."""
+    params = [
+        inspect.Parameter("stats", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("r", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=E2Options.r),
+    ]
+    for f in fields(E2Options):
+        if f.name == "r" or (f.name == "sparsity" and not with_sparsity):
+            continue
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default))
+    return inspect.Signature(params)
 
 
 _DOC_OPTIONS = """
 
-    Options (METHODS.md §3): ``threshold`` None (adaptive τ_s, Algorithm 2) or a constant;
-    ``partition`` greedy | dp (Appendix G, penalty ``lam``); ``similarity`` rmi | cosine | l1 |
-    l2 | kl; ``rmi_scale`` reference | raw (§2); ``allocation`` shifted | literal | uniform;
-    ``budget`` intervals (R = K·r) | layers (R = N·r); ``sharing`` intervals | none (HRA only);
-    ``lora_alpha`` default 2·r. ``plan.options["types"]`` records, per module type, the
-    intervals (positions into ``layers``), thresholds τ, interval entropies H_k, weights w_k,
-    ranks, the budget R and the degenerate layers.
+    Options: see ``E2Options`` (METHODS.md §3); unknown ones raise TypeError.
+    ``plan.options`` records them resolved (``statistics`` says which reading was used) and,
+    under ``"types"``, per module type the intervals (positions into ``layers``), thresholds τ,
+    interval entropies H_k, weights w_k, ranks, the budget R and the degenerate layers.
     """
 
-
-def plan_e2lora(
-    stats: GradientStats,
-    r: int = 8,
-    *,
-    threshold: float | None = None,
-    partition: str = "greedy",
-    lam: float = 0.5,
-    similarity: str = "rmi",
-    rmi_scale: str = "reference",
-    allocation: str = "shifted",
-    budget: str = "intervals",
-    sharing: str = "intervals",
-    lora_alpha: float | None = None,
-) -> AdaptationPlan:
-    """E²LoRA: one (A, B) per sharing interval at the interval's rank r_k."""
-    stats, opts = _resolve(
-        stats, "e2lora", r, threshold, partition, lam, similarity, rmi_scale, allocation,
-        budget, sharing, lora_alpha,
-    )  # fmt: skip
-    return _build(stats, "e2lora", opts, "e2lora")
-
-
-def plan_e2sharelora(
-    stats: GradientStats,
-    r: int = 8,
-    *,
-    threshold: float | None = None,
-    partition: str = "greedy",
-    lam: float = 0.5,
-    similarity: str = "rmi",
-    rmi_scale: str = "reference",
-    allocation: str = "shifted",
-    budget: str = "intervals",
-    sharing: str = "intervals",
-    lora_alpha: float | None = None,
-) -> AdaptationPlan:
-    """E²ShareLoRA: one A per type (``"<type>:A"``, rank max r_k), one B per interval at r_k."""
-    stats, opts = _resolve(
-        stats, "e2sharelora", r, threshold, partition, lam, similarity, rmi_scale, allocation,
-        budget, sharing, lora_alpha,
-    )  # fmt: skip
-    return _build(stats, "e2sharelora", opts, "e2sharelora")
-
-
-def plan_e2dora(
-    stats: GradientStats,
-    r: int = 8,
-    *,
-    threshold: float | None = None,
-    partition: str = "greedy",
-    lam: float = 0.5,
-    similarity: str = "rmi",
-    rmi_scale: str = "reference",
-    allocation: str = "shifted",
-    budget: str = "intervals",
-    sharing: str = "intervals",
-    lora_alpha: float | None = None,
-) -> AdaptationPlan:
-    """E²DoRA: kind ``dora``; (A, B) shared per interval, each module its own magnitude."""
-    stats, opts = _resolve(
-        stats, "e2dora", r, threshold, partition, lam, similarity, rmi_scale, allocation,
-        budget, sharing, lora_alpha,
-    )  # fmt: skip
-    return _build(stats, "e2dora", opts, "e2dora")
-
-
-def plan_e2vera(
-    stats: GradientStats,
-    r: int = 8,
-    *,
-    threshold: float | None = None,
-    partition: str = "greedy",
-    lam: float = 0.5,
-    similarity: str = "rmi",
-    rmi_scale: str = "reference",
-    allocation: str = "shifted",
-    budget: str = "intervals",
-    sharing: str = "intervals",
-    lora_alpha: float | None = None,
-) -> AdaptationPlan:
-    """E²VeRA: frozen (A, B) per type (``"<type>:AB"``, rank max r_k); (d, b) per interval."""
-    stats, opts = _resolve(
-        stats, "e2vera", r, threshold, partition, lam, similarity, rmi_scale, allocation,
-        budget, sharing, lora_alpha,
-    )  # fmt: skip
-    return _build(stats, "e2vera", opts, "e2vera")
-
-
-def plan_e2lori(
-    stats: GradientStats,
-    r: int = 8,
-    *,
-    sparsity: float = 0.9,
-    threshold: float | None = None,
-    partition: str = "greedy",
-    lam: float = 0.5,
-    similarity: str = "rmi",
-    rmi_scale: str = "reference",
-    allocation: str = "shifted",
-    budget: str = "intervals",
-    sharing: str = "intervals",
-    lora_alpha: float | None = None,
-) -> AdaptationPlan:
-    """E²LoRI: frozen A and sparse trainable B (``sparsity`` of entries masked) per interval."""
-    stats, opts = _resolve(
-        stats, "e2lori", r, threshold, partition, lam, similarity, rmi_scale, allocation,
-        budget, sharing, lora_alpha,
-    )  # fmt: skip
-    sparsity = check_float("sparsity", sparsity, low=0.0, high=1.0)
-    return _build(stats, "e2lori", opts, "e2lori", sparsity=sparsity)
-
-
 for _f in (plan_e2lora, plan_e2sharelora, plan_e2dora, plan_e2vera, plan_e2lori):
+    _f.__signature__ = _signature(_f is plan_e2lori)  # type: ignore[attr-defined]
     _f.__doc__ = (_f.__doc__ or "") + _DOC_OPTIONS

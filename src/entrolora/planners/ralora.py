@@ -14,7 +14,13 @@ from typing import Any
 
 from ..plans import AdaptationPlan, ModulePlan
 from ..stats import GradientStats
-from .basic import check_int, check_power_of_two, require_stats, resolve_alpha
+from .basic import (
+    check_int,
+    check_power_of_two,
+    require_stats,
+    resolve_alpha,
+    resolve_statistics,
+)
 
 # An effective rank within this relative distance of r·2^k counts as r·2^k: erank is a float
 # estimate, and a spectrum built to have GID exactly 4r must not fall to 2 blocks by rounding.
@@ -83,23 +89,36 @@ def _plan(method: str, stats: GradientStats, ranks: dict[str, int], blocks: dict
 
 
 def plan_ralora(
-    stats: GradientStats, r: int = 8, n_max: int = 32, *, lora_alpha: float | None = None
+    stats: GradientStats,
+    r: int = 8,
+    n_max: int = 32,
+    *,
+    statistics: str = "signal",
+    lora_alpha: float | None = None,
 ) -> AdaptationPlan:
     """RaLoRA: rank ``r`` on every module, ``blocks`` from its gradient effective rank (eq. 4).
 
-    ``n_max`` (a power of two) caps the block count. ``plan.options`` records each module's
-    erank and the block count before the divisibility fallback (``blocks_wanted``).
+    ``n_max`` (a power of two) caps the block count. ``statistics``: ``"signal"`` reads the
+    signal effective rank (METHODS.md §2 "Probe noise"; raw with a one-line warning when the
+    statistics hold no noise estimate), ``"raw"`` the erank of G as the paper does.
+    ``plan.options`` records the reading used, each module's erank and the block count before
+    the divisibility fallback (``blocks_wanted``).
     """
     stats = require_stats(stats, "ralora")
     r = check_int("r", r)
     n_max = check_power_of_two("n_max", n_max)
+    statistics = resolve_statistics(stats, statistics)
     alpha = resolve_alpha(lora_alpha, r)
-    counts = {n: block_count(s.erank, r, n_max, s.d_in, s.d_out) for n, s in stats.modules.items()}
+    eranks = {n: s.erank_of(statistics) for n, s in stats.modules.items()}
+    counts = {
+        n: block_count(eranks[n], r, n_max, s.d_in, s.d_out) for n, s in stats.modules.items()
+    }
     options = {
         "r": r,
         "n_max": n_max,
+        "statistics": statistics,
         "lora_alpha": alpha,
-        "eranks": {n: s.erank for n, s in stats.modules.items()},
+        "eranks": eranks,
         "blocks_wanted": {n: c[1] for n, c in counts.items()},
     }
     ranks = dict.fromkeys(stats.modules, r)
@@ -113,31 +132,37 @@ def plan_ralora_pro(
     r_max: int | None = None,
     n_max: int = 32,
     *,
+    statistics: str = "signal",
     lora_alpha: float | None = None,
 ) -> AdaptationPlan:
     """RaLoRA-Pro: ranks from loss sensitivity (eqs. 5–8), then block counts from those ranks.
 
     ``r_l = clamp(round(P_total·α_l/√(d_in+d_out)), r_min, r_max)``, defaults
     ``r_min = max(1, r_ref // 2)``, ``r_max = 2·r_ref``; ``lora_alpha`` default 2·r_ref. Needs
-    statistics with sensitivity (probed with the weights).
+    statistics with sensitivity (probed with the weights). ``statistics`` as ``plan_ralora``
+    (the effective rank; sensitivity is always read from G).
     """
     stats = require_stats(stats, "ralora_pro")
     r_ref, r_min, r_max = _pro_bounds(r_ref, r_min, r_max)
     n_max = check_power_of_two("n_max", n_max)
+    statistics = resolve_statistics(stats, statistics)
     alpha = resolve_alpha(lora_alpha, r_ref)
     pro = sensitivity_ranks(stats, r_ref, r_min, r_max)
     ranks = {n: v[0] for n, v in pro.items()}
+    eranks = {n: s.erank_of(statistics) for n, s in stats.modules.items()}
     counts = {
-        n: block_count(s.erank, ranks[n], n_max, s.d_in, s.d_out) for n, s in stats.modules.items()
+        n: block_count(eranks[n], ranks[n], n_max, s.d_in, s.d_out)
+        for n, s in stats.modules.items()
     }
     options = {
         "r_ref": r_ref,
         "r_min": r_min,
         "r_max": r_max,
         "n_max": n_max,
+        "statistics": statistics,
         "lora_alpha": alpha,
         "unclamped_ranks": {n: v[1] for n, v in pro.items()},
-        "eranks": {n: s.erank for n, s in stats.modules.items()},
+        "eranks": eranks,
         "blocks_wanted": {n: c[1] for n, c in counts.items()},
     }
     return _plan("ralora_pro", stats, ranks, {n: c[0] for n, c in counts.items()}, alpha, options)
@@ -167,13 +192,18 @@ def plan_ls_lora(
     return _plan("ls_lora", stats, ranks, dict.fromkeys(ranks, 1), alpha, options)
 
 
-def plan_lora_gid(stats: GradientStats, *, lora_alpha: float | None = None) -> AdaptationPlan:
-    """LoRA+GID (RaLoRA Table 9): rank ``max(1, round(erank(G)))``, one block; degenerate → 1.
+def plan_lora_gid(
+    stats: GradientStats, *, statistics: str = "signal", lora_alpha: float | None = None
+) -> AdaptationPlan:
+    """LoRA+GID (RaLoRA Table 9): rank ``max(1, round(erank))``, one block; degenerate → 1.
 
-    ``lora_alpha`` defaults to 16 (METHODS.md §3: 2·8), one number for the whole model.
+    ``statistics`` as ``plan_ralora``. ``lora_alpha`` defaults to 16 (METHODS.md §3: 2·8), one
+    number for the whole model.
     """
     stats = require_stats(stats, "lora_gid")
+    statistics = resolve_statistics(stats, statistics)
     alpha = resolve_alpha(lora_alpha, 8)
-    ranks = {n: 1 if s.erank is None else max(1, round(s.erank)) for n, s in stats.modules.items()}
-    options = {"lora_alpha": alpha, "eranks": {n: s.erank for n, s in stats.modules.items()}}
+    eranks = {n: s.erank_of(statistics) for n, s in stats.modules.items()}
+    ranks = {n: 1 if e is None else max(1, round(e)) for n, e in eranks.items()}
+    options = {"statistics": statistics, "lora_alpha": alpha, "eranks": eranks}
     return _plan("lora_gid", stats, ranks, dict.fromkeys(ranks, 1), alpha, options)
