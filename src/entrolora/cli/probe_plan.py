@@ -83,9 +83,12 @@ def probe(
     net, tokenizer, _ = load_model(model, task, train_ds.num_labels or 2, train_ds.label_names)
     net.to(dev)
     targets = target_list(target_modules) or default_targets(net)
-    stats = run_probe(net, tokenizer, train_ds, targets, cfg, dev)
+    stats = run_probe(net, tokenizer, train_ds, targets, cfg, dev, report=False)
     stats.save(out)
     console().print(_stats_table(stats))
+    warning = stats.low_snr_warning()
+    if warning:
+        console().print(warning, soft_wrap=True)
     console().print(f"statistics written to {out}")
 
 
@@ -98,6 +101,7 @@ def _stats_table(stats: Any):
     for col in ("module type", "layers", "entropy min", "entropy mean", "entropy max",
                 "erank mean", "SNR median", "degenerate"):  # fmt: skip
         table.add_column(col, justify="left" if col == "module type" else "right")
+    snr = stats.snr_by_type()  # {} without a noise estimate (one batch)
     for mtype, names in stats.types.items():
         ent = [stats[n].entropy for n in names if stats[n].entropy is not None]
         er = [stats[n].erank for n in names if stats[n].erank is not None]
@@ -106,7 +110,8 @@ def _stats_table(stats: Any):
             short_type(mtype), str(len(names)),
             *(f"{v:.3f}" for v in ((min(ent), sum(ent) / len(ent), max(ent)) if ent
                                    else (float("nan"),) * 3)),
-            f"{sum(er) / len(er):.1f}" if er else "-", str(deg),
+            f"{sum(er) / len(er):.1f}" if er else "-",
+            f"{snr[mtype]:.2f}" if mtype in snr else "-", str(deg),
         )  # fmt: skip
     return table
 
