@@ -25,6 +25,7 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -184,7 +185,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--targets", default=TARGETS, help="comma-separated target modules")
+    ap.add_argument("--save", default=None, help="also write the output to this text file")
     args = ap.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     cuda = torch.cuda.is_available() and not args.smoke and args.shape != "smollm2"
     args.shape = "toy" if args.smoke else args.shape or ("llama-1b" if cuda else "toy")
     args.device = torch.device("cuda" if cuda and args.shape == "llama-1b" else "cpu")
@@ -195,6 +198,26 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.interval = args.interval or (2 if args.smoke else interval)
     args.batch, args.seq = args.batch or batch, args.seq or seq
     return args
+
+
+def table(results: list[Result]) -> list[str]:
+    """The printed table: figures and ratios to peft LoRA (the first method)."""
+    ref = results[0]
+    lines = [
+        f"{'method':<20} {'trainable':>11} {'median ms':>10} {'mean ms':>9} {'× LoRA':>7} "
+        f"{'peak MiB':>9} {'× LoRA':>7} {'adapter':>8}"
+    ]
+    for r in results:
+        mem = (
+            f"{r.peak_mib:9.0f} {r.peak_mib / ref.peak_mib:7.3f}"
+            if r.peak_mib
+            else f"{'n/a':>9} {'':>7}"
+        )
+        lines.append(
+            f"{r.method:<20} {r.trainable:>11,} {r.median_ms:10.2f} {r.mean_ms:9.2f} "
+            f"{r.median_ms / ref.median_ms:7.3f} {mem} {r.adapter_dtype:>8}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -209,31 +232,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     batch = {"input_ids": ids, "labels": ids}
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(
+    head = (
         f"{args.shape} Llama shape{' (smoke)' if args.smoke else ''} on {where}, {dtype}, batch "
         f"{args.batch}×{args.seq}, targets {args.targets}; {args.warmup} warm-up + "
         f"{args.steps} timed steps; torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
+    print(head, flush=True)
     if device.type == "cuda":
         results = [run_one(n, s, args, cfg, device, dtype, batch) for n, s in METHODS.items()]
     else:
         results = run_interleaved(args, cfg, device, dtype, batch)
-    ref = results[0]
-    print(
-        f"{'method':<20} {'trainable':>11} {'median ms':>10} {'mean ms':>9} {'× LoRA':>7} "
-        f"{'peak MiB':>9} {'× LoRA':>7} {'adapter':>8}"
-    )
-    for r in results:
-        mem = (
-            f"{r.peak_mib:9.0f} {r.peak_mib / ref.peak_mib:7.3f}"
-            if r.peak_mib
-            else f"{'n/a':>9} {'':>7}"
-        )
-        print(
-            f"{r.method:<20} {r.trainable:>11,} {r.median_ms:10.2f} {r.mean_ms:9.2f} "
-            f"{r.median_ms / ref.median_ms:7.3f} {mem} {r.adapter_dtype:>8}"
-        )
+    lines = table(results)
+    print("\n".join(lines))
+    if args.save:
+        end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        text = [f"# python bench/flexlora.py {' '.join(args.argv)}", head, *lines,
+                f"(load average at the end: {end:.2f})"]  # fmt: skip
+        with open(args.save, "w", encoding="utf-8") as f:
+            f.write("\n".join(text) + "\n")
     return results
 
 

@@ -583,7 +583,7 @@ def test_resume_from_checkpoint_equals_straight_run(tmp_path, save_after):
     model, opt = fresh()
     flex = FlexLoRA(model, **opts)
     train(model, flex, opt, range(save_after + 1))
-    assert flex.fresh.born  # young slots whose Adam correction must carry over
+    assert flex.fresh.young  # young slots whose Adam correction must carry over
     el.save(model, tmp_path, flex=flex)  # weights, masks, plan, flex_state.json
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)  # the user's optimizer checkpoint (test only)

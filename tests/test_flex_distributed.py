@@ -82,6 +82,26 @@ def _train_flex(model, flex, batches) -> tuple[list, list]:
     return moves, losses
 
 
+def _regularizer_grad_paths(flex) -> float:
+    """Largest difference between the regulariser's autograd gradient and the analytic one
+    (``add_regularizer_grad``, the Trainer path) on sharded parameters."""
+    params = [p for a in flex.modules.values() for p in (a.P, a.Q)]
+
+    def grads():
+        out = [p.grad.full_tensor().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    for p in params:
+        p.grad = None
+    flex.regularizer().backward()
+    autograd = grads()
+    flex.add_regularizer_grad()
+    analytic = grads()
+    return max((a - b).abs().max().item() for a, b in zip(autograd, analytic))
+
+
 def _fsdp2_run(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -96,12 +116,13 @@ def _fsdp2_run(rank: int, world_size: int) -> dict:
     half = [{k: v.chunk(world_size)[rank] for k, v in b.items()} for b in _global_batches()]
     moves, losses = _train_flex(model, flex, half)
     return {
+        "grad_paths": _regularizer_grad_paths(flex),
         "history": [[s, r] for s, r in flex.history],
         "moves": moves,
         "names": list(flex.modules),
         "losses": losses,
         "weights": _full_adapters(model),
-        "born": flex.fresh.born,
+        "young": flex.fresh.young,
     }
 
 
@@ -112,9 +133,10 @@ def test_fsdp2_equals_one_process():
     want = _full_adapters(one)
     a, b = run_distributed(_fsdp2_run, world_size=2, timeout=300)
     assert a["names"] == b["names"] == list(flex.modules)  # no FSDP prefix in module names
+    assert a["grad_paths"] < 1e-6 and b["grad_paths"] < 1e-6  # Trainer path = autograd path
     assert a["history"] == b["history"] == [[s, r] for s, r in flex.history]
     assert a["moves"] == b["moves"] == moves and any(p for p, _ in moves)
-    assert a["born"] == b["born"] == flex.fresh.born != {}
+    assert a["young"] == b["young"] == flex.fresh.young != {}
     for k in want:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
         torch.testing.assert_close(a["weights"][k], want[k], rtol=1e-4, atol=1e-5)

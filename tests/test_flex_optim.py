@@ -30,7 +30,7 @@ def slot_update_ratios(amsgrad: bool, old_step: int | None, correct: bool = True
     (model(**BATCHES[5]).loss + flex.regularizer()).backward()
     slot = flex.expand(name, opt)  # after backward, before the step, as flex.step does
     if not correct:
-        flex.fresh.born.clear()  # moments zeroed, bias correction left to torch
+        flex.fresh.young.clear()  # moments zeroed, bias correction left to torch
     opt.step()
     opt.zero_grad(set_to_none=True)
     ref = [nn.Parameter(t.detach().clone()) for t in _slot(a, slot)]
@@ -78,11 +78,12 @@ def test_slots_leave_the_record_once_mature():
     name = next(iter(flex.modules))
     (model(**BATCHES[3]).loss).backward()
     slot = flex.expand(name, opt)
-    assert flex.fresh.born == {name: {slot: 4}}  # step 4 applies the cleared gradient
+    assert flex.fresh.young == {name: {slot: [-1, 3]}}  # before step 4, which applies 0
     train(model, flex, opt, range(4, 20))
-    assert flex.fresh.born == {name: {slot: 4}}
+    assert flex.fresh.young == {name: {slot: [15, 19]}}  # age 15 after step 19
+    assert int(opt.state[flex.modules[name].lambda_]["step"]) == 19
     train(model, flex, opt, range(20, 60))  # 0.6^j within 1e-7 of 0.6^k: mature
-    assert flex.fresh.born == {}
+    assert flex.fresh.young == {}
 
 
 def test_prune_forgets_the_slot():
@@ -94,7 +95,7 @@ def test_prune_forgets_the_slot():
     slot = flex.expand(name, opt)
     with torch.no_grad():
         flex.modules[name].lambda_[slot] = 0.0  # now the smallest own term
-    assert flex.prune(name, opt) == slot and flex.fresh.born == {}
+    assert flex.prune(name, opt) == slot and flex.fresh.young == {}
 
 
 def test_accelerate_style_wrapper_is_unwrapped():

@@ -337,7 +337,8 @@ class FlexLoRA:
             raise ValueError(
                 f"the optimizer does not hold the FlexLoRA parameters of {len(missing)} module(s) "
                 f"(first: {missing[0]!r}); build it from el.trainable_parameters(model) / "
-                "model.parameters() after el.apply (and after fully_shard under FSDP2)"
+                "model.parameters() after el.apply (after fully_shard under FSDP2), or pass "
+                "optimizer=None where its state is flat (DeepSpeed ZeRO)"
             )
         if FreshSlots.corrects(opt):
             self._hooks[opt] = opt.register_step_post_hook(self.fresh.hook)
@@ -366,7 +367,9 @@ class FlexLoRA:
             "ranks": dict(self.ranks),
             "history": [[s, dict(r)] for s, r in self.history],
             "rng_state": self.generator.get_state().tolist(),
-            "born": {n: {str(k): v for k, v in b.items()} for n, b in self.fresh.born.items()},
+            "young": {
+                n: {str(s): list(a) for s, a in y.items()} for n, y in self.fresh.young.items()
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
@@ -389,9 +392,9 @@ class FlexLoRA:
             ]
             rng = torch.tensor(state["rng_state"], dtype=torch.uint8)
             step = state["step"]
-            born = {
-                str(n): {int(k): int(v) for k, v in b.items()}
-                for n, b in state.get("born", {}).items()
+            young = {
+                str(n): {int(s): [int(a[0]), int(a[1])] for s, a in y.items()}
+                for n, y in state.get("young", {}).items()
             }
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"FlexLoRA state is malformed: {e!r}") from None
@@ -401,7 +404,7 @@ class FlexLoRA:
                 f"FlexLoRA state was saved with other options {diff} (saved, current); build the "
                 "controller with the saved options (FlexLoRA.from_checkpoint) or pass strict=False"
             )
-        if set(ranks) != set(self.modules) or not set(born) <= set(self.modules):
+        if set(ranks) != set(self.modules) or not set(young) <= set(self.modules):
             raise ValueError(
                 f"FlexLoRA state names {len(ranks)} modules but the model has {len(self.modules)} "
                 "FlexLoRA modules; it belongs to another model or plan"
@@ -418,7 +421,7 @@ class FlexLoRA:
         self.history = history
         self.ranks = ranks
         self.last_step = step
-        self.fresh.born = born
+        self.fresh.young = young
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``state_dict()`` to ``directory/flex_state.json`` atomically; returns the path."""

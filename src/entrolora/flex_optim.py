@@ -4,10 +4,10 @@ A pruned or expanded slot gets its gradient and its per-element moments zeroed. 
 a fresh start under Adam: PyTorch keeps one step count ``k`` per tensor, so the slot's zeroed
 moments are bias-corrected with ``1 − β^k`` (≈ 1) instead of the ``1 − β^j`` of a parameter
 that is ``j`` steps old, and its first updates come out several times the learning rate.
-``FreshSlots`` records each reset slot's birth (the step that applies its cleared gradient)
-and, in a post-hook of ``optimizer.step()``, replaces the update torch applied to that slot by
-the one a fresh Adam/AdamW would have applied (same moments, bias correction of age
-``j = k − birth``):
+``FreshSlots`` counts each reset slot's age ``j`` (0 after the step that applies its cleared
+gradient) and its tensor's step count ``k`` and, in a post-hook of ``optimizer.step()``,
+replaces the update torch applied to that slot by the one a fresh Adam/AdamW would have applied
+(same moments, bias correction of age ``j``):
 
     u(n) = −lr/(1 − β₁ⁿ) · m / (√v̂ / √(1 − β₂ⁿ) + eps),   param += u(j) − u(k)
 
@@ -80,16 +80,17 @@ def _bias(beta: float, n: int) -> float:
 
 
 class FreshSlots:
-    """Birth steps of reset slots and the Adam/AdamW correction that makes them fresh.
+    """Ages of reset slots and the Adam/AdamW correction that makes them fresh.
 
-    ``born[module][slot]`` is the tensor's optimizer step count when the slot was reset; only
-    slots younger than their tensor (and not yet mature) are kept. Pure bookkeeping plus one
-    post-hook; JSON-able through ``state_dict`` so a resumed run corrects exactly as before.
+    ``young[module][slot] = [j, k]``: the slot's age ``j`` and its tensor's step count ``k``
+    after the last optimizer step, both counted here (one hook call = one step), so the hook
+    never reads a device value. Mature slots leave; JSON-able through ``state_dict`` so a
+    resumed run corrects exactly as an uninterrupted one.
     """
 
     def __init__(self, modules: Mapping[str, FlexAdapter]) -> None:
         self.modules = modules
-        self.born: dict[str, dict[int, int]] = {}
+        self.young: dict[str, dict[int, list[int]]] = {}
         self._groups: dict[int, dict] = {}
 
     @staticmethod
@@ -98,88 +99,73 @@ class FreshSlots:
         return isinstance(optimizer, torch.optim.Adam)
 
     def record(self, name: str, slot: int, optimizer: Any) -> None:
-        """Note that ``slot`` of ``name`` was just reset (before this step's optimizer.step)."""
+        """Note that ``slot`` of ``name`` was just reset (before this step's optimizer.step).
+
+        Reads the tensor's step count: one host read on an adjustment step.
+        """
         self.forget(name, slot)
         if not self.corrects(optimizer):
             return
         st = optimizer.state.get(self.modules[name].lambda_)
         k = int(st["step"]) if st and "step" in st else 0
-        # The coming step (k + 1) applies the cleared, zero gradient: the slot's first real
-        # gradient arrives at step k + 2, when it is 1 step old.
-        self.born.setdefault(name, {})[slot] = k + 1
+        # The coming step applies the cleared, zero gradient (age 0 after it, no update: the
+        # moments are 0); the slot's first real gradient arrives one step later, at age 1.
+        self.young.setdefault(name, {})[slot] = [-1, k]
 
     def forget(self, name: str, slot: int) -> None:
         """Drop the record of one slot (pruned or re-reset)."""
-        slots = self.born.get(name)
+        slots = self.young.get(name)
         if slots is not None:
             slots.pop(slot, None)
             if not slots:
-                del self.born[name]
+                del self.young[name]
 
     def hook(self, optimizer: Any, args: Any = None, kwargs: Any = None) -> None:
         """``optimizer.register_step_post_hook`` target: correct every young slot's update."""
-        if not self.born:
+        if not self.young:
             return  # the common case: nothing to do, nothing touched
         if not self._groups:
             self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         mature = []
-        for name, slots in self.born.items():
-            done = self._correct_module(optimizer, self.modules[name], slots)
-            mature += [(name, s) for s in done]
+        for name, slots in self.young.items():
+            adapter = self.modules[name]
+            group = self._groups[id(adapter.lambda_)]
+            for slot, age in slots.items():
+                age[0] += 1
+                age[1] += 1
+                if _correct_slot(optimizer.state, group, adapter, slot, *age):
+                    mature.append((name, slot))
         for name, slot in mature:
             self.forget(name, slot)
 
-    @torch.no_grad()
-    def _correct_module(self, optimizer: Any, adapter: FlexAdapter, slots: dict[int, int]) -> set:
-        mature = set(slots)
-        for param, dim in slot_parts(adapter):
-            st = optimizer.state.get(param)
-            group = self._groups.get(id(param))
-            if not st or "step" not in st or group is None:
-                mature = set()  # not stepped (no gradient): keep the record for later
-                continue
-            k = int(st["step"])
-            lr, eps = float(group["lr"]), float(group["eps"])
-            beta1, beta2 = (float(b) for b in group["betas"])
-            old = (lr / _bias(beta1, k), math.sqrt(_bias(beta2, k)))
-            young, fresh = [], []
-            for slot, born in slots.items():
-                j = k - born
-                if j <= 0:  # the birth step: zero moments, torch's update of the slot is 0
-                    mature.discard(slot)
-                    continue
-                new = (lr / _bias(beta1, j), math.sqrt(_bias(beta2, j)))
-                if not all(math.isclose(a, b, rel_tol=MATURE_RTOL) for a, b in zip(new, old)):
-                    mature.discard(slot)
-                    young.append(slot)
-                    fresh.append(new)
-            if young:
-                v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-                _apply(param, st["exp_avg"], v, dim, young, fresh, old, eps)
-        return mature
+
+def _bias(beta: float, n: int) -> float:
+    return 1.0 - beta**n
 
 
-def _apply(
-    param: torch.Tensor,
-    m: torch.Tensor,
-    v: torch.Tensor,
-    dim: int,
-    slots: list[int],
-    fresh: list[tuple[float, float]],
-    old: tuple[float, float],
-    eps: float,
-) -> None:
-    """``param[slots] += u(j) − u(k)`` on this process's shard (see the module docstring)."""
-    loc, idx, pos = local_slots(param, dim, slots)
-    if not idx:
-        return
-    ml, vl = local_slots(m, dim, slots)[0], local_slots(v, dim, slots)[0]
-    index = torch.tensor(idx, device=loc.device)
-    a = torch.tensor([[fresh[i][0] for i in pos], [fresh[i][1] for i in pos]], device=loc.device)
-    shape = [1] * loc.dim()
-    shape[dim] = len(idx)
-    step_j, sqrt_bc2_j = a[0].view(shape), a[1].view(shape)
-    mm = ml.index_select(dim, index).float()
-    sv = vl.index_select(dim, index).float().sqrt()
-    corr = mm * (old[0] / (sv / old[1] + eps) - step_j / (sv / sqrt_bc2_j + eps))
-    loc.index_add_(dim, index, corr.to(loc.dtype))
+@torch.no_grad()
+def _correct_slot(state: Any, group: dict, adapter: FlexAdapter, slot: int, j: int, k: int) -> bool:
+    """``param[slot] += u(j) − u(k)`` for P, λ and Q on this process's shard (see the module
+    docstring), with python-number factors (no device read, no host-to-device copy). Returns
+    True once the slot is mature (both bias corrections agree to ``MATURE_RTOL``)."""
+    if j <= 0:  # the birth step: zero moments, torch moved the slot by weight decay only
+        return False
+    lr, eps = float(group["lr"]), float(group["eps"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    old = (lr / _bias(beta1, k), math.sqrt(_bias(beta2, k)))
+    new = (lr / _bias(beta1, j), math.sqrt(_bias(beta2, j)))
+    if all(math.isclose(a, b, rel_tol=MATURE_RTOL) for a, b in zip(new, old)):
+        return True
+    v_key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    for param, dim in slot_parts(adapter):
+        st = state.get(param)
+        if not st or v_key not in st:
+            continue
+        loc, idx, _ = local_slots(param, dim, [slot])
+        if not idx:
+            continue
+        m = local_slots(st["exp_avg"], dim, [slot])[0].select(dim, idx[0]).float()
+        sv = local_slots(st[v_key], dim, [slot])[0].select(dim, idx[0]).float().sqrt()
+        corr = m * (old[0] / (sv / old[1] + eps) - new[0] / (sv / new[1] + eps))
+        loc.select(dim, idx[0]).add_(corr.to(loc.dtype))
+    return False
