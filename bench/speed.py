@@ -1,4 +1,4 @@
-"""How fast is it? The probe, adapter, FlexLoRA and planner benchmarks under one entry point.
+"""How fast is it? The probe, adapter, FlexLoRA, planner and erank benchmarks under one entry point.
 
     python bench/speed.py                  # GPU when available, else the CPU (medians of 20 steps)
     python bench/speed.py --smoke          # every script's --smoke (tiny models, CI)
@@ -33,7 +33,7 @@ from entrolora.files import atomic_write_text  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-SCRIPTS = ("probe", "adapters", "flexlora", "planner")
+SCRIPTS = ("probe", "adapters", "flexlora", "planner", "erank")
 # Extra arguments on a CPU without --smoke: the scripts size themselves for a GPU or a smoke run;
 # on the CPU we ask for the issue's ≥ 20 timed steps after warm-up.
 CPU_ARGS: dict[str, list[str]] = {
@@ -41,6 +41,7 @@ CPU_ARGS: dict[str, list[str]] = {
     "adapters": ["--steps", "20", "--warmup", "3"],
     "flexlora": ["--steps", "20", "--warmup", "3"],
     "planner": [],
+    "erank": [],
 }
 
 

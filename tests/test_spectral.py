@@ -10,7 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entrolora.spectral import effective_ranks, erank_from_singular_values, singular_values
+from entrolora.spectral import (
+    FastErank,
+    effective_ranks,
+    erank_estimate,
+    erank_from_singular_values,
+    singular_values,
+)
 
 
 def numpy_erank(g: np.ndarray) -> float:
@@ -190,3 +196,76 @@ def test_signal_erank_noise_count_mismatch_is_an_error():
 def test_signal_erank_noise_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"noise estimate 0 has shape \(4, 3\) but its gradient"):
         effective_ranks([torch.ones(3, 4)], noises=[torch.zeros(4, 3)])
+
+
+# -- fast estimate (deflated stochastic Lanczos quadrature) ---------------------------------------
+# Accuracy on small matrices with the threshold forced low; no timing here (bench/erank.py).
+SMALL = FastErank(block=16, steps=6, probes=16, probe_steps=12)  # 288 product columns
+
+
+def noisy_decaying(m: int, n: int, alpha: float = 1.0, noise: float = 0.5, seed: int = 0):
+    """``(G, D)`` float32: a decaying rank-n/4 mean plus a noise floor and its half-difference."""
+    rng = np.random.default_rng(seed)
+    r = min(m, n) // 4
+    u = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    mu = (u * np.arange(1, r + 1) ** -alpha) @ v.T
+    e1, e2 = rng.standard_normal((2, m, n)) * noise * np.linalg.norm(mu) / math.sqrt(2 * m * n)
+    g, d = mu + (e1 + e2) / 2, (e1 - e2) / 2
+    return torch.from_numpy(g).float(), torch.from_numpy(d).float()
+
+
+@pytest.mark.parametrize("shape", [(900, 600), (600, 900)])
+@pytest.mark.parametrize("alpha", [0.5, 1.5])
+def test_fast_raw_erank_within_one_percent_of_svd(shape, alpha):
+    g, _ = noisy_decaying(*shape, alpha=alpha)
+    want = numpy_erank(g.double().numpy())
+    got = effective_ranks([g], fast_min_side=500)[0]  # auto: the estimator above 500
+    assert got == pytest.approx(want, rel=0.01)
+    assert got != effective_ranks([g], method="exact")[0]  # it did take the fast path
+
+
+def test_fast_raw_erank_with_small_parameters_and_several_seeds():
+    g, _ = noisy_decaying(500, 400, alpha=1.0, seed=1)
+    want = numpy_erank(g.double().numpy())
+    for seed in range(3):
+        assert erank_estimate(g, seed=seed, params=SMALL) == pytest.approx(want, rel=0.01)
+
+
+def test_fast_erank_ill_conditioned_and_rank_deficient_in_float32():
+    # float32 products: singular values keep an absolute accuracy ~u·σ_max, so a condition
+    # number of 1e12 and a rank of 4 out of 600 (≈596 zero singular values) stay within 1 %
+    hard = with_singular_values(np.logspace(0, -12, 600), 800, 600, seed=2).float()
+    low = with_singular_values([3.0, 2.0, 1.0, 0.5], 700, 600, seed=3).float()
+    for g in (hard, low):
+        want = numpy_erank(g.double().numpy())
+        assert effective_ranks([g], method="fast")[0] == pytest.approx(want, rel=0.01)
+
+
+def test_fast_signal_erank_close_to_the_numpy_reference():
+    g, d = noisy_decaying(1500, 1300, alpha=1.0, seed=4)
+    want = numpy_signal_erank(g.double().numpy(), d.double().numpy())
+    got = effective_ranks([g], noises=[d], method="fast")[0]
+    assert got == pytest.approx(want, rel=0.03)  # the signal's kink at 0: a few per cent
+    # "auto" keeps the signal exact whatever the size
+    auto = effective_ranks([g], noises=[d], fast_min_side=500)[0]
+    assert auto == pytest.approx(want, rel=1e-6)
+
+
+def test_fast_erank_is_deterministic_given_the_seed():
+    g, _ = noisy_decaying(500, 400, seed=5)
+    a = erank_estimate(g, seed=7, params=SMALL)
+    assert erank_estimate(g, seed=7, params=SMALL) == a
+    assert erank_estimate(g, seed=8, params=SMALL) != a
+
+
+def test_fast_erank_of_zero_matrix_is_nan_and_small_matrices_are_exact():
+    assert math.isnan(erank_estimate(torch.zeros(500, 400), params=SMALL))
+    g = torch.from_numpy(np.random.default_rng(6).standard_normal((50, 40)))
+    # below the estimator's Krylov dimension it computes exactly
+    assert erank_estimate(g, params=SMALL) == pytest.approx(numpy_erank(g.numpy()), rel=1e-9)
+
+
+def test_unknown_method_is_an_error():
+    with pytest.raises(ValueError, match=r"method must be 'auto', 'exact' or 'fast', got 'svd'"):
+        effective_ranks([torch.ones(3, 4)], method="svd")

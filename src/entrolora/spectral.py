@@ -9,20 +9,33 @@ negligible, so the result stays within 1 % of a float64 SVD.
 Signal effective rank (METHODS.md §2, "Probe noise"): given the probe's noise estimate ``D`` for
 each gradient, the Gram of the smaller side becomes ``M = G Gᵀ − D Dᵀ`` (unbiased for ``μ μᵀ``);
 ``M`` is symmetric but not PSD, so its eigenvalues are clipped at 0 before the square root.
+
+Large matrices (smaller side ≥ ``FAST_MIN_SIDE``): ``erank_estimate`` estimates the raw
+statistic from products with G only (deflated stochastic Lanczos quadrature, within 1 %), which
+avoids both the Gram product and its eigenvalues; see the comment above ``FastErank``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
+# Smaller side from which ``effective_ranks`` estimates instead of computing exactly: there the
+# estimator is several times faster than the Gram eigenvalues (bench/erank.py); below, exact
+# is cheap and the estimator would span most of the space anyway.
+FAST_MIN_SIDE = 2048
 
-def _gram(g: torch.Tensor) -> torch.Tensor:
-    """Float64 Gram of the smaller side of a batch ``(b, m, n)``: ``(b, k, k)``, k = min(m, n)."""
+
+def _gram(g: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 ``g hᵀ`` (``h = g`` by default) on the smaller side of a batch ``(b, m, n)``:
+    ``(b, k, k)``, k = min(m, n)."""
     g = g.to(torch.float64)
-    return g @ g.mT if g.shape[-2] <= g.shape[-1] else g.mT @ g
+    h = g if h is None else h.to(torch.float64)
+    return g @ h.mT if g.shape[-2] <= g.shape[-1] else g.mT @ h
 
 
 def singular_values(grads: torch.Tensor, noises: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,9 +44,13 @@ def singular_values(grads: torch.Tensor, noises: torch.Tensor | None = None) -> 
     With ``noises`` (same shape), those of the signal: square roots of the eigenvalues of
     ``G Gᵀ − D Dᵀ`` (smaller side) clipped at 0 (METHODS.md §2, probe noise).
     """
-    gram = _gram(grads)
-    if noises is not None:
-        gram -= _gram(noises)
+    if noises is None:
+        gram = _gram(grads)
+    else:
+        # G Gᵀ − D Dᵀ = sym((G + D)(G − D)ᵀ): one product instead of two
+        g, d = grads.to(torch.float64), noises.to(torch.float64)
+        gram = _gram(g + d, g - d)
+        gram = (gram + gram.mT) / 2
     eig = torch.linalg.eigvalsh(gram)  # ascending
     return eig.clamp_min(0).sqrt().flip(-1)
 
@@ -73,23 +90,39 @@ def effective_ranks(
     noises: Sequence[torch.Tensor] | None = None,
     max_batch_bytes: int = 2**30,
     device: torch.device | str | None = None,
+    *,
+    method: str = "auto",
+    fast_min_side: int = FAST_MIN_SIDE,
+    seed: int = 0,
 ) -> list[float]:
     """Effective rank (RaLoRA eq. 3) of each 2-D gradient, in input order (NaN if all-zero).
 
     ``noises``: the probe's noise estimate ``D`` for each gradient (same shapes); then the
     *signal* effective rank, from the clipped eigenvalues of ``G Gᵀ − D Dᵀ`` (METHODS.md §2,
-    probe noise); NaN where no signal is left (all eigenvalues ≤ 0). Same-shape gradients are
-    stacked and processed together, at most ``max_batch_bytes`` of float64 at a time so that
-    memory stays bounded on large models. ``device``: where to compute (default: where each
-    gradient lives). Raises ValueError on a non-2-D matrix or a noise list that does not match.
+    probe noise); NaN where no signal is left (all eigenvalues ≤ 0). ``method="exact"``:
+    float64 Gram eigenvalues; same-shape gradients are stacked and processed together, at most
+    ``max_batch_bytes`` of float64 at a time so that memory stays bounded on large models.
+    ``"fast"``: ``erank_estimate`` (from products with G only, seeded by ``seed``: within 1 %
+    of exact for the raw statistic, a few per cent for the signal); ``"auto"`` (default): fast
+    for the raw statistic where the smaller side is ≥ ``fast_min_side``, exact otherwise.
+    ``device``: where to compute (default: where each gradient lives). Raises ValueError on a
+    non-2-D matrix, a noise list that does not match or an unknown method.
     """
     _check(grads, noises)
+    if method not in ("auto", "exact", "fast"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'fast', got {method!r}")
     out: list[float] = [float("nan")] * len(grads)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, g in enumerate(grads):
         by_shape[(tuple(g.shape), g.device if device is None else torch.device(device))].append(i)
     copies = 1 if noises is None else 2
     for (shape, dev), idx in by_shape.items():
+        auto_fast = noises is None and min(shape) >= fast_min_side  # see FAST_SIGNAL
+        if method == "fast" or (method == "auto" and auto_fast):
+            for i in idx:
+                d = None if noises is None else noises[i].to(dev)
+                out[i] = erank_estimate(grads[i].to(dev), d, seed=seed)
+            continue
         per = 8 * shape[0] * shape[1] * copies + 8 * min(shape) ** 2 * copies
         chunk = max(1, max_batch_bytes // per)
         for start in range(0, len(idx), chunk):
@@ -100,3 +133,206 @@ def effective_ranks(
             for i, e in zip(part, eranks.tolist()):
                 out[i] = e
     return out
+
+
+# -- fast estimate for large matrices -----------------------------------------------------------
+# erank = exp(log S₁ − T/S₁) with S₁ = Σσ = tr f₁(A), T = Σσ log σ = tr f₂(A), where A is the
+# smaller-side Gram GᵀG (or the signal Gram GᵀG − DᵀD), f₁(λ) = √λ₊ and f₂(λ) = √λ₊·log √λ₊.
+# Both traces are estimated from products with G (and D) only, never forming A:
+# 1. block Lanczos from a random block: Ritz pairs whose residual is below ``lock_tol``·|θ| are
+#    eigenpairs to that accuracy; their f(θ) enter exactly ("deflation", as Hutch++ does with
+#    its sketch). These are the large singular values that would make a stochastic estimate
+#    noisy.
+# 2. the rest, tr f(Ã) with Ã = (I − YYᵀ) A (I − YYᵀ): block Gauss quadrature (stochastic
+#    Lanczos quadrature) from an orthonormal random block in the complement, with λ as control
+#    variate: tr Ã = tr A − Σθ_locked is known exactly (tr A = ‖G‖²_F − ‖D‖²_F), so only the part
+#    of f that is not linear in λ is left to the random estimate.
+# Float64 throughout (the products too): A squares the condition number, and a float32 product
+# would lift the ~k near-zero eigenvalues of a rank-deficient G to ~1e-7·λ_max, whose square
+# roots add up to a visible share of Σσ. Deterministic given the seed.
+@dataclass(frozen=True)
+class FastErank:
+    """Parameters of ``erank_estimate``: Lanczos ``block`` × ``steps`` for the deflation,
+    ``probes`` × ``probe_steps`` for the rest (quadrature), ``lock_tol`` the relative residual
+    of a locked Ritz pair, ``dtype`` of the products with G and D (the recurrences are float64),
+    ``extrapolate``: Richardson-extrapolate the quadrature from probe_steps/2 and probe_steps."""
+
+    block: int = 32
+    steps: int = 6
+    probes: int = 16
+    probe_steps: int = 16
+    lock_tol: float = 1e-3
+    dtype: torch.dtype = torch.float32
+    extrapolate: bool = True
+
+    def krylov_dim(self) -> int:
+        return self.block * self.steps + self.probes * self.probe_steps
+
+
+# Tuned on bench/erank.py's 4096 × 4096 gradients (448 product columns for the raw statistic).
+# The signal's f(λ) = √λ₊ has a kink at 0 inside the spectrum of G Gᵀ − D Dᵀ, where the noise
+# eigenvalues cluster; its quadrature needs a wider deflation and three times the steps, and
+# is still only within a few per cent (bench/erank.py) and no faster than the exact Gram
+# eigenvalues on a CPU, so ``effective_ranks(method="auto")`` keeps the signal exact.
+FAST_RAW = FastErank()
+FAST_SIGNAL = FastErank(block=64, steps=7, probe_steps=48)
+
+
+def _block_lanczos(op, start: torch.Tensor, steps: int):
+    """Block Lanczos with full reorthogonalisation: ``(T, basis (k, steps·b), last coupling)``.
+
+    ``start`` (k, b) has orthonormal columns; ``T`` is the (steps·b)² block tridiagonal matrix.
+    """
+    k, b = start.shape
+    basis = start.new_empty(k, steps * b)
+    t = start.new_zeros(steps * b, steps * b)
+    basis[:, :b] = start
+    coupling = None
+    for j in range(steps):
+        lo, hi = j * b, (j + 1) * b
+        q = basis[:, lo:hi]
+        w = op(q)
+        a = q.mT @ w
+        t[lo:hi, lo:hi] = (a + a.mT) / 2
+        done = basis[:, :hi]
+        for _ in range(2):  # full reorthogonalisation, twice is enough (Kahan–Parlett)
+            w = w - done @ (done.mT @ w)
+        q_next, coupling = torch.linalg.qr(w)
+        if coupling.diagonal().abs().min() <= 1e-10 * t.abs().max():
+            # breakdown (the space is exhausted, e.g. a low-rank G): QR completes a nearly zero
+            # w with arbitrary vectors, which must still be orthogonal to the basis
+            for _ in range(2):
+                q_next = q_next - done @ (done.mT @ q_next)
+            q_next = torch.linalg.qr(q_next)[0]
+        if j + 1 < steps:
+            basis[:, hi : hi + b] = q_next
+            t[hi : hi + b, lo:hi] = coupling
+            t[lo:hi, hi : hi + b] = coupling.mT
+    return t, basis, coupling
+
+
+def _tmul(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``xᵀ h`` as ``(hᵀ x)ᵀ``: MKL's product with a transposed left factor and a thin right
+    one (≤ 8 columns) is ~8× slower than this on the CPU."""
+    return (h.mT.contiguous() @ x).mT
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """``‖x‖²_F`` (= tr xᵀx): rows in x's dtype, their sum in float64 (no float64 copy)."""
+    return (torch.linalg.vector_norm(x, dim=-1).to(torch.float64) ** 2).sum()
+
+
+def _f(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(√θ₊, √θ₊·log √θ₊)``: the singular value and its entropy term, 0 at θ ≤ 0."""
+    s = theta.clamp_min(0).sqrt()
+    return s, torch.where(s > 0, s * s.clamp_min(1e-300).log(), torch.zeros_like(s))
+
+
+def _with_control_variate(w, theta, f, trace):
+    """Σ w·f with λ as control variate: Σ w·(f − cλ) + c·trace, c the weighted slope of f on λ."""
+    p = w / w.sum()
+    mt = (p * theta).sum()
+    var = (p * (theta - mt) ** 2).sum()
+    c = (p * (f - (p * f).sum()) * (theta - mt)).sum() / var if var > 0 else theta.new_zeros(())
+    return (w * (f - c * theta)).sum() + c * trace
+
+
+def _quadrature(t: torch.Tensor, probes: int, dim: int, trace: torch.Tensor | None):
+    """``(tr f₁, tr f₂)`` over a ``dim``-dimensional space from the block Lanczos matrix ``t``
+    of ``probes`` orthonormal random start vectors (block Gauss quadrature); with ``trace``
+    (the exact tr of the operator there) λ is used as control variate."""
+    theta, s = torch.linalg.eigh(t)
+    w = s[:probes].pow(2).sum(0) * (dim / probes)  # Gauss weights, Σw = dim
+    f1, f2 = _f(theta)
+    if trace is None:
+        return (w * f1).sum(), (w * f2).sum()
+    return _with_control_variate(w, theta, f1, trace), _with_control_variate(w, theta, f2, trace)
+
+
+def _rounding_bound(t: torch.Tensor, probes: int, theta: torch.Tensor, dtype) -> bool:
+    """Whether over 10 % of the quadrature weight sits on |θ| below 100 roundings of λ_max.
+
+    In float32, products of G with vectors carry errors ~u·λ_max, which move eigenvalues at 0
+    to ±u·λ_max; their square roots, ~√u·σ_max each, add up when a large share of the spectrum
+    is there (a rank-deficient G). Elsewhere the relative error of √λ is below u·λ_max/λ.
+    """
+    nodes, s = torch.linalg.eigh(t)
+    w = s[:probes].pow(2).sum(0)
+    floor = 100 * torch.finfo(dtype).eps * theta.abs().max()
+    return bool(w[nodes.abs() <= floor].sum() > 0.1 * w.sum())
+
+
+def erank_estimate(
+    grad: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    params: FastErank | None = None,
+) -> float:
+    """Effective rank (RaLoRA eq. 3; with ``noise`` the signal version, METHODS.md §2) of one
+    large 2-D matrix by deflated stochastic Lanczos quadrature, from products with ``grad``
+    (and ``noise``) only; NaN for a zero matrix or no signal. Deterministic given ``seed``.
+    Where the smaller side is at most ``params.krylov_dim()`` it is computed exactly instead.
+    ``params`` default: ``FAST_RAW``, or ``FAST_SIGNAL`` with a noise estimate.
+    """
+    if params is None:
+        params = FAST_RAW if noise is None else FAST_SIGNAL
+    g = grad.to(params.dtype)
+    d = None if noise is None else noise.to(params.dtype)
+    if g.shape[0] < g.shape[1]:  # work on the smaller side: A is k × k
+        g, d = g.mT, (None if d is None else d.mT)
+    k = g.shape[1]
+    if k <= params.krylov_dim():
+        sv = singular_values(g[None], None if d is None else d[None])
+        return erank_from_singular_values(sv).item()
+
+    def op(v: torch.Tensor) -> torch.Tensor:
+        # Gᵀ(G v), never the Gram: the rounding of each product is a small perturbation of G
+        # itself, so singular values keep an absolute accuracy ~u·σ_max even in float32.
+        v = v.to(g.dtype)
+        out = _tmul(g, g @ v)
+        return (out if d is None else out - _tmul(d, d @ v)).to(torch.float64)
+
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def orthonormal_block(b: int, deflate: torch.Tensor | None = None) -> torch.Tensor:
+        z = torch.randn(k, b, generator=gen, dtype=torch.float64).to(g.device)
+        if deflate is not None:
+            for _ in range(2):
+                z = z - deflate @ (deflate.mT @ z)
+        return torch.linalg.qr(z)[0]
+
+    p = params
+    # 1. deflation: converged Ritz pairs of a block Krylov space enter exactly
+    t, basis, coupling = _block_lanczos(op, orthonormal_block(p.block), p.steps)
+    theta, s = torch.linalg.eigh(t)
+    locked = (coupling @ s[-p.block :]).norm(dim=0) <= p.lock_tol * theta.abs()
+    y = basis @ s[:, locked]  # (k, L) converged eigenvectors
+    f1, f2 = _f(theta[locked])
+    total = _sq(g) - (0 if d is None else _sq(d))  # tr A
+    trace = total - theta[locked].sum()  # tr Ã = tr A − Σθ_L
+    # The control variate multiplies the error of tr Ã (rounding, ~1e-6·tr A, cancelling
+    # against Σθ_L) by the slope of √λ, which is huge on a tiny tail: a rank-deficient G.
+    if not trace.abs() > 1e-3 * total.abs():
+        trace = None
+
+    # 2. the rest: block Gauss quadrature on Ã = (I − YYᵀ) A (I − YYᵀ) in Y's complement
+    def op_rest(v: torch.Tensor) -> torch.Tensor:
+        out = op(v - y @ (y.mT @ v))
+        return out - y @ (y.mT @ out)
+
+    rest = k - y.shape[1]
+    t2, _, _ = _block_lanczos(op_rest, orthonormal_block(p.probes, y), p.probe_steps)
+    if p.dtype != torch.float64 and _rounding_bound(t2, p.probes, theta, p.dtype):
+        # many eigenvalues at the rounding floor (a rank-deficient G): redo in float64
+        return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
+    r1, r2 = _quadrature(t2, p.probes, rest, trace)
+    if p.extrapolate:  # the leading half of T is the Lanczos matrix of half the steps
+        half = (p.probe_steps // 2) * p.probes
+        h1, h2 = _quadrature(t2[:half, :half], p.probes, rest, trace)
+        r1, r2 = (4 * r1 - h1) / 3, (4 * r2 - h2) / 3
+    s1, s2 = f1.sum() + r1, f2.sum() + r2
+    if not s1 > 0:
+        return float("nan")
+    erank = math.exp(float(s1.log() - s2 / s1))
+    return min(max(erank, 1.0), float(k))  # estimation error must not leave [1, k]
