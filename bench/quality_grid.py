@@ -63,15 +63,22 @@ def row_key(row: Mapping[str, str]) -> tuple:
 def grid_tasks(setup: Any, cells: Sequence[Any], sweep: bool = False) -> list[Task]:
     """The runs of a grid in the order they should start.
 
-    Learning-rate selection first (cell-major, so that cells are decided one after the other),
-    then the test runs seed-major (a partial grid has every method at seed 0 first). With
-    ``sweep``: only the sweep runs of ``cells`` (validation, at ``setup.sweep_lrs``).
+    Cell by cell: a cell's learning-rate selection runs, then its test runs on every seed (they
+    start once its learning rate is chosen; meanwhile the next cell's selection runs go), so
+    that a partial grid holds whole cells and the claims between them. With ``sweep``: only the
+    sweep runs of ``cells`` (validation, at ``setup.sweep_lrs``).
     """
     if sweep:
         return [Task(c, setup.select_seed, "sweep", lr) for c in cells for lr in setup.sweep_lrs]
-    select = [Task(c, setup.select_seed, "select", lr) for c in cells for lr in setup.lrs]
     seeds = setup.only_seeds if setup.only_seeds is not None else setup.seeds
-    return select + [Task(c, s) for s in seeds for c in cells]
+    return [
+        task
+        for c in cells
+        for task in (
+            *(Task(c, setup.select_seed, "select", lr) for lr in setup.lrs),
+            *(Task(c, s) for s in seeds),
+        )
+    ]
 
 
 def _pid_alive(pid: int) -> bool:
