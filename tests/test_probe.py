@@ -492,3 +492,17 @@ def test_integer_weights_are_refused():
     layer.weight = nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match=r"q_proj' is torch.int8 \(a quantized layer\?\)"):
         el.probe(model, lm_batches(1), ["q_proj"], steps=1, progress=False)
+
+
+@pytest.mark.gpu
+def test_pinned_host_half_sums_match_device_half_sums_on_cuda():
+    # offload="cpu" folds each step into the half of its batch in pinned host memory
+    model = tiny_llama(layers=2).cuda()
+    batches = [{k: v.cuda() for k, v in b.items()} for b in lm_batches(5, seed=4)]
+    a = el.probe(model, batches, ["q_proj", "v_proj"], steps=5, progress=False)
+    b = el.probe(model, batches, ["q_proj", "v_proj"], steps=5, offload="cpu", progress=False)
+    assert b.meta["halves"] == [3, 2]
+    for name in a:
+        torch.testing.assert_close(a.gradients[name], b.gradients[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.noise[name], b.noise[name], rtol=1e-6, atol=0)
+        assert b[name].snr == pytest.approx(a[name].snr, rel=1e-5)

@@ -250,6 +250,30 @@ def probe(
             means, noises = mean_and_noise(sums.finish(), counts)
         finally:
             sums.close()
+    meta = {
+        "model": type(net).__name__,
+        "target_modules": target_modules
+        if isinstance(target_modules, str)
+        else list(target_modules),
+        "steps": sum(counts),
+        "halves": list(counts),
+        "world_size": _dist_rank_world()[1],
+        "dtype": str(params[0].dtype).removeprefix("torch."),
+    }
+    by_name = {name: slot_of[name] for name in targets}
+    return _statistics(targets, modules, by_name, means, noises, meta, keep_gradients)
+
+
+def _statistics(
+    targets: Mapping[str, Any],
+    modules: Mapping[str, nn.Module],
+    slot_of: Mapping[str, int],
+    means: Sequence[torch.Tensor],
+    noises: Sequence[torch.Tensor] | None,
+    meta: dict,
+    keep_gradients: bool,
+) -> GradientStats:
+    """``GradientStats`` of the per-weight mean gradients and noise estimates, per target name."""
     grads: dict[str, torch.Tensor] = {}
     noise: dict[str, torch.Tensor] | None = None if noises is None else {}
     weights: dict[str, torch.Tensor] = {}
@@ -262,24 +286,14 @@ def probe(
         weights[name] = oriented(modules[name].weight.detach())
         if noise is not None:
             noise[name] = oriented(noises[slot_of[name]])
-    meta = {
-        "model": type(net).__name__,
-        "target_modules": target_modules
-        if isinstance(target_modules, str)
-        else list(target_modules),
-        "steps": sum(counts),
-        "halves": list(counts),
-        "world_size": _dist_rank_world()[1],
-        "dtype": str(params[0].dtype).removeprefix("torch."),
-    }
     return GradientStats.from_gradients(
         grads,
         weights,
         noise=noise,
-        steps=sum(counts),
+        steps=meta["steps"],
         keep_gradients=keep_gradients,
         meta=meta,
-        device=params[0].device,  # statistics on the accelerator even when offloaded
+        device=next(iter(weights.values())).device,  # on the accelerator even when offloaded
     )
 
 

@@ -138,6 +138,31 @@ def _check_inputs(
             _check_finite(name, noise[name], "noise estimate")
 
 
+def _module_stats(
+    name: str,
+    located: tuple[str, int],
+    g: torch.Tensor,
+    moments_g: tuple[float, float],
+    erank: float | None,
+    sensitivity: float | None,
+    signal: dict,
+) -> ModuleStats:
+    mean, std = moments_g
+    return ModuleStats(
+        name=name,
+        module_type=located[0],
+        layer=located[1],
+        shape=(int(g.shape[0]), int(g.shape[1])),
+        numel=int(g.numel()),
+        mean=mean,
+        std=std,
+        entropy=proxy_entropy(std) if std > 0 else None,
+        erank=erank,
+        sensitivity=sensitivity,
+        **signal,
+    )
+
+
 def _check_finite(name: str, g: torch.Tensor, what: str = "gradient") -> None:
     if not bool(torch.isfinite(g).all()):
         raise ValueError(
@@ -205,26 +230,13 @@ class GradientStats:
             signal_eranks = dict(zip(live, signal))
         modules = {}
         for n in order:
-            g = grads[n]
+            g = on(grads[n])
             sens = None
             if n in weights:
-                g64 = on(g).to(torch.float64)
-                w = weights[n].detach().to(device=g64.device, dtype=torch.float64)
-                sens = float((w * g64).abs().mean())
-            mean, std = found[n]
-            modules[n] = ModuleStats(
-                name=n,
-                module_type=located[n][0],
-                layer=located[n][1],
-                shape=(int(g.shape[0]), int(g.shape[1])),
-                numel=int(g.numel()),
-                mean=mean,
-                std=std,
-                entropy=proxy_entropy(std) if std > 0 else None,
-                erank=eranks.get(n),
-                sensitivity=sens,
-                **signal_fields(g.numel(), found[n], noise_moments.get(n), signal_eranks.get(n)),
-            )
+                w = weights[n].detach().to(device=g.device, dtype=torch.float64)
+                sens = float((w * g.to(torch.float64)).abs().mean())
+            signal = signal_fields(g.numel(), found[n], noise_moments.get(n), signal_eranks.get(n))
+            modules[n] = _module_stats(n, located[n], g, found[n], eranks.get(n), sens, signal)
         kept = kept_noise = None
         if keep_gradients:
             kept = {n: grads[n].detach().to(device="cpu", dtype=torch.float32) for n in order}
