@@ -8,17 +8,15 @@ statistics of ``G`` (the papers' reading) and, with ``D``, the statistics of the
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .files import atomic_write
 from .moments import (
     HALF_LOG_2PI_PLUS_HALF,
     REFERENCE_SIGMA,
@@ -408,68 +406,28 @@ class GradientStats:
             )
         return gradient_similarity([self.gradients[n] for n in names], kind)
 
-    # -- persistence --------------------------------------------------------------------------
+    # -- persistence (stats_file.py) ---------------------------------------------------------
     def save(self, path: str | os.PathLike, keep_gradients: bool = False) -> Path:
         """Write one safetensors file: statistics as JSON metadata, gradients if asked (with
         their noise estimates, as ``noise/<name>``, when these statistics hold them).
 
         Returns the path. The write is atomic (temporary file, then rename).
         """
-        from safetensors.torch import save_file
+        from .stats_file import write
 
         if keep_gradients and self.gradients is None:
             raise ValueError("keep_gradients=True but these statistics hold no gradients")
-        tensors = {}
-        if keep_gradients:
-            tensors = {
-                n: g.detach().to("cpu", torch.float32).contiguous()
-                for n, g in self.gradients.items()
-            }
-            for n, d in (self.noise or {}).items():
-                tensors[NOISE_PREFIX + n] = d.detach().to("cpu", torch.float32).contiguous()
-        meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "steps": str(self.steps),
-            "meta": json.dumps(self.meta),
-            "modules": json.dumps([asdict(m) for m in self.modules.values()]),
-        }
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return write(self, path, keep_gradients)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GradientStats:
-        """Read a file written by ``save``; ValueError on a missing, truncated or foreign file."""
-        from safetensors import safe_open
+        """Read a file written by ``save`` (format 1 or 2); ValueError on a missing, truncated or
+        foreign file."""
+        from .stats_file import read
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"statistics file {str(path)!r} does not exist; run `entrolora probe`")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(
-                f"statistics file {str(path)!r} is corrupted or truncated ({e}); probe again"
-            ) from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not an entrolora statistics file")
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise ValueError(
-                f"{str(path)!r} has statistics format version {meta.get('format_version')}; this "
-                f"entrolora reads versions {', '.join(READABLE_VERSIONS)}. Probe again with this "
-                "version."
-            )
-        modules = {}
-        for d in json.loads(meta["modules"]):
-            d["shape"] = tuple(d["shape"])
-            modules[d["name"]] = ModuleStats(**d)
-        noise = {
-            k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)
-        }
-        grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
+        modules, grads, steps, meta, noise = read(path)
         return cls(
-            modules, grads or None, int(meta["steps"]), json.loads(meta["meta"]), noise or None
+            {name: ModuleStats(**d) for name, d in modules.items()}, grads, steps, meta, noise
         )
 
 
