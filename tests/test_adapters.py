@@ -282,16 +282,16 @@ def test_vera_frozen_matrices_are_shared_buffers():
     assert {"A", "B"} <= set(dict(adapters[0].named_buffers()))
 
 
-def test_dtype_follows_base_and_adapter_dtype_overrides():
+def test_adapters_default_to_float32_and_adapter_dtype_overrides():
     model = tiny_llama(layers=4).to(torch.bfloat16)
     plan = CASES["blocks2"](_targets(model, ["q_proj", "v_proj"]))
     el.apply(model, plan)
     for w in adapted_modules(model).values():
-        assert w.adapter.A.dtype == torch.bfloat16
+        assert w.adapter.A.dtype == torch.float32  # as peft (tests/test_adapter_dtype.py)
     model = tiny_llama(layers=4).to(torch.bfloat16)
-    el.apply(model, plan, adapter_dtype=torch.float32)
+    el.apply(model, plan, adapter_dtype=torch.bfloat16)
     wrapper = next(iter(adapted_modules(model).values()))
-    assert wrapper.adapter.A.dtype == torch.float32
+    assert wrapper.adapter.A.dtype == torch.bfloat16
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
     assert wrapper(x).dtype == torch.bfloat16
 

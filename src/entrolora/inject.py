@@ -61,13 +61,42 @@ def get_plan(model: nn.Module) -> AdaptationPlan:
     return plan
 
 
+ADAPTER_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_adapter_dtype(
+    adapter_dtype: torch.dtype | str | None, base_dtype: torch.dtype
+) -> torch.dtype:
+    """The adapters' dtype: ``adapter_dtype`` (a dtype or a name of ``ADAPTER_DTYPES``), or by
+    default float32, or the base dtype when that is wider (float64). ValueError otherwise."""
+    if adapter_dtype is None:
+        wide = base_dtype.is_floating_point and torch.finfo(base_dtype).bits > 32
+        return base_dtype if wide else torch.float32
+    if isinstance(adapter_dtype, str):
+        if adapter_dtype not in ADAPTER_DTYPES:
+            choices = ", ".join(ADAPTER_DTYPES)
+            raise ValueError(f"unknown adapter dtype {adapter_dtype!r}; choose one of {choices}")
+        return ADAPTER_DTYPES[adapter_dtype]
+    if adapter_dtype not in ADAPTER_DTYPES.values():
+        raise ValueError(
+            f"adapter dtype must be a floating dtype ({', '.join(ADAPTER_DTYPES)}), got "
+            f"{adapter_dtype}"
+        )
+    return adapter_dtype
+
+
 def apply(
     model: nn.Module,
     plan: AdaptationPlan,
     *,
     dropout: float = 0.0,
     seed: int = 0,
-    adapter_dtype: torch.dtype | None = None,
+    adapter_dtype: torch.dtype | str | None = None,
     stats: Any = None,
     for_loading: bool = False,
 ) -> nn.Module:
@@ -77,8 +106,11 @@ def apply(
     already has adapters. Factors are drawn from ``torch.Generator().manual_seed(seed)`` on the
     CPU (the global RNG is untouched), so every process builds identical adapters. Init follows
     METHODS.md §4: A Kaiming-uniform as peft's LoRA, B zero (shared B too); VeRA's frozen
-    matrices as VeRA/peft draw them. Adapter dtype follows each base layer unless
-    ``adapter_dtype`` is given; device follows the base layer.
+    matrices as VeRA/peft draw them. Adapters are float32 by default whatever the base dtype
+    (as peft; a float64 base keeps float64): a bf16 factor would round away every update smaller
+    than ~1/256 of its value. ``adapter_dtype`` (a dtype or its name: "float32", "bfloat16",
+    "float16", "float64") chooses another; the forward casts activations to the adapter dtype
+    and its output back. Device follows the base layer.
 
     E²LoRI's masks come from ``stats`` (``GradientStats`` holding the probe's gradients, as
     ``el.probe`` returns them): B's calibration magnitudes ``|G·Aᵀ|``; ``plan.options["mask"] =
@@ -105,7 +137,7 @@ def apply(
     wrappers: dict[str, AdaptedLinear] = {}
     for name, m in order:
         base = get_module(target, name)
-        dtype = adapter_dtype or base.weight.dtype
+        dtype = resolve_adapter_dtype(adapter_dtype, base.weight.dtype)
         factory = _Factory(plan, m, cache, generator, dtype, base.weight.device)
         wrappers[name] = AdaptedLinear(base, factory.adapter(base, name), dropout)
     if gradients is not None:

@@ -61,6 +61,15 @@ InitSeed = Annotated[
     ),
 ]
 
+AdapterDtype = Annotated[
+    str | None,
+    typer.Option(
+        "--adapter-dtype",
+        help="dtype of the adapters: float32 (default, as peft, whatever the model's dtype: "
+        "bf16 adapters round away small updates), bfloat16, float16 or float64.",
+    ),
+]
+
 
 # -- train --------------------------------------------------------------------------------------
 @app.command(
@@ -93,6 +102,7 @@ def train(
     max_length: MaxLength = 64,
     seed: Seed = 0,
     init_seed: InitSeed = None,
+    adapter_dtype: AdapterDtype = None,
     limit: Limit = None,
     device: Device = "auto",
     output: Annotated[str, typer.Option("--output", help="Run folder to write.")] = "runs/run",
@@ -110,6 +120,7 @@ def train(
         keep_gradients=keep_gradients, plan=plan, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, max_length=max_length, seed=seed, init_seed=init_seed, limit=limit,
         device=device, output=output, overwrite=overwrite, progress=not quiet,
+        adapter_dtype=adapter_dtype,
     )  # fmt: skip
     result = train_run(cfg)
     from ..distributed import is_main_process

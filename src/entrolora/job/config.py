@@ -18,6 +18,7 @@ ENTROLORA_METHODS = (
     "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
     "ralora", "ralora-pro", "ls-lora", "lora-gid", "flexlora",
 )  # fmt: skip
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")  # = inject.ADAPTER_DTYPES' names
 PEFT_METHODS = ("peft-lora", "dora", "adalora", "vera", "lora-plus")
 METHODS = ENTROLORA_METHODS + PEFT_METHODS
 MODEL_PLANNERS = ("lora", "sharelora", "flexlora")  # plan from the model, no probe needed
@@ -66,6 +67,7 @@ class TrainConfig:
     limit: int | None = None
     seed: int = 0
     init_seed: int | None = None  # seed of the adapters' initial factors (None: ``seed``)
+    adapter_dtype: str | None = None  # None: float32 (as peft); or inject.ADAPTER_DTYPES' names
     device: str = "auto"
     output: str = "runs/run"
     overwrite: bool = False
@@ -169,6 +171,10 @@ def validate_config(cfg: TrainConfig) -> str:
         raise ValueError(f"--max-length must be ≥ 2, got {cfg.max_length}")
     if cfg.probe_steps < 1:
         raise ValueError(f"--probe-steps must be ≥ 1, got {cfg.probe_steps}")
+    if cfg.adapter_dtype is not None and cfg.adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}"
+        )
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ValueError(f"--max-steps must be ≥ 1, got {cfg.max_steps}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

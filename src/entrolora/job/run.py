@@ -193,7 +193,10 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
     stats = _calibration(job, plan, stats)
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     seed_everything(cfg.seed)
-    model = el.apply(job.model, plan, dropout=cfg.dropout, seed=init_seed, stats=stats)
+    model = el.apply(
+        job.model, plan, dropout=cfg.dropout, seed=init_seed, stats=stats,
+        adapter_dtype=cfg.adapter_dtype,
+    )  # fmt: skip
     for h in heads.values():
         h.requires_grad_(True)
     flex = None
