@@ -1,28 +1,37 @@
 """Wall time and peak memory of entrolora.probe next to plain forward+backward steps, same run.
 
-    python bench/probe.py            # CUDA: Llama-1.1B shape, bf16, batch 8×512, q,k,v,o, 64 steps
-    python bench/probe.py --smoke    # small Llama on the CPU, 8 steps (CI); also the CPU fallback
+    python bench/probe.py                     # CUDA: --shape llama-1b, bf16, batch 8×512, 64 steps
+    python bench/probe.py --shape smollm2     # SmolLM2-135M's shape on the CPU, fp32, batch 2×64
+    python bench/probe.py --smoke             # --shape toy on the CPU, 8 steps (CI)
 
-The peer is S plain steps of the same random model on the same random tokens: only the target
-weights require grad, forward + ``loss.backward()``, then the gradients are dropped; warm-up
-steps are excluded. The probe's time is the whole ``el.probe`` call, statistics included
-(offload=None and offload="cpu"). Then the statistics alone (``GradientStats.from_gradients`` on
-the accumulated gradients, on the model's device) and the effective ranks alone. Targets
-(issue 2): probe ≤ 1.25× the plain steps; effective rank of all 88 gradients ≤ 1.3 s on an H100;
-peak GPU memory with offload="cpu" ≤ the plain steps' peak. On the CPU, per-phase peak memory is
-not measurable in-process: the script prints "n/a" and the process's max RSS for the whole run.
+Shapes: bench/shapes.py. The peer is S plain steps of the same random model on the same random
+tokens: only the target weights require grad, forward + ``loss.backward()``, then the gradients
+are dropped; warm-up steps are excluded. The probe's time is the whole ``el.probe`` call,
+statistics included (raw and signal: the probe keeps even/odd half-sums), with offload=None and
+offload="cpu". The three phases are interleaved over ``--repeats`` rounds and each figure is
+the median over the rounds. Then the statistics alone (``GradientStats.from_halves`` on
+accumulator-like gradients, on the model's device) and the effective ranks alone (raw and
+signal). Targets (issues 2, 16): probe ≤ 1.25× the plain steps; peak GPU memory with
+offload="cpu" ≤ the plain steps' peak. On the CPU, per-phase peak memory is not measurable
+in-process: the script prints "n/a" and the process's max RSS for the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import SHAPES, add_shape_option, default_shape  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,20 +52,36 @@ class Config:
     repeats: int
 
 
-FULL = Config(22, 2048, 5632, 32, 4, 32000, 8, 512, 64, "bf16", 3, 1)
-SMOKE = Config(4, 256, 688, 8, 2, 1024, 2, 64, 8, "fp32", 1, 3)
+# probe steps S, warm-up steps, interleaved rounds per shape
+RUNS = {"toy": (8, 1, 3), "smollm2": (16, 2, 3), "llama-1b": (64, 3, 1)}
+
+
+def shape_config(shape: str) -> Config:
+    s = SHAPES[shape]
+    steps, warmup, repeats = RUNS[shape]
+    return Config(
+        s["num_hidden_layers"], s["hidden_size"], s["intermediate_size"],
+        s["num_attention_heads"], s["num_key_value_heads"], s["vocab_size"], s["batch"],
+        s["seq"], steps, s["dtype"], warmup, repeats,
+    )  # fmt: skip
 
 
 def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="small config on the CPU (CI)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--smoke", action="store_true", help="--shape toy on the CPU (CI)")
+    add_shape_option(p)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: the shape's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     for field in Config.__dataclass_fields__:
         p.add_argument(f"--{field.replace('_', '-')}", default=None, type=str)
     args = p.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = SMOKE if (args.smoke or device == "cpu") else FULL
+    cuda = torch.cuda.is_available()
+    args.shape = "toy" if args.smoke else args.shape or default_shape(False, cuda)
+    device = args.device or ("cuda" if SHAPES[args.shape]["device"] == "cuda" else "cpu")
+    if device.startswith("cuda") and not cuda:
+        p.error(f"--shape {args.shape} is measured on CUDA; use --shape smollm2 on the CPU")
+    base = shape_config(args.shape)
     values = {}
     for field, kind in ((f, type(getattr(base, f))) for f in Config.__dataclass_fields__):
         given = getattr(args, field)
@@ -64,10 +89,12 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     if values["dtype"] not in DTYPES:
         p.error(f"--dtype must be one of {', '.join(DTYPES)}")
     args.device = device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return Config(**values), args
 
 
-def build(cfg: Config, device: str):
+def build(cfg: Config, device: str, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -79,6 +106,7 @@ def build(cfg: Config, device: str):
         num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=max(2048, cfg.seq),
+        tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(config).to(device=device, dtype=DTYPES[cfg.dtype]).eval()
     g = torch.Generator().manual_seed(1)
@@ -94,19 +122,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measured(device: str, fn: Callable[[], object]) -> tuple[float, float | None, object]:
-    """``(seconds, peak GPU MiB or None, result)`` of ``fn()``."""
+def measured(device: str, fn: Callable[[], object]) -> tuple[float, float, float | None, object]:
+    """``(wall s, CPU s of this process, peak GPU MiB or None, result)`` of ``fn()``.
+
+    On a shared CPU the process's CPU time is the steadier measure of the work done."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return seconds, peak, out
+    return seconds, cpu, peak, out
 
 
 def plain_steps(model, batches, targets) -> None:
@@ -125,13 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse(argv)
     device = args.device
     targets = args.targets.split(",")
-    model, batches = build(cfg, device)
+    model, batches = build(cfg, device, SHAPES[args.shape].get("tie_word_embeddings", False))
     warm, timed = batches[: cfg.warmup], batches[cfg.warmup :]
     names = list(el.find_targets(model, targets))
     weights = [model.get_submodule(n).weight for n in names]
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"model: Llama {cfg.layers} layers, hidden {cfg.hidden}, intermediate {cfg.intermediate}, "
+        f"shape {args.shape}: Llama {cfg.layers} layers, hidden {cfg.hidden}, "
+        f"intermediate {cfg.intermediate}, "
         f"{cfg.heads} heads / {cfg.kv_heads} kv, vocab {cfg.vocab} ({n_params / 1e6:.1f}M params), "
         f"{cfg.dtype}, batch {cfg.batch}x{cfg.seq}, {cfg.steps} steps, {len(names)} targets "
         f"({args.targets}), device {device}"
@@ -159,8 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     plain_steps(model, warm, weights)  # warm-up: kernels, allocator, cuBLAS handles
     for p in model.parameters():
         p.requires_grad_(True)
-    # Phases interleaved, best of `repeats` each: a busy machine slows all of them alike.
-    best: dict[str, tuple[float, float | None]] = {}
+    # Phases interleaved, median of `repeats` each: a busy machine slows all of them alike.
+    runs: dict[str, list[tuple]] = {"plain": [], "probe": [], "offload": []}
     stats = None
     for _ in range(cfg.repeats):
         for key, fn in (
@@ -168,40 +199,67 @@ def main(argv: list[str] | None = None) -> dict:
             ("probe", lambda: run_probe(None)),
             ("offload", lambda: run_probe("cpu")),
         ):
-            seconds, peak, out = measured(device, fn)
+            seconds, cpu, peak, out = measured(device, fn)
             if key == "probe":
                 stats = out
-            if key not in best or seconds < best[key][0]:
-                best[key] = (seconds, peak)
-    (plain_s, plain_peak), (probe_s, probe_peak), (off_s, off_peak) = (
-        best["plain"],
-        best["probe"],
-        best["offload"],
-    )
+            runs[key].append((seconds, cpu, peak))
 
-    # The statistics alone, from accumulator-like gradients on the model's device.
+    def med(key: str) -> tuple[float, float, float | None]:
+        peaks = [pk for *_, pk in runs[key] if pk is not None]
+        wall = statistics.median(t for t, _, _ in runs[key])
+        return wall, statistics.median(c for _, c, _ in runs[key]), (max(peaks) if peaks else None)
+
+    (
+        (plain_s, plain_cpu, plain_peak),
+        (probe_s, probe_cpu, probe_peak),
+        (off_s, off_cpu, off_peak),
+    ) = map(med, ("plain", "probe", "offload"))
+
+    # The statistics alone, from accumulator-like half means on the model's device: G₁, G₂
+    # around the probe's G with a seeded difference (the cost does not depend on the values).
+    gen = torch.Generator().manual_seed(2)
     grads = {n: g.to(device) for n, g in stats.gradients.items()}
+    spread = {
+        n: (torch.randn(g.shape, generator=gen) * g.std()).to(device) for n, g in grads.items()
+    }
+    first = {n: g + spread[n] for n, g in grads.items()}
+    second = {n: g - spread[n] for n, g in grads.items()}
+    noises = [spread[n] for n in grads]
     w_by_name = {n: model.get_submodule(n).weight.detach() for n in names}
-    stats_s, _, _ = measured(
+    stats_s, *_ = measured(
         device,
-        lambda: GradientStats.from_gradients(grads, w_by_name, keep_gradients=False),
+        lambda: GradientStats.from_halves(first, second, w_by_name, keep_gradients=False),
     )
-    erank_s, _, _ = measured(device, lambda: effective_ranks(list(grads.values())))
+    erank_s, *_ = measured(device, lambda: effective_ranks(list(grads.values())))
+    signal_s, *_ = measured(device, lambda: effective_ranks(list(grads.values()), noises))
 
     def mib(x: float | None) -> str:
         return "n/a (CPU)" if x is None else f"{x:,.0f} MiB"
 
     rows = [
-        ("plain fwd+bwd x S", plain_s, plain_peak),
-        ("probe offload=None", probe_s, probe_peak),
-        ('probe offload="cpu"', off_s, off_peak),
+        ("plain fwd+bwd x S", plain_s, plain_cpu, plain_peak),
+        ("probe offload=None", probe_s, probe_cpu, probe_peak),
+        ('probe offload="cpu"', off_s, off_cpu, off_peak),
     ]
-    print(f"best of {cfg.repeats} interleaved repeat(s); {cfg.warmup} warm-up step(s) excluded")
-    print(f"{'':24} {'wall s':>9} {'ms/step':>9} {'vs plain':>9} {'peak GPU mem':>16}")
-    for label, s, peak in rows:
-        print(f"{label:24} {s:9.3f} {1e3 * s / cfg.steps:9.1f} {s / plain_s:8.3f}x {mib(peak):>16}")
-    print(f"statistics alone (from_gradients, {len(grads)} modules): {stats_s:.3f} s")
-    print(f"effective ranks alone ({len(grads)} gradients): {erank_s:.3f} s")
+    print(
+        f"median of {cfg.repeats} interleaved repeat(s); {cfg.warmup} warm-up step(s) excluded; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"{torch.get_num_threads()} torch thread(s)"
+    )
+    print(
+        f"{'':24} {'wall s':>9} {'ms/step':>9} {'vs plain':>9} {'CPU s':>9} {'vs plain':>9} "
+        f"{'peak GPU mem':>16}"
+    )
+    for label, s, c, peak in rows:
+        print(
+            f"{label:24} {s:9.3f} {1e3 * s / cfg.steps:9.1f} {s / plain_s:8.3f}x {c:9.3f} "
+            f"{c / plain_cpu:8.3f}x {mib(peak):>16}"
+        )
+    print(f"statistics alone (from_halves, raw + signal, {len(grads)} modules): {stats_s:.3f} s")
+    print(
+        f"effective ranks alone ({len(grads)} gradients): raw {erank_s:.3f} s, "
+        f"signal {signal_s:.3f} s"
+    )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"process max RSS over the whole run (host memory, not per phase): {rss:,.0f} MiB")
     if plain_peak is not None and off_peak is not None:
@@ -215,8 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
         "probe_offload_s": off_s,
         "ratio": probe_s / plain_s,
         "ratio_offload": off_s / plain_s,
+        "ratio_cpu": probe_cpu / plain_cpu,
+        "ratio_offload_cpu": off_cpu / plain_cpu,
         "stats_s": stats_s,
         "erank_s": erank_s,
+        "signal_erank_s": signal_s,
+        "runs": runs,
+        "shape": args.shape,
         "peak_plain_mib": plain_peak,
         "peak_probe_mib": probe_peak,
         "peak_offload_mib": off_peak,

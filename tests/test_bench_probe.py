@@ -11,9 +11,10 @@ def test_bench_probe_smoke(capsys):
     tiny += " --steps 2 --repeats 1"
     out = bench.main(["--smoke", "--device", "cpu", *tiny.split()])
     assert out["modules"] == 8  # q, k, v, o of 2 layers
-    assert out["config"].seq == 64 and out["config"].dtype == "fp32"
-    for key in ("plain_s", "probe_s", "probe_offload_s", "stats_s", "erank_s"):
+    assert out["shape"] == "toy" and out["config"].seq == 16 and out["config"].dtype == "fp32"
+    for key in ("plain_s", "probe_s", "probe_offload_s", "stats_s", "erank_s", "signal_erank_s"):
         assert out[key] > 0
+    assert all(len(v) == 1 for v in out["runs"].values())  # one interleaved round each
     assert out["peak_plain_mib"] is None  # no GPU: reported as n/a, never invented
     text = capsys.readouterr().out
     for line in (
@@ -25,3 +26,12 @@ def test_bench_probe_smoke(capsys):
         "n/a (CPU)",
     ):
         assert line in text
+
+
+def test_bench_probe_shapes_come_from_bench_shapes():
+    bench = load_script("bench/probe.py")
+    cfg, args = bench.parse(["--shape", "smollm2", "--device", "cpu"])
+    assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.heads, cfg.kv_heads) == (
+        30, 576, 1536, 9, 3,
+    )  # fmt: skip
+    assert (cfg.batch, cfg.seq, cfg.dtype, args.device) == (2, 64, "fp32", "cpu")
