@@ -120,7 +120,7 @@ def test_train_config_and_cli_take_adapter_dtype():
     from entrolora.job import TrainConfig
     from entrolora.job.config import ADAPTER_DTYPES, validate_config
 
-    assert ADAPTER_DTYPES == tuple(inject.ADAPTER_DTYPES)
+    assert tuple(inject.ADAPTER_DTYPES) == ADAPTER_DTYPES
     assert TrainConfig().adapter_dtype is None  # float32 by default (resolve_adapter_dtype)
     with pytest.raises(ValueError, match=r"--adapter-dtype must be one of float32, bfloat16"):
         validate_config(TrainConfig(adapter_dtype="fp8"))

@@ -121,11 +121,16 @@ class FreshSlots:
                 del self.young[name]
 
     def hook(self, optimizer: Any, args: Any = None, kwargs: Any = None) -> None:
-        """``optimizer.register_step_post_hook`` target: correct every young slot's update."""
+        """``optimizer.register_step_post_hook`` target: correct every young slot's update.
+
+        One batch of ``torch._foreach_*`` calls for all young slots together (a few kernels per
+        step, however many slots are young), factors as Python numbers: no device read.
+        """
         if not self.young:
             return  # the common case: nothing to do, nothing touched
         if not self._groups:
             self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        batch = _Batch()
         mature = []
         for name, slots in self.young.items():
             adapter = self.modules[name]
@@ -133,8 +138,9 @@ class FreshSlots:
             for slot, age in slots.items():
                 age[0] += 1
                 age[1] += 1
-                if _correct_slot(optimizer.state, group, adapter, slot, *age):
+                if batch.add(optimizer.state, group, adapter, slot, *age):
                     mature.append((name, slot))
+        batch.apply()
         for name, slot in mature:
             self.forget(name, slot)
 
@@ -143,29 +149,56 @@ def _bias(beta: float, n: int) -> float:
     return 1.0 - beta**n
 
 
-@torch.no_grad()
-def _correct_slot(state: Any, group: dict, adapter: FlexAdapter, slot: int, j: int, k: int) -> bool:
-    """``param[slot] += u(j) − u(k)`` for P, λ and Q on this process's shard (see the module
-    docstring), with python-number factors (no device read, no host-to-device copy). Returns
-    True once the slot is mature (both bias corrections agree to ``MATURE_RTOL``)."""
-    if j <= 0:  # the birth step: zero moments, torch moved the slot by weight decay only
+class _Batch:
+    """The young slots' views of param, m, v̂ and their factors, corrected together."""
+
+    def __init__(self) -> None:
+        self.p: list[torch.Tensor] = []
+        self.m: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.f: list[tuple[float, float, float, float, float]] = []
+
+    def add(self, state: Any, group: dict, adapter: FlexAdapter, slot: int, j: int, k: int) -> bool:
+        """Queue ``slot``'s views on this process's shard; True once the slot is mature (both
+        bias corrections agree to ``MATURE_RTOL``). Age ``j ≤ 0`` is the step that applied the
+        cleared gradient: zero moments, nothing to correct."""
+        if j <= 0:
+            return False
+        lr, eps = float(group["lr"]), float(group["eps"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        old = (lr / _bias(beta1, k), math.sqrt(_bias(beta2, k)))
+        new = (lr / _bias(beta1, j), math.sqrt(_bias(beta2, j)))
+        if all(math.isclose(a, b, rel_tol=MATURE_RTOL) for a, b in zip(new, old)):
+            return True
+        v_key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+        for param, dim in slot_parts(adapter):
+            st = state.get(param)
+            if not st or v_key not in st:
+                continue
+            loc, idx, _ = local_slots(param, dim, [slot])
+            if idx:
+                self.p.append(loc.select(dim, idx[0]))
+                self.m.append(local_slots(st["exp_avg"], dim, [slot])[0].select(dim, idx[0]))
+                self.v.append(local_slots(st[v_key], dim, [slot])[0].select(dim, idx[0]))
+                self.f.append((*old, *new, eps))
         return False
-    lr, eps = float(group["lr"]), float(group["eps"])
-    beta1, beta2 = (float(b) for b in group["betas"])
-    old = (lr / _bias(beta1, k), math.sqrt(_bias(beta2, k)))
-    new = (lr / _bias(beta1, j), math.sqrt(_bias(beta2, j)))
-    if all(math.isclose(a, b, rel_tol=MATURE_RTOL) for a, b in zip(new, old)):
-        return True
-    v_key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-    for param, dim in slot_parts(adapter):
-        st = state.get(param)
-        if not st or v_key not in st:
-            continue
-        loc, idx, _ = local_slots(param, dim, [slot])
-        if not idx:
-            continue
-        m = local_slots(st["exp_avg"], dim, [slot])[0].select(dim, idx[0]).float()
-        sv = local_slots(st[v_key], dim, [slot])[0].select(dim, idx[0]).float().sqrt()
-        corr = m * (old[0] / (sv / old[1] + eps) - new[0] / (sv / new[1] + eps))
-        loc.select(dim, idx[0]).add_(corr.to(loc.dtype))
-    return False
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """``param += m·(a_k/(√v̂/b_k + eps) − a_j/(√v̂/b_j + eps))`` = ``u(j) − u(k)``, with
+        ``a_n = lr/(1 − β₁ⁿ)``, ``b_n = √(1 − β₂ⁿ)``, in the parameters' dtype as torch's step."""
+        if not self.p:
+            return
+        a_k, b_k, a_j, b_j, eps = (list(x) for x in zip(*self.f))
+        sv = torch._foreach_sqrt(self.v)
+        old = torch._foreach_div(sv, b_k)
+        torch._foreach_add_(old, eps)
+        torch._foreach_reciprocal_(old)
+        torch._foreach_mul_(old, a_k)
+        new = torch._foreach_div(sv, b_j)
+        torch._foreach_add_(new, eps)
+        torch._foreach_reciprocal_(new)
+        torch._foreach_mul_(new, a_j)
+        torch._foreach_sub_(old, new)
+        torch._foreach_mul_(old, self.m)
+        torch._foreach_add_(self.p, old)

@@ -61,7 +61,13 @@ class FlexSchedule:
         t_final: int | None = None,
         interval: int | None = None,
     ) -> FlexSchedule:
-        """Fill unset values: warm-up and final phase 10 % of T each, about 20 adjustments."""
+        """Fill unset values: warm-up and final phase 10 % of T each, about 20 adjustments.
+
+        The warm-up was chosen by measurement (``bench/flexlora_warmup.py``, docs/flexlora.md
+        "The default warm-up"): with the revised init the importance read at 0.1·T already
+        ranks modules as the trained update does (Spearman ρ 0.85–0.96 at 50 steps), and longer
+        warm-ups cost accuracy (moves then prune learned directions).
+        """
         if isinstance(total_steps, int) and total_steps >= 1:
             t_warmup = total_steps // 10 if t_warmup is None else t_warmup
             t_final = total_steps // 10 if t_final is None else t_final
