@@ -206,22 +206,13 @@ def export_peft(
     ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
     Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
     """
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     from .export_card import model_card
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
-    wrappers = adapted_modules(model)
-    if not wrappers:
-        raise ValueError("the model has no entrolora adapters to export; el.apply a plan first")
-    if any(w.merged for w in wrappers.values()):
-        raise ValueError("the adapters are merged into the base weights; el.unmerge(model) first")
-    dora = {getattr(w.adapter, "kind", None) == "dora" for w in wrappers.values()}
-    if len(dora) > 1:
-        raise ValueError("peft cannot hold DoRA and plain LoRA modules in one adapter config")
-    use_dora = dora.pop()
+    wrappers, use_dora = _exportable(model)
     base = unwrap(model)
     task_type = task_type or infer_task_type(base)
     if modules_to_save is None:
@@ -230,41 +221,13 @@ def export_peft(
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     base_model = portable_base_name(base_model or name_or_path)
 
-    with torch.no_grad():
-        factors = {n: _module_factors(w) for n, w in wrappers.items()}
-    ranks = {n: int(f[0].shape[0]) for n, f in factors.items()}
-    # peft and llama.cpp need r ≥ 1: a FlexLoRA module with no active direction exports as one
-    # zero direction (exact: it contributes nothing).
-    rank = max(1, *ranks.values())
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (a, b, dtype) in factors.items():
-        a, b = _pad(a, b, rank if layout == "uniform" else max(1, a.shape[0]))
-        prefix = f"base_model.model.{name}"
-        # clone: shared factors are one tensor, and safetensors refuses aliased entries
-        tensors[f"{prefix}.lora_A.weight"] = a.to(dtype).contiguous().clone()
-        tensors[f"{prefix}.lora_B.weight"] = b.to(dtype).contiguous().clone()
-        if use_dora:
-            mag = wrappers[name].adapter.magnitude.detach().cpu().contiguous().clone()
-            tensors[f"{prefix}.lora_magnitude_vector"] = mag
+    tensors, ranks = _adapter_tensors(wrappers, layout, use_dora)
     tensors.update(_head_tensors(base, modules_to_save))
+    rank = max(1, *ranks.values())
     pattern = {} if layout == "uniform" else {n: max(1, r) for n, r in ranks.items()}
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=sorted(wrappers),
-        rank_pattern=dict(pattern),
-        alpha_pattern=dict(pattern),
-        lora_dropout=0.0,
-        bias="none",
-        use_dora=use_dora,
-        fan_in_fan_out=all(is_conv1d(w.base_layer) for w in wrappers.values()),
-        modules_to_save=list(modules_to_save) or None,
-        task_type=task_type,
-        base_model_name_or_path=base_model,
-    ).to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    config["target_modules"] = sorted(config["target_modules"])
-
+    config = _lora_config(
+        rank, wrappers, pattern, use_dora, list(modules_to_save), task_type, base_model
+    )
     consumers, notes = _consumers(layout, use_dora, task_type)
     if base_model == SMOLLM2_ID and name_or_path and Path(name_or_path).exists():
         notes += (
@@ -285,17 +248,83 @@ def export_peft(
         notes=notes,
         num_labels=getattr(base.config, "num_labels", None) if task_type == "SEQ_CLS" else None,
     )
-    plan = _plan_or_none(model)
     directory = Path(directory)
     atomic_write(
         directory / "adapter_model.safetensors",
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
-    atomic_write_text(directory / "README.md", model_card(info, plan, metrics))
+    atomic_write_text(directory / "README.md", model_card(info, _plan_or_none(model), metrics))
     # Written last: a folder with adapter_config.json is a complete export.
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write_text(directory / "adapter_config.json", text)
     return info
+
+
+def _exportable(model: nn.Module) -> tuple[dict[str, Any], bool]:
+    """The model's adapter wrappers and whether they are DoRA; refuses what peft cannot hold."""
+    wrappers = adapted_modules(model)
+    if not wrappers:
+        raise ValueError("the model has no entrolora adapters to export; el.apply a plan first")
+    if any(w.merged for w in wrappers.values()):
+        raise ValueError("the adapters are merged into the base weights; el.unmerge(model) first")
+    dora = {getattr(w.adapter, "kind", None) == "dora" for w in wrappers.values()}
+    if len(dora) > 1:
+        raise ValueError("peft cannot hold DoRA and plain LoRA modules in one adapter config")
+    return wrappers, dora.pop()
+
+
+def _adapter_tensors(
+    wrappers: Mapping[str, Any], layout: str, use_dora: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """peft's ``lora_A``/``lora_B`` (and DoRA magnitude) tensors, and each module's own rank."""
+    with torch.no_grad():
+        factors = {n: _module_factors(w) for n, w in wrappers.items()}
+    ranks = {n: int(f[0].shape[0]) for n, f in factors.items()}
+    # peft and llama.cpp need r ≥ 1: a FlexLoRA module with no active direction exports as one
+    # zero direction (exact: it contributes nothing).
+    rank = max(1, *ranks.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b, dtype) in factors.items():
+        a, b = _pad(a, b, rank if layout == "uniform" else max(1, a.shape[0]))
+        prefix = f"base_model.model.{name}"
+        # clone: shared factors are one tensor, and safetensors refuses aliased entries
+        tensors[f"{prefix}.lora_A.weight"] = a.to(dtype).contiguous().clone()
+        tensors[f"{prefix}.lora_B.weight"] = b.to(dtype).contiguous().clone()
+        if use_dora:
+            mag = wrappers[name].adapter.magnitude.detach().cpu().contiguous().clone()
+            tensors[f"{prefix}.lora_magnitude_vector"] = mag
+    return tensors, ranks
+
+
+def _lora_config(
+    rank: int,
+    wrappers: Mapping[str, Any],
+    pattern: dict[str, int],
+    use_dora: bool,
+    modules_to_save: list[str],
+    task_type: str,
+    base_model: str | None,
+) -> dict[str, Any]:
+    """``adapter_config.json`` as peft's ``LoraConfig`` writes it, lists sorted."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(wrappers),
+        rank_pattern=dict(pattern),
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        bias="none",
+        use_dora=use_dora,
+        fan_in_fan_out=all(is_conv1d(w.base_layer) for w in wrappers.values()),
+        modules_to_save=modules_to_save or None,
+        task_type=task_type,
+        base_model_name_or_path=base_model,
+    ).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config["target_modules"] = sorted(config["target_modules"])
+    return config
 
 
 def _plan_or_none(model: nn.Module) -> AdaptationPlan | None:

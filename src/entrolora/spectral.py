@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -286,25 +287,11 @@ def erank_estimate(
         sv = singular_values(g[None], None if d is None else d[None])
         return erank_from_singular_values(sv).item()
 
-    def op(v: torch.Tensor) -> torch.Tensor:
-        # Gᵀ(G v), never the Gram: the rounding of each product is a small perturbation of G
-        # itself, so singular values keep an absolute accuracy ~u·σ_max even in float32.
-        v = v.to(g.dtype)
-        out = _tmul(g, g @ v)
-        return (out if d is None else out - _tmul(d, d @ v)).to(torch.float64)
-
+    op = _gram_op(g, d)
     gen = torch.Generator().manual_seed(int(seed))
-
-    def orthonormal_block(b: int, deflate: torch.Tensor | None = None) -> torch.Tensor:
-        z = torch.randn(k, b, generator=gen, dtype=torch.float64).to(g.device)
-        if deflate is not None:
-            for _ in range(2):
-                z = z - deflate @ (deflate.mT @ z)
-        return torch.linalg.qr(z)[0]
-
     p = params
     # 1. deflation: converged Ritz pairs of a block Krylov space enter exactly
-    t, basis, coupling = _block_lanczos(op, orthonormal_block(p.block), p.steps)
+    t, basis, coupling = _block_lanczos(op, _orthonormal_block(k, p.block, gen, g.device), p.steps)
     theta, s = torch.linalg.eigh(t)
     locked = (coupling @ s[-p.block :]).norm(dim=0) <= p.lock_tol * theta.abs()
     y = basis @ s[:, locked]  # (k, L) converged eigenvectors
@@ -322,7 +309,9 @@ def erank_estimate(
         return out - y @ (y.mT @ out)
 
     rest = k - y.shape[1]
-    t2, _, _ = _block_lanczos(op_rest, orthonormal_block(p.probes, y), p.probe_steps)
+    t2, _, _ = _block_lanczos(
+        op_rest, _orthonormal_block(k, p.probes, gen, g.device, y), p.probe_steps
+    )
     if p.dtype != torch.float64 and _rounding_bound(t2, p.probes, theta, p.dtype):
         # many eigenvalues at the rounding floor (a rank-deficient G): redo in float64
         return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
@@ -336,3 +325,27 @@ def erank_estimate(
         return float("nan")
     erank = math.exp(float(s1.log() - s2 / s1))
     return min(max(erank, 1.0), float(k))  # estimation error must not leave [1, k]
+
+
+def _gram_op(g: torch.Tensor, d: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v ↦ (GᵀG − DᵀD) v`` in float64 out, from products with ``g`` and ``d`` only."""
+
+    def op(v: torch.Tensor) -> torch.Tensor:
+        # Gᵀ(G v), never the Gram: the rounding of each product is a small perturbation of G
+        # itself, so singular values keep an absolute accuracy ~u·σ_max even in float32.
+        v = v.to(g.dtype)
+        out = _tmul(g, g @ v)
+        return (out if d is None else out - _tmul(d, d @ v)).to(torch.float64)
+
+    return op
+
+
+def _orthonormal_block(
+    k: int, b: int, gen: torch.Generator, device: Any, deflate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``b`` random orthonormal float64 columns of length ``k`` (orthogonal to ``deflate``)."""
+    z = torch.randn(k, b, generator=gen, dtype=torch.float64).to(device)
+    if deflate is not None:
+        for _ in range(2):
+            z = z - deflate @ (deflate.mT @ z)
+    return torch.linalg.qr(z)[0]

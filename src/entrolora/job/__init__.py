@@ -26,7 +26,7 @@ from .config import (
     validate_config,
 )  # fmt: skip
 from .demo import DEMO_MARKER, DEMO_METHODS, demo_run
-from .export import add_head_to_peft, export_run
+from .export import export_run
 from .loop import evaluate, peak_memory, seed_everything
 from .models import (
     DEFAULT_TARGETS,
@@ -66,7 +66,6 @@ __all__ = [
     "RUN_MARKER",
     "RunResult",
     "TrainConfig",
-    "add_head_to_peft",
     "check_options",
     "check_output",
     "default_targets",

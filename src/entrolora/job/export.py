@@ -3,9 +3,8 @@ its base model and out as a stock peft checkpoint (``entrolora export``)."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import data as D
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write
 from ..reading import read_json, read_tensors
 from .models import load_model
 from .runfolder import OutputFolder, check_output
@@ -35,25 +34,6 @@ def save_head(adapter_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     atomic_write(adapter_dir / HEAD_FILE, lambda tmp: save_file(dict(state), tmp))
-
-
-def add_head_to_peft(
-    peft_dir: Path, head: Mapping[str, torch.Tensor], names: Sequence[str]
-) -> None:
-    """Put the trained head into a peft export as ``modules_to_save`` (peft's key layout)."""
-    from safetensors.torch import load_file, save_file
-
-    cfg_path = peft_dir / "adapter_config.json"
-    weights = peft_dir / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        return
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(names))
-    config["task_type"] = "SEQ_CLS"
-    tensors = load_file(str(weights))
-    tensors.update({f"base_model.model.{k}": v.contiguous() for k, v in head.items()})
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
 
 
 def _run_adapter(run: Path) -> Path:
