@@ -101,6 +101,9 @@ def worker(payload_json: str, threads: int | None = None) -> None:
     from entrolora.train import TrainConfig, train_run
 
     payload = json.loads(payload_json)
+    # A run that finished but was never recorded (its runner was killed) is run again; its old
+    # bench.json is ours, not the job's, and would make the job refuse to replace the folder.
+    (Path(payload["config"]["output"]) / "bench.json").unlink(missing_ok=True)
     with held_out(payload["validation"]) as seen:
         result = train_run(TrainConfig(**payload["config"]))
     if len(seen) != 1 or result.metrics.get("test_examples") != seen[0]["held_out"]:
