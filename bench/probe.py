@@ -11,7 +11,8 @@ statistics included (raw and signal: the probe keeps even/odd half-sums), with o
 offload="cpu". The three phases are interleaved over ``--repeats`` rounds and each figure is
 the median over the rounds. Then the statistics alone (``GradientStats.from_halves`` on
 accumulator-like gradients, on the model's device) and the effective ranks alone (raw and
-signal). Targets (issues 2, 16): probe ≤ 1.25× the plain steps; peak GPU memory with
+signal), and the ratio at the default S = 64 derived from the run (the statistics are a fixed
+cost per probe: a short run overstates the ratio). Targets (issues 2, 16): probe ≤ 1.25× the plain steps; peak GPU memory with
 offload="cpu" ≤ the plain steps' peak. On the CPU, per-phase peak memory is not measurable
 in-process: the script prints "n/a" and the process's max RSS for the whole run.
 """
@@ -54,6 +55,7 @@ class Config:
 
 # probe steps S, warm-up steps, interleaved rounds per shape
 RUNS = {"toy": (8, 1, 3), "smollm2": (16, 2, 3), "llama-1b": (64, 3, 1)}
+DEFAULT_S = 64  # entrolora.probe's default steps
 
 
 def shape_config(shape: str) -> Config:
@@ -137,6 +139,19 @@ def measured(device: str, fn: Callable[[], object]) -> tuple[float, float, float
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return seconds, cpu, peak, out
+
+
+def extrapolate(
+    steps: int, to: int, plain: tuple[float, float], probe: tuple[float, float], stats_cpu: float
+) -> tuple[float, float]:
+    """``(wall, CPU)`` ratio of a ``to``-step probe to ``to`` plain steps from an ``steps``-step
+    run: the probe's step part (probe − statistics) and the plain steps scale by ``to/steps``,
+    the statistics stay (their wall time taken as the probe's wall/CPU proportion)."""
+    out = []
+    for p, q in zip(plain, probe):
+        stats = stats_cpu * (q / probe[1])  # the statistics' share, in this column's unit
+        out.append(((q - stats) * to / steps + stats) / (p * to / steps))
+    return out[0], out[1]
 
 
 def plain_steps(model, batches, targets) -> None:
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     second = {n: g - spread[n] for n, g in grads.items()}
     noises = [spread[n] for n in grads]
     w_by_name = {n: model.get_submodule(n).weight.detach() for n in names}
-    stats_s, *_ = measured(
+    stats_s, stats_cpu, *_ = measured(
         device,
         lambda: GradientStats.from_halves(first, second, w_by_name, keep_gradients=False),
     )
@@ -255,7 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"{label:24} {s:9.3f} {1e3 * s / cfg.steps:9.1f} {s / plain_s:8.3f}x {c:9.3f} "
             f"{c / plain_cpu:8.3f}x {mib(peak):>16}"
         )
-    print(f"statistics alone (from_halves, raw + signal, {len(grads)} modules): {stats_s:.3f} s")
+    print(
+        f"statistics alone (from_halves, raw + signal, {len(grads)} modules): {stats_s:.3f} s, "
+        f"CPU {stats_cpu:.3f} s"
+    )
+    at = extrapolate(cfg.steps, DEFAULT_S, (plain_s, plain_cpu), (probe_s, probe_cpu), stats_cpu)
+    print(
+        f"at the default S={DEFAULT_S}, derived from these figures (the statistics are a fixed "
+        f"cost per probe, the steps scale with S): probe vs plain {at[0]:.3f}x wall, "
+        f"{at[1]:.3f}x CPU"
+    )
     print(
         f"effective ranks alone ({len(grads)} gradients): raw {erank_s:.3f} s, "
         f"signal {signal_s:.3f} s"
@@ -276,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_cpu": probe_cpu / plain_cpu,
         "ratio_offload_cpu": off_cpu / plain_cpu,
         "stats_s": stats_s,
+        "stats_cpu": stats_cpu,
+        "ratio_at_default": at,
         "erank_s": erank_s,
         "signal_erank_s": signal_s,
         "runs": runs,

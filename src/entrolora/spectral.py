@@ -31,12 +31,11 @@ import torch
 FAST_MIN_SIDE = 2048
 
 
-def _gram(g: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-    """Float64 ``g hᵀ`` (``h = g`` by default) on the smaller side of a batch ``(b, m, n)``:
+def _gram(g: torch.Tensor) -> torch.Tensor:
+    """Float64 Gram ``g gᵀ`` or ``gᵀ g`` on the smaller side of a batch ``(b, m, n)``:
     ``(b, k, k)``, k = min(m, n)."""
     g = g.to(torch.float64)
-    h = g if h is None else h.to(torch.float64)
-    return g @ h.mT if g.shape[-2] <= g.shape[-1] else g.mT @ h
+    return g @ g.mT if g.shape[-2] <= g.shape[-1] else g.mT @ g
 
 
 def singular_values(grads: torch.Tensor, noises: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,15 +44,15 @@ def singular_values(grads: torch.Tensor, noises: torch.Tensor | None = None) -> 
     With ``noises`` (same shape), those of the signal: square roots of the eigenvalues of
     ``G Gᵀ − D Dᵀ`` (smaller side) clipped at 0 (METHODS.md §2, probe noise).
     """
-    if noises is None:
-        gram = _gram(grads)
-    else:
-        # G Gᵀ − D Dᵀ = sym((G + D)(G − D)ᵀ): one product instead of two
-        g, d = grads.to(torch.float64), noises.to(torch.float64)
-        gram = _gram(g + d, g - d)
-        gram = (gram + gram.mT) / 2
-    eig = torch.linalg.eigvalsh(gram)  # ascending
-    return eig.clamp_min(0).sqrt().flip(-1)
+    gram = _gram(grads)
+    if noises is not None:
+        gram = gram - _gram(noises)  # eigvalsh reads one triangle: no symmetrising needed
+    return _sqrt_eig(gram)
+
+
+def _sqrt_eig(gram: torch.Tensor) -> torch.Tensor:
+    """Square roots of the eigenvalues (clipped at 0) of symmetric matrices, descending."""
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)  # eigvalsh: ascending
 
 
 def erank_from_singular_values(sv: torch.Tensor) -> torch.Tensor:
@@ -113,26 +112,80 @@ def effective_ranks(
     if method not in ("auto", "exact", "fast"):
         raise ValueError(f"method must be 'auto', 'exact' or 'fast', got {method!r}")
     out: list[float] = [float("nan")] * len(grads)
-    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
-        by_shape[(tuple(g.shape), g.device if device is None else torch.device(device))].append(i)
     copies = 1 if noises is None else 2
-    for (shape, dev), idx in by_shape.items():
+    for (shape, dev), idx in _shape_groups(grads, device).items():
         auto_fast = noises is None and min(shape) >= fast_min_side  # see FAST_SIGNAL
         if method == "fast" or (method == "auto" and auto_fast):
             for i in idx:
                 d = None if noises is None else noises[i].to(dev)
                 out[i] = erank_estimate(grads[i].to(dev), d, seed=seed)
             continue
-        per = 8 * shape[0] * shape[1] * copies + 8 * min(shape) ** 2 * copies
-        chunk = max(1, max_batch_bytes // per)
-        for start in range(0, len(idx), chunk):
-            part = idx[start : start + chunk]
-            batch = torch.stack([grads[i].to(dev) for i in part])  # (b, d_out, d_in)
-            noise = None if noises is None else torch.stack([noises[i].to(dev) for i in part])
+        for part in _chunks(idx, shape, copies, copies, max_batch_bytes):
+            batch, noise = _stack64(grads, part, dev), _stack64(noises, part, dev)
             eranks = erank_from_singular_values(singular_values(batch, noise))
             for i, e in zip(part, eranks.tolist()):
                 out[i] = e
+    return out
+
+
+def raw_and_signal_eranks(
+    grads: Sequence[torch.Tensor],
+    noises: Sequence[torch.Tensor],
+    max_batch_bytes: int = 2**30,
+    device: torch.device | str | None = None,
+    *,
+    fast_min_side: int = FAST_MIN_SIDE,
+    seed: int = 0,
+) -> tuple[list[float], list[float]]:
+    """``(effective_ranks(grads), effective_ranks(grads, noises))`` with the same defaults and
+    the same values, for less work: each shape group is stacked and converted to float64 once,
+    the signal Gram reuses the raw one (``M = G Gᵀ − D Dᵀ``) and one batched ``eigvalsh`` takes
+    both. Where the raw statistic is estimated (smaller side ≥ ``fast_min_side``), only the
+    signal's eigenvalues are computed exactly.
+    """
+    _check(grads, noises)
+    raw: list[float] = [float("nan")] * len(grads)
+    signal: list[float] = [float("nan")] * len(grads)
+    for (shape, dev), idx in _shape_groups(grads, device).items():
+        fast = min(shape) >= fast_min_side
+        for part in _chunks(idx, shape, 2, 4, max_batch_bytes):  # G, D; A, DDᵀ, M, both
+            g, d = _stack64(grads, part, dev), _stack64(noises, part, dev)
+            a = _gram(g)  # (b, k, k)
+            m = a - _gram(d)
+            sv = _sqrt_eig(m if fast else torch.cat([a, m]))  # (b or 2b, k)
+            eranks = erank_from_singular_values(sv).tolist()
+            del g, d, a, m
+            for j, i in enumerate(part):
+                signal[i] = eranks[j - len(part)]
+                raw[i] = erank_estimate(grads[i].to(dev), seed=seed) if fast else eranks[j]
+    return raw, signal
+
+
+def _shape_groups(
+    grads: Sequence[torch.Tensor], device: torch.device | str | None
+) -> dict[tuple[tuple[int, ...], torch.device], list[int]]:
+    """Indices of the gradients per (shape, device where they are computed), in input order."""
+    groups: dict[tuple[tuple[int, ...], torch.device], list[int]] = defaultdict(list)
+    for i, g in enumerate(grads):
+        groups[(tuple(g.shape), g.device if device is None else torch.device(device))].append(i)
+    return groups
+
+
+def _chunks(idx: list[int], shape: tuple[int, ...], mats: int, grams: int, max_bytes: int):
+    """``idx`` in slices whose float64 stacks (``mats`` copies of the matrices, ``grams`` of
+    their Grams) stay under ``max_bytes``: memory stays bounded on large models."""
+    per = 8 * shape[0] * shape[1] * mats + 8 * min(shape) ** 2 * grams
+    chunk = max(1, max_bytes // per)
+    return [idx[start : start + chunk] for start in range(0, len(idx), chunk)]
+
+
+def _stack64(mats: Sequence[torch.Tensor] | None, part: list[int], dev) -> torch.Tensor | None:
+    """``mats[part]`` stacked as float64 on ``dev``: ``(b, d_out, d_in)``; None for None."""
+    if mats is None:
+        return None
+    out = torch.empty((len(part), *mats[part[0]].shape), dtype=torch.float64, device=dev)
+    for j, i in enumerate(part):
+        out[j].copy_(mats[i])  # converts and moves in one pass
     return out
 
 
@@ -263,6 +316,38 @@ def _rounding_bound(t: torch.Tensor, probes: int, theta: torch.Tensor, dtype) ->
     return bool(w[nodes.abs() <= floor].sum() > 0.1 * w.sum())
 
 
+def _rounding_visible(t: torch.Tensor, probes: int) -> bool:
+    """Raw statistic: whether rounding may move Σσ by over 1e-4 of it (then: float64).
+
+    GᵀG is positive semi-definite, so a quadrature node θ < 0 is rounding, and as much weight
+    again sits at rounding level above 0, where it adds at most √|θ| to each σ. The bound is
+    2·(weight below 0)·√(max |θ| below 0) against the quadrature's own Σ w·√θ₊. A rank-deficient
+    G (its zero eigenvalues come out as ±u·λ_max) trips it; small but real singular values, as
+    a noise floor's hard edge at 0, give no negative node and keep the float32 products.
+    """
+    nodes, s = torch.linalg.eigh(t)
+    w = s[:probes].pow(2).sum(0)
+    neg = nodes < 0
+    if not bool(neg.any()):
+        return False
+    spurious = 2 * w[neg].sum() * nodes[neg].abs().max().sqrt()
+    return bool(spurious > 1e-4 * (w * nodes.clamp_min(0).sqrt()).sum())
+
+
+def _needs_float64(t: torch.Tensor, p: FastErank, theta: torch.Tensor, signal: bool) -> bool:
+    """Whether the products must be redone in float64 (``p.dtype`` is not float64 and rounding
+    shows in the block Gauss quadrature of ``t``, ``p.block`` start vectors): for the raw
+    statistic ``_rounding_visible``; for the signal, whose negative eigenvalues are real,
+    ``_rounding_bound``. The deflation's Lanczos matrix is such a quadrature of the whole
+    spectrum, so the check runs there first, before the quadrature's products are spent; the
+    check on the quadrature's own matrix stays as a backstop."""
+    if p.dtype == torch.float64:
+        return False
+    if signal:
+        return _rounding_bound(t, p.block, theta, p.dtype)
+    return _rounding_visible(t, p.block)
+
+
 def erank_estimate(
     grad: torch.Tensor,
     noise: torch.Tensor | None = None,
@@ -293,6 +378,8 @@ def erank_estimate(
     # 1. deflation: converged Ritz pairs of a block Krylov space enter exactly
     t, basis, coupling = _block_lanczos(op, _orthonormal_block(k, p.block, gen, g.device), p.steps)
     theta, s = torch.linalg.eigh(t)
+    if _needs_float64(t, p, theta, d is not None):  # before the quadrature's products
+        return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
     locked = (coupling @ s[-p.block :]).norm(dim=0) <= p.lock_tol * theta.abs()
     y = basis @ s[:, locked]  # (k, L) converged eigenvectors
     f1, f2 = _f(theta[locked])
@@ -312,19 +399,24 @@ def erank_estimate(
     t2, _, _ = _block_lanczos(
         op_rest, _orthonormal_block(k, p.probes, gen, g.device, y), p.probe_steps
     )
-    if p.dtype != torch.float64 and _rounding_bound(t2, p.probes, theta, p.dtype):
-        # many eigenvalues at the rounding floor (a rank-deficient G): redo in float64
+    if _needs_float64(t2, replace(p, block=p.probes), theta, d is not None):  # backstop
         return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
-    r1, r2 = _quadrature(t2, p.probes, rest, trace)
-    if p.extrapolate:  # the leading half of T is the Lanczos matrix of half the steps
-        half = (p.probe_steps // 2) * p.probes
-        h1, h2 = _quadrature(t2[:half, :half], p.probes, rest, trace)
-        r1, r2 = (4 * r1 - h1) / 3, (4 * r2 - h2) / 3
+    r1, r2 = _rest_traces(t2, p, rest, trace)
     s1, s2 = f1.sum() + r1, f2.sum() + r2
     if not s1 > 0:
         return float("nan")
     erank = math.exp(float(s1.log() - s2 / s1))
     return min(max(erank, 1.0), float(k))  # estimation error must not leave [1, k]
+
+
+def _rest_traces(t2: torch.Tensor, p: FastErank, rest: int, trace: torch.Tensor | None):
+    """``(tr f₁, tr f₂)`` over the ``rest``-dimensional complement from its Lanczos matrix."""
+    r1, r2 = _quadrature(t2, p.probes, rest, trace)
+    if p.extrapolate:  # the leading half of T is the Lanczos matrix of half the steps
+        half = (p.probe_steps // 2) * p.probes
+        h1, h2 = _quadrature(t2[:half, :half], p.probes, rest, trace)
+        r1, r2 = (4 * r1 - h1) / 3, (4 * r2 - h2) / 3
+    return r1, r2
 
 
 def _gram_op(g: torch.Tensor, d: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:

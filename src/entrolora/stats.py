@@ -27,7 +27,7 @@ from .moments import (
     rmi_matrix,
     signal_fields,
 )
-from .spectral import effective_ranks
+from .spectral import effective_ranks, raw_and_signal_eranks
 from .targets import split_module_name
 
 FORMAT = "entrolora.stats"
@@ -37,13 +37,9 @@ SIMILARITY_KINDS = ("rmi", "cosine", "l1", "l2", "kl")
 RMI_SCALES = ("reference", "raw")
 STATISTICS = ("signal", "raw")
 NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
-__all__ = [
-    "HALF_LOG_2PI_PLUS_HALF",
-    "REFERENCE_SIGMA",
-    "GradientStats",
-    "ModuleStats",
-    "proxy_entropy",
-]
+__all__ = ["HALF_LOG_2PI_PLUS_HALF", "REFERENCE_SIGMA", "GradientStats", "ModuleStats"]
+__all__ += ["proxy_entropy"]
+Tensors = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -161,6 +157,24 @@ def _module_stats(
     )
 
 
+def _elementwise(
+    grads: Tensors, weights: Tensors, noise: Tensors | None, order: list[str], device: Any
+) -> tuple[dict, dict, dict]:
+    """``(moments of G, moments of D, sensitivity or None)`` per module, in float64 on ``device``
+    (default: each gradient's own); one float64 copy of each G serves moments and sensitivity."""
+    found, noise_moments, sens = {}, {}, {}
+    for n in order:
+        g64 = grads[n].detach().to(device=device or grads[n].device, dtype=torch.float64)
+        found[n] = moments(g64)
+        sens[n] = None
+        if n in weights:  # RaLoRA eq. 5: mean |W ⊙ G|
+            w = weights[n].detach().to(device=g64.device, dtype=torch.float64)
+            sens[n] = float((w * g64).abs().mean())
+        if noise:
+            noise_moments[n] = moments(noise[n].detach().to(g64.device))
+    return found, noise_moments, sens
+
+
 def _check_finite(name: str, g: torch.Tensor, what: str = "gradient") -> None:
     if not bool(torch.isfinite(g).all()):
         raise ValueError(
@@ -214,27 +228,21 @@ class GradientStats:
         located = {name: split_module_name(name) for name in grads}
         order = sorted(grads, key=lambda n: located[n])
 
-        def on(t: torch.Tensor) -> torch.Tensor:
-            return t.detach() if device is None else t.detach().to(device)
-
-        found = {n: moments(on(grads[n])) for n in order}
-        noise_moments = {n: moments(on(noise[n])) for n in order} if noise else {}
+        found, noise_moments, sens = _elementwise(grads, weights, noise, order, device)
         live = [n for n in order if found[n][1] > 0]
-        eranks = dict(zip(live, effective_ranks([grads[n] for n in live], device=device)))
+        live_grads = [grads[n] for n in live]
         signal_eranks = {}
-        if noise:
-            noises = [noise[n] for n in live]
-            signal = effective_ranks([grads[n] for n in live], noises=noises, device=device)
+        if noise:  # both statistics from one float64 stack and one eigvalsh per shape group
+            raw, signal = raw_and_signal_eranks(live_grads, [noise[n] for n in live], device=device)
             signal_eranks = dict(zip(live, signal))
+        else:
+            raw = effective_ranks(live_grads, device=device)
+        eranks = dict(zip(live, raw))
         modules = {}
         for n in order:
-            g = on(grads[n])
-            sens = None
-            if n in weights:
-                w = weights[n].detach().to(device=g.device, dtype=torch.float64)
-                sens = float((w * g.to(torch.float64)).abs().mean())
+            g = grads[n]
             signal = signal_fields(g.numel(), found[n], noise_moments.get(n), signal_eranks.get(n))
-            modules[n] = _module_stats(n, located[n], g, found[n], eranks.get(n), sens, signal)
+            modules[n] = _module_stats(n, located[n], g, found[n], eranks.get(n), sens[n], signal)
         kept = kept_noise = None
         if keep_gradients:
             kept = {n: grads[n].detach().to(device="cpu", dtype=torch.float32) for n in order}

@@ -1,0 +1,101 @@
+"""Speed paths of spectral.py: both statistics in one pass; float32 kept where exact enough."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from entrolora import spectral
+from entrolora.spectral import effective_ranks, raw_and_signal_eranks
+
+
+def numpy_eranks(g: np.ndarray, d: np.ndarray) -> tuple[float, float]:
+    """Independent float64 reference: (raw, signal) effective ranks from the smaller-side Grams."""
+    g, d = g.astype(np.float64), d.astype(np.float64)
+    wide = g.shape[0] <= g.shape[1]
+    a = g @ g.T if wide else g.T @ g
+    m = a - (d @ d.T if wide else d.T @ d)
+    out = []
+    for gram in (a, m):
+        sv = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+        p = sv[sv > 0] / sv.sum()
+        out.append(math.exp(-(p * np.log(p)).sum()) if sv.sum() > 0 else float("nan"))
+    return out[0], out[1]
+
+
+def pairs(seed: int = 0):
+    """Gradients of three shapes (two of one shape), float32, with noise estimates."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(24, 40), (40, 24), (24, 40), (16, 16)]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    noises = [0.7 * torch.randn(s, generator=gen) for s in shapes]
+    grads[3] = grads[3][:, :3] @ torch.randn(3, 16, generator=gen)  # rank 3: clipped signal
+    return grads, noises
+
+
+def test_joint_equals_two_separate_calls():
+    grads, noises = pairs()
+    raw, signal = raw_and_signal_eranks(grads, noises)
+    assert raw == effective_ranks(grads)
+    assert signal == effective_ranks(grads, noises)
+
+
+def test_joint_matches_numpy_and_chunking():
+    grads, noises = pairs(1)
+    want = [numpy_eranks(g.numpy(), d.numpy()) for g, d in zip(grads, noises)]
+    for kwargs in ({}, {"max_batch_bytes": 1}, {"device": "cpu"}):
+        raw, signal = raw_and_signal_eranks(grads, noises, **kwargs)
+        # rel 1e-6: the rank-3 matrix's zero eigenvalues come out as ±1e-16·λ_max, whose
+        # square roots differ between LAPACKs
+        assert raw == pytest.approx([w[0] for w in want], rel=1e-6)
+        assert signal == pytest.approx([w[1] for w in want], rel=1e-6, nan_ok=True)
+
+
+def test_joint_uses_the_estimator_for_the_raw_statistic_above_the_threshold():
+    # a matrix above the estimator's Krylov dimension, so that it really estimates
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(500, 600, generator=gen) * torch.logspace(0, -2, 600)
+    d = 0.1 * torch.randn(500, 600, generator=gen)
+    raw, signal = raw_and_signal_eranks([g], [d], fast_min_side=400, seed=3)
+    assert raw == effective_ranks([g], fast_min_side=400, seed=3)
+    assert signal == effective_ranks([g], [d], method="exact")
+
+
+def test_joint_checks_its_inputs():
+    with pytest.raises(ValueError, match="got 1 noise estimates for 2 gradients"):
+        raw_and_signal_eranks([torch.ones(3, 4)] * 2, [torch.zeros(3, 4)])
+
+
+# -- when the estimator's float32 products are redone in float64 ---------------------------------
+def test_float32_kept_for_a_noise_floor_and_redone_for_a_rank_deficient_matrix(monkeypatch):
+    redone = []
+    real = spectral._needs_float64
+
+    def spy(t, p, theta, signal):
+        out = real(t, p, theta, signal)
+        redone.append(out)
+        return out
+
+    monkeypatch.setattr(spectral, "_needs_float64", spy)
+    gen = torch.Generator().manual_seed(4)
+    # square: the noise floor's singular values reach down to 0 (a hard edge), all real
+    floor = torch.randn(700, 700, generator=gen)
+    low = torch.randn(700, 4, generator=gen) @ torch.randn(4, 600, generator=gen)  # rank 4
+    for g, want_redo in ((floor, False), (low, True)):
+        redone.clear()
+        got = spectral.erank_estimate(g)
+        assert any(redone) == want_redo
+        want = numpy_eranks(g.numpy(), np.zeros(g.shape, dtype=np.float32))[0]
+        assert got == pytest.approx(want, rel=0.01)
+
+
+def test_rounding_visible_reads_negative_nodes_of_the_raw_gram():
+    # a Lanczos-like matrix with positive nodes only: no rounding visible
+    positive = torch.diag(torch.tensor([4.0, 1.0, 0.25, 1e-6], dtype=torch.float64))
+    assert not spectral._rounding_visible(positive, 4)
+    # nodes at ±1e-8·λ_max carrying most of the weight: a rank-deficient G's zeros
+    tiny = torch.diag(torch.tensor([1.0, 1e-8, -1e-8, 2e-8], dtype=torch.float64))
+    assert spectral._rounding_visible(tiny, 4)
