@@ -127,6 +127,7 @@ class Setup:
     lr: float = 2e-3  # every cell's learning rate when ``lrs`` is empty
     lrs: tuple[float, ...] = ()  # the grid each cell chooses its learning rate from
     select_seed: int = 0  # the seed whose validation slice chooses the learning rate
+    edge_steps: int = ql.EDGE_STEPS  # validation runs beyond an end of ``lrs`` the best sits at
     validation_fraction: float = 0.15  # of the training split, by film
     probe_steps: int = 64
     max_steps: int | None = None
@@ -256,7 +257,17 @@ def run_grid(
             return task.lr
         if not setup.lrs:
             return setup.lr
-        return ql.chosen_lr(rows, task.cell.key, setup.lrs, setup.select_seed)
+        return ql.chosen_lr(rows, task.cell.key, setup.lrs, setup.select_seed, setup.edge_steps)
+
+    def extra(rows: Sequence[Mapping[str, str]]) -> list[Task]:
+        if sweep or not setup.lrs:
+            return []
+        return [
+            Task(c, setup.select_seed, "select", lr)
+            for c in cells
+            for lr in ql.needed_lrs(rows, c.key, setup.lrs, setup.select_seed, setup.edge_steps)
+            if lr not in setup.lrs
+        ]
 
     hooks = Hooks(
         run=lambda task, lr, stats: run_cell(setup, task, lr, work, stats),
@@ -264,6 +275,7 @@ def run_grid(
         write=lambda failed: summarize_grid(folder, setup, header, failed),
         needs_stats=lambda task: task.cell.method not in PROBE_FREE,
         lr_for=lr_for,
+        extra=extra,
     )
     Grid(folder, work, grid_tasks(setup, cells, sweep), hooks).run(jobs, progress)
     return common.read_rows(folder / "runs.csv")
@@ -283,7 +295,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         setup = Setup("smoke", None, None, (0,), epochs=1, limit=None, max_length=16,
                       batch_size=8, probe_steps=2, max_steps=2, lrs=(2e-3, 5e-3),
                       cells=SMOKE_CELLS, sweep_lrs=(1e-3, 2e-3, 5e-3), sweep_steps=3,
-                      sweep_cells=("lora-r8",), isolate=False)  # fmt: skip
+                      sweep_cells=("lora-r8",), isolate=False, edge_steps=0)  # fmt: skip
     else:
         setup = CONFIGS[args.config]
         if args.model:

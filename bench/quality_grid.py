@@ -143,6 +143,8 @@ class Hooks:
     write: Callable[[Sequence[str]], None]
     needs_stats: Callable[[Task], bool]
     lr_for: Callable[[Sequence[Mapping[str, str]], Task], float | None]
+    # validation runs beyond the grid's edge that a learning-rate choice now waits for
+    extra: Callable[[Sequence[Mapping[str, str]]], list[Task]] = lambda rows: []
 
 
 class Grid:
@@ -166,6 +168,10 @@ class Grid:
                 rows = common.read_rows(self.folder / "runs.csv")
                 finished = {row_key(r) for r in rows}
                 self.todo = [t for t in self.todo if t.key not in finished]
+                queued = {t.key for t in self.todo}
+                self.todo[:0] = [
+                    t for t in self.hooks.extra(rows) if t.key not in finished | queued
+                ]
                 if not self.todo:
                     return None
                 live = self.claims.live()

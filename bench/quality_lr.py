@@ -51,35 +51,96 @@ def select_accuracies(
     return out
 
 
-def chosen_lr(rows: Sequence[Row], cell: str, lrs: Sequence[float], seed: int) -> float | None:
-    """The learning rate of ``lrs`` with the best validation accuracy of ``cell`` on ``seed``.
+EDGE_STEPS = 2  # validation runs beyond each end of the grid, at most
 
-    Ties go to the lower validation loss, then to the smaller learning rate. None while a
-    learning rate of the grid has no validation run yet.
-    """
-    runs = select_accuracies(rows, cell, seed)
-    if any(lr not in runs for lr in lrs):
-        return None
+
+def _best(runs: Mapping[float, Row], lrs: Sequence[float]) -> float:
+    """Best validation accuracy, then lower validation loss, then the smaller learning rate."""
     return max(
         lrs, key=lambda lr: (float(runs[lr]["accuracy"]), -float(runs[lr]["eval_loss"]), -lr)
     )
 
 
+def _extend(
+    runs: Mapping[float, Row], lrs: Sequence[float], edge: int = EDGE_STEPS
+) -> tuple[list[float], float | None]:
+    """``(learning rates compared, the next one to run or None once the choice is made)``.
+
+    While the best so far is an end of what was tried, the rate one step beyond it (×2 above,
+    ÷2 below; at most ``edge`` each side) is tried too: a method whose best learning rate
+    lies outside the grid is not judged at the grid's edge. Doubling is exact in binary, so
+    the extended rates' keys match the rates read back from runs.csv."""
+    tried = sorted(lrs)
+    top, bottom = max(lrs) * 2**edge, min(lrs) / 2**edge
+    while True:
+        best = _best(runs, tried)
+        if best == tried[-1] and tried[-1] < top:
+            step = tried[-1] * 2
+        elif best == tried[0] and tried[0] > bottom:
+            step = tried[0] / 2
+        else:
+            return tried, None
+        if step not in runs:
+            return tried, step
+        tried = sorted([*tried, step])
+
+
+def needed_lrs(
+    rows: Sequence[Row], cell: str, lrs: Sequence[float], seed: int, edge: int = EDGE_STEPS
+) -> list[float]:
+    """The learning rates whose validation runs ``cell``'s choice still waits for: those of the
+    grid without a run, else the next rate beyond the grid's edge (``_extend``), else none."""
+    runs = select_accuracies(rows, cell, seed)
+    missing = [lr for lr in lrs if lr not in runs]
+    if missing:
+        return missing
+    step = _extend(runs, lrs, edge)[1]
+    return [] if step is None else [step]
+
+
+def chosen_lr(
+    rows: Sequence[Row], cell: str, lrs: Sequence[float], seed: int, edge: int = EDGE_STEPS
+) -> float | None:
+    """The learning rate with the best validation accuracy of ``cell`` on ``seed``: over the
+    grid ``lrs`` and the rates tried beyond its edges (``_extend``).
+
+    Ties go to the lower validation loss, then to the smaller learning rate. None while a
+    validation run it needs has not finished.
+    """
+    if needed_lrs(rows, cell, lrs, seed, edge):
+        return None
+    runs = select_accuracies(rows, cell, seed)
+    return _best(runs, _extend(runs, lrs, edge)[0])
+
+
 # -- learning rates -----------------------------------------------------------------------------
 def lr_selection_rows(
-    rows: Sequence[Row], cells: Sequence[Any], lrs: Sequence[float], seed: int
+    rows: Sequence[Row],
+    cells: Sequence[Any],
+    lrs: Sequence[float],
+    seed: int,
+    edge: int = EDGE_STEPS,
 ) -> list[dict[str, str]]:
-    """Per cell, validation accuracy % at each learning rate of the grid; the chosen in bold."""
+    """Per cell, validation accuracy % at each learning rate of the grid and beyond its edge
+    (``_extend``); the chosen in bold."""
     out = []
     for cell in cells:
         runs = select_accuracies(rows, cell.key, seed)
-        best = chosen_lr(rows, cell.key, lrs, seed)
+        best = chosen_lr(rows, cell.key, lrs, seed, edge)
         row = {"method": cell.label, "chosen lr": lr_text(best) if best else "pending"}
         for lr in lrs:
-            acc = f"{100 * float(runs[lr]['accuracy']):.2f}" if lr in runs else ""
-            row[lr_text(lr)] = f"**{acc}**" if best == lr else acc
+            row[lr_text(lr)] = _acc_text(runs[lr], lr == best) if lr in runs else ""
+        tried = _extend(runs, lrs, edge)[0] if all(lr in runs for lr in lrs) else lrs
+        row["beyond the grid"] = ", ".join(
+            f"{lr_text(lr)}: {_acc_text(runs[lr], lr == best)}" for lr in tried if lr not in lrs
+        )
         out.append(row)
     return out
+
+
+def _acc_text(row: Row, chosen: bool) -> str:
+    text = f"{100 * float(row['accuracy']):.2f}"
+    return f"**{text}**" if chosen else text
 
 
 def sweep_points(

@@ -359,14 +359,15 @@ def write_summary(
         "below.\n\n" + common.markdown_table(claims_rows(rows, cells), CLAIM_COLUMNS),
     )
     if setup.lrs:
-        lrows = lr_selection_rows(rows, cells, setup.lrs, setup.select_seed)
-        cols = ("method", *(lr_text(x) for x in setup.lrs), "chosen lr")
+        lrows = lr_selection_rows(rows, cells, setup.lrs, setup.select_seed, setup.edge_steps)
+        cols = ("method", *(lr_text(x) for x in setup.lrs), "beyond the grid", "chosen lr")
         atomic_write_text(
             folder / "lr_selection.md",
             f"Validation accuracy % (seed {setup.select_seed}; trained on the training split "
             "without its validation slice, evaluated on the slice) at each learning rate of "
-            "the grid; the chosen one in bold (ties: lower validation loss).\n\n"
-            + common.markdown_table(lrows, cols),
+            "the grid and, where the best was at an end of it, one or two rates beyond that "
+            "end (×2 above, ÷2 below); the chosen one in bold (ties: lower validation loss)."
+            "\n\n" + common.markdown_table(lrows, cols),
         )
     if sweep_cells:
         write_sweep(folder, setup, rows, sweep_cells)

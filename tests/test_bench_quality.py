@@ -166,13 +166,72 @@ def test_chosen_lr_best_validation_then_loss_then_smaller():
 
     lrs = (5e-4, 1e-3, 2e-3)
     rows = [sel(5e-4, 0.70, 0.6), sel(1e-3, 0.75, 0.5), sel(2e-3, 0.75, 0.4)]
-    assert ql.chosen_lr(rows, "lora-r8", lrs, 0) == 2e-3  # tie on accuracy: lower loss
+    assert ql.chosen_lr(rows, "lora-r8", lrs, 0, edge=0) == 2e-3  # tie on accuracy: lower loss
     rows[2] = sel(2e-3, 0.75, 0.5)
-    assert ql.chosen_lr(rows, "lora-r8", lrs, 0) == 1e-3  # full tie: the smaller lr
+    assert ql.chosen_lr(rows, "lora-r8", lrs, 0, edge=0) == 1e-3  # full tie: the smaller lr
     assert ql.chosen_lr(rows[:2], "lora-r8", lrs, 0) is None  # 2e-3 not run yet
     assert ql.chosen_lr(rows, "lora-r8", lrs, 1) is None  # another seed chooses nothing
     other = [*rows, sel(5e-4, 0.99, 0.1, cell="lora-r4"), sel(5e-4, 0.99, 0.1, seed=1)]
-    assert ql.chosen_lr(other, "lora-r8", lrs, 0) == 1e-3
+    assert ql.chosen_lr(other, "lora-r8", lrs, 0, edge=0) == 1e-3
+
+
+def test_a_best_learning_rate_at_the_grid_edge_is_followed_beyond_it():
+    def sel(lr, acc):
+        return {"cell": "adalora", "seed": "0", "phase": "select", "lr": ql.lr_text(lr),
+                "accuracy": str(acc), "eval_loss": "0.5"}  # fmt: skip
+
+    lrs = (5e-4, 1e-3, 2e-3, 5e-3)
+    rows = [sel(5e-4, 0.56), sel(1e-3, 0.56), sel(2e-3, 0.70), sel(5e-3, 0.78)]
+    assert ql.needed_lrs(rows[:2], "adalora", lrs, 0) == [2e-3, 5e-3]  # the grid first
+    assert ql.needed_lrs(rows, "adalora", lrs, 0) == [1e-2]  # best at the top: one step up
+    assert ql.chosen_lr(rows, "adalora", lrs, 0) is None  # waits for it
+    rows.append(sel(1e-2, 0.80))
+    assert ql.needed_lrs(rows, "adalora", lrs, 0) == [2e-2]  # still rising: the last step
+    rows.append(sel(2e-2, 0.79))
+    assert ql.needed_lrs(rows, "adalora", lrs, 0) == []
+    assert ql.chosen_lr(rows, "adalora", lrs, 0) == 1e-2
+    rows[-1] = sel(2e-2, 0.90)  # rising to the end: never more than EDGE_STEPS beyond the grid
+    assert ql.needed_lrs(rows, "adalora", lrs, 0) == []
+    assert ql.chosen_lr(rows, "adalora", lrs, 0) == 2e-2
+    low = [sel(5e-4, 0.80), sel(1e-3, 0.70), sel(2e-3, 0.60), sel(5e-3, 0.50)]
+    assert ql.needed_lrs(low, "adalora", lrs, 0) == [2.5e-4]  # best at the bottom: one down
+    low.append(sel(2.5e-4, 0.75))
+    assert ql.chosen_lr(low, "adalora", lrs, 0) == 5e-4
+    table = ql.lr_selection_rows(rows, [quality.Cell("adalora", "AdaLoRA", "adalora", 8)], lrs, 0)
+    assert table[0]["beyond the grid"] == "0.01: 80.00, 0.02: **90.00**"
+    assert table[0]["chosen lr"] == "0.02"
+
+
+def test_the_grid_runs_the_validation_runs_beyond_the_edge_before_the_test_run(tmp_path):
+    cell, lrs = quality.Cell("adalora", "AdaLoRA", "adalora", 8), (2e-3, 5e-3)
+    acc = {2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8, 2e-2: 0.75}  # best beyond the grid's top
+    fields = ("cell", "seed", "phase", "lr", "accuracy", "eval_loss")
+    Task = quality_grid.Task
+
+    def run(task, lr, stats):
+        return {"cell": task.cell.key, "seed": task.seed, "phase": task.phase,
+                "lr": ql.lr_text(lr), "accuracy": acc[lr], "eval_loss": 0.5,
+                "train_s": 1}  # fmt: skip
+
+    def extra(rows):
+        return [Task(cell, 0, "select", lr) for lr in ql.needed_lrs(rows, cell.key, lrs, 0)
+                if lr not in lrs]  # fmt: skip
+
+    hooks = quality_grid.Hooks(
+        run=run,
+        record=lambda task, lr, stats, row: common.append_row(tmp_path / "runs.csv", row, fields),
+        write=lambda failed: None,
+        needs_stats=lambda task: False,
+        lr_for=lambda rows, t: t.lr if t.phase != "test" else ql.chosen_lr(rows, cell.key, lrs, 0),
+        extra=extra,
+    )
+    tasks = [Task(cell, 0, "select", lr) for lr in lrs] + [Task(cell, 0)]
+    quality_grid.Grid(tmp_path, tmp_path / "work", tasks, hooks).run(jobs=1, progress=False)
+    rows = common.read_rows(tmp_path / "runs.csv")
+    assert [(r["phase"], r["lr"]) for r in rows] == [
+        ("select", "0.002"), ("select", "0.005"), ("select", "0.01"), ("select", "0.02"),
+        ("test", "0.01"),
+    ]  # fmt: skip
 
 
 def test_params_from_the_plan_count_and_ranges():
@@ -469,7 +528,7 @@ def test_a_failed_selection_run_leaves_its_cell_without_test_runs(tmp_path, monk
 
     monkeypatch.setattr(quality, "run_cell", fake_run_cell)
     setup = quality.Setup("t", None, None, (0, 1), 1, None, 8, lrs=(1e-3, 2e-3),
-                          cells=("lora-r8", "lora-r4"))  # fmt: skip
+                          cells=("lora-r8", "lora-r4"), edge_steps=0)  # fmt: skip
     with pytest.raises(RuntimeError, match="3 run\\(s\\) failed") as err:
         quality.run_grid(setup, tmp_path / "t", tmp_path / "w", "header", progress=False)
     assert "lora-r8-seed0-select-lr0.002, lora-r8-seed0 (no learning rate chosen)" in str(err.value)
@@ -477,5 +536,5 @@ def test_a_failed_selection_run_leaves_its_cell_without_test_runs(tmp_path, monk
     tested = [(r["cell"], r["seed"], r["lr"]) for r in rows if r["phase"] == "test"]
     assert tested == [("lora-r4", "0", "0.002"), ("lora-r4", "1", "0.002")]  # 2e-3 won
     selection = (tmp_path / "t" / "lr_selection.md").read_text(encoding="utf-8")
-    assert "| LoRA r=8 | 61.00 |  | pending |" in selection
-    assert "| LoRA r=4 | 61.00 | **62.00** | 0.002 |" in selection
+    assert "| LoRA r=8 | 61.00 |  |  | pending |" in selection
+    assert "| LoRA r=4 | 61.00 | **62.00** |  | 0.002 |" in selection
