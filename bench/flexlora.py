@@ -52,6 +52,7 @@ class Result:
     mean_ms: float
     peak_mib: float | None
     adapter_dtype: str
+    median_cpu_ms: float | None = None  # CPU time of this process: steadier on a shared CPU
 
 
 def llama_config(shape: str):
@@ -112,7 +113,7 @@ class Runner:
 
     def __init__(self, name, setup, args, cfg, device, dtype, batch):
         total = args.warmup + args.steps
-        self.name, self.device, self.batch, self.times = name, device, batch, []
+        self.name, self.device, self.batch, self.times, self.cpu = name, device, batch, [], []
         self.model, (self.extra, self.before, self.after) = setup(
             base_model(cfg, device, dtype), args.targets.split(","), total, args
         )
@@ -123,7 +124,7 @@ class Runner:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = self.model(**self.batch).loss
         if self.extra is not None:
             loss = loss + self.extra()
@@ -136,6 +137,7 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(self.device)
+        self.last_cpu = time.process_time() - cpu
         return time.perf_counter() - start
 
     def result(self, peak: float | None) -> Result:
@@ -143,6 +145,7 @@ class Runner:
             self.name, sum(p.numel() for p in self.params),
             1e3 * statistics.median(self.times), 1e3 * statistics.fmean(self.times), peak,
             str(self.params[0].dtype).removeprefix("torch."),
+            1e3 * statistics.median(self.cpu) if self.cpu else None,
         )  # fmt: skip
 
 
@@ -155,6 +158,7 @@ def run_interleaved(args, cfg, device, dtype, batch) -> list[Result]:
             dt = r.step(t)
             if t >= args.warmup:
                 r.times.append(dt)
+                r.cpu.append(r.last_cpu)
     return [r.result(None) for r in runners]
 
 
@@ -205,7 +209,7 @@ def table(results: list[Result]) -> list[str]:
     ref = results[0]
     lines = [
         f"{'method':<20} {'trainable':>11} {'median ms':>10} {'mean ms':>9} {'× LoRA':>7} "
-        f"{'peak MiB':>9} {'× LoRA':>7} {'adapter':>8}"
+        f"{'peak MiB':>9} {'× LoRA':>7} {'adapter':>8} {'CPU ms':>9} {'CPU×':>6}"
     ]
     for r in results:
         mem = (
@@ -213,9 +217,14 @@ def table(results: list[Result]) -> list[str]:
             if r.peak_mib
             else f"{'n/a':>9} {'':>7}"
         )
+        cpu = (
+            f" {r.median_cpu_ms:9.2f} {r.median_cpu_ms / ref.median_cpu_ms:6.3f}"
+            if r.median_cpu_ms and ref.median_cpu_ms
+            else ""
+        )
         lines.append(
             f"{r.method:<20} {r.trainable:>11,} {r.median_ms:10.2f} {r.mean_ms:9.2f} "
-            f"{r.median_ms / ref.median_ms:7.3f} {mem} {r.adapter_dtype:>8}"
+            f"{r.median_ms / ref.median_ms:7.3f} {mem} {r.adapter_dtype:>8}{cpu}"
         )
     return lines
 
