@@ -12,9 +12,10 @@ offload="cpu". The three phases are interleaved over ``--repeats`` rounds and ea
 the median over the rounds. Then the statistics alone (``GradientStats.from_halves`` on
 accumulator-like gradients, on the model's device) and the effective ranks alone (raw and
 signal), and the ratio at the default S = 64 derived from the run (the statistics are a fixed
-cost per probe: a short run overstates the ratio). Targets (issues 2, 16): probe ≤ 1.25× the plain steps; peak GPU memory with
-offload="cpu" ≤ the plain steps' peak. On the CPU, per-phase peak memory is not measurable
-in-process: the script prints "n/a" and the process's max RSS for the whole run.
+cost per probe: a short run overstates the ratio). Targets (issues 2, 16): probe ≤ 1.25× the
+plain steps; peak GPU memory with offload="cpu" ≤ the plain steps' peak. On the CPU,
+per-phase peak memory is not measurable in-process: the script prints "n/a" and the process's
+max RSS for the whole run.
 """
 
 from __future__ import annotations
