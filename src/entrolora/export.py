@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .export_card import consumers_and_notes, model_card
 from .files import atomic_write, atomic_write_text
 from .inject import adapted_modules, get_plan, merge, unwrap
 from .plans import AdaptationPlan
@@ -33,10 +34,6 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 HEAD_NAMES = ("classifier", "score")
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-LLAMA_CPP_WARNING = (
-    "compact layout: llama.cpp scales every module by lora_alpha / (its own rank) and never reads "
-    "alpha_pattern, so this export gives WRONG outputs in llama.cpp; use layout='uniform' there"
-)
 
 
 @dataclass(frozen=True)
@@ -164,26 +161,6 @@ def _head_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Ten
     return out
 
 
-def _consumers(layout: str, use_dora: bool, task_type: str | None) -> tuple[tuple, tuple]:
-    """``(consumers, notes)``: who reads this export correctly, and why the others are left out."""
-    consumers = ["peft", "transformers"]
-    notes: list[str] = []
-    if use_dora:
-        notes.append(
-            "DoRA: vLLM and llama.cpp do not load DoRA adapters; serve the --merged model there"
-        )
-    elif task_type != "CAUSAL_LM":
-        task = task_type or "unknown (not a transformers model)"
-        notes.append(f"task {task}: vLLM and llama.cpp serve causal-LM adapters only")
-    else:
-        consumers.append("vLLM")
-        if layout == "uniform":
-            consumers.append("llama.cpp")
-        else:
-            notes.append(LLAMA_CPP_WARNING)
-    return tuple(consumers), tuple(notes)
-
-
 def export_peft(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -206,10 +183,6 @@ def export_peft(
     ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
     Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
     """
-    from safetensors.torch import save_file
-
-    from .export_card import model_card
-
     if layout not in LAYOUTS:
         raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
     wrappers, use_dora = _exportable(model)
@@ -228,13 +201,8 @@ def export_peft(
     config = _lora_config(
         rank, wrappers, pattern, use_dora, list(modules_to_save), task_type, base_model
     )
-    consumers, notes = _consumers(layout, use_dora, task_type)
-    if base_model == SMOLLM2_ID and name_or_path and Path(name_or_path).exists():
-        notes += (
-            "trained on the Q4_1 GGUF copy of SmolLM2 (dequantised); the public float weights "
-            "differ by that rounding: for the exact trained model use the HF-format base "
-            "written by `entrolora export --hf-base` (or the --merged model)",
-        )
+    gguf = base_model == SMOLLM2_ID and bool(name_or_path) and Path(name_or_path).exists()
+    consumers, notes = consumers_and_notes(layout, use_dora, task_type, gguf)
     info = PeftExport(
         path=Path(directory),
         layout=layout,
@@ -248,16 +216,24 @@ def export_peft(
         notes=notes,
         num_labels=getattr(base.config, "num_labels", None) if task_type == "SEQ_CLS" else None,
     )
-    directory = Path(directory)
+    card = model_card(info, _plan_or_none(model), metrics)
+    _write_export(Path(directory), tensors, config, card)
+    return info
+
+
+def _write_export(
+    directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str
+) -> None:
+    """Weights, model card, then ``adapter_config.json``: a folder with it is a complete export."""
+    from safetensors.torch import save_file
+
     atomic_write(
         directory / "adapter_model.safetensors",
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
-    atomic_write_text(directory / "README.md", model_card(info, _plan_or_none(model), metrics))
-    # Written last: a folder with adapter_config.json is a complete export.
+    atomic_write_text(directory / "README.md", card)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write_text(directory / "adapter_config.json", text)
-    return info
 
 
 def _exportable(model: nn.Module) -> tuple[dict[str, Any], bool]:

@@ -1,4 +1,5 @@
-"""The README.md model card of a peft export, in the layout peft writes (YAML front matter first).
+"""What a peft export says about itself: which consumers read it right (and notes on the rest), and
+its README.md model card, in the layout peft writes (YAML front matter first).
 
 It says what was trained (method, plan, ranks, metrics when known), on which base model, which
 layout was written and which consumers read it, and how to load it in peft, transformers, vLLM
@@ -13,6 +14,43 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .export import PeftExport
     from .plans import AdaptationPlan
+
+
+LLAMA_CPP_WARNING = (
+    "compact layout: llama.cpp scales every module by lora_alpha / (its own rank) and never reads "
+    "alpha_pattern, so this export gives WRONG outputs in llama.cpp; use layout='uniform' there"
+)
+GGUF_NOTE = (
+    "trained on the Q4_1 GGUF copy of SmolLM2 (dequantised); the public float weights differ by "
+    "that rounding: for the exact trained model use the HF-format base written by "
+    "`entrolora export --hf-base` (or the --merged model)"
+)
+
+
+def consumers_and_notes(
+    layout: str, use_dora: bool, task_type: str | None, gguf: bool = False
+) -> tuple[tuple, tuple]:
+    """``(consumers, notes)``: who reads this export correctly, and why the others are left out;
+    ``gguf``: trained on the embedded GGUF copy of SmolLM2, whose weights differ by rounding."""
+    consumers = ["peft", "transformers"]
+    notes: list[str] = []
+    if use_dora:
+        notes.append(
+            "DoRA: vLLM and llama.cpp do not load DoRA adapters; serve the --merged model there"
+        )
+    elif task_type != "CAUSAL_LM":
+        task = task_type or "unknown (not a transformers model)"
+        notes.append(f"task {task}: vLLM and llama.cpp serve causal-LM adapters only")
+    else:
+        consumers.append("vLLM")
+        if layout == "uniform":
+            consumers.append("llama.cpp")
+        else:
+            notes.append(LLAMA_CPP_WARNING)
+    if gguf:
+        notes.append(GGUF_NOTE)
+    return tuple(consumers), tuple(notes)
+
 
 PIPELINES = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}
 AUTO_CLASSES = {
