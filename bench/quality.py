@@ -276,6 +276,7 @@ def run_grid(
         needs_stats=lambda task: task.cell.method not in PROBE_FREE,
         lr_for=lr_for,
         extra=extra,
+        current=lambda rows: ql.current_rows(rows, setup.lrs, setup.select_seed, setup.edge_steps),
     )
     Grid(folder, work, grid_tasks(setup, cells, sweep), hooks).run(jobs, progress)
     return common.read_rows(folder / "runs.csv")

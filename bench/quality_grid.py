@@ -145,6 +145,8 @@ class Hooks:
     lr_for: Callable[[Sequence[Mapping[str, str]], Task], float | None]
     # validation runs beyond the grid's edge that a learning-rate choice now waits for
     extra: Callable[[Sequence[Mapping[str, str]]], list[Task]] = lambda rows: []
+    # runs.csv's rows that count as done (test runs at a superseded learning rate do not)
+    current: Callable[[Sequence[Mapping[str, str]]], list] = list
 
 
 class Grid:
@@ -165,7 +167,7 @@ class Grid:
         """The next run that can start, its lr and statistics file; None when none is left."""
         with self.lock:
             while True:
-                rows = common.read_rows(self.folder / "runs.csv")
+                rows = self.hooks.current(common.read_rows(self.folder / "runs.csv"))
                 finished = {row_key(r) for r in rows}
                 self.todo = [t for t in self.todo if t.key not in finished]
                 queued = {t.key for t in self.todo}

@@ -113,6 +113,30 @@ def chosen_lr(
     return _best(runs, _extend(runs, lrs, edge)[0])
 
 
+def current_rows(
+    rows: Sequence[Row], lrs: Sequence[float], seed: int, edge: int = EDGE_STEPS
+) -> list[Row]:
+    """``rows`` without the test runs made at a learning rate their cell does not choose now.
+
+    A cell's choice can move after its test runs (a validation run beyond the grid's edge came
+    in later): those runs stay in runs.csv as history and are run again at the new rate. While
+    the choice waits for a validation run, the cell has no current test run. Grids without a
+    learning-rate grid (``lrs`` empty) keep every row."""
+    if not lrs:
+        return list(rows)
+    chosen: dict[str, float | None] = {}
+
+    def current(row: Row) -> bool:
+        if phase(row) != "test":
+            return True
+        cell = row["cell"]
+        if cell not in chosen:
+            chosen[cell] = chosen_lr(rows, cell, lrs, seed, edge)
+        return chosen[cell] is not None and float(row["lr"]) == chosen[cell]
+
+    return [r for r in rows if current(r)]
+
+
 # -- learning rates -----------------------------------------------------------------------------
 def lr_selection_rows(
     rows: Sequence[Row],

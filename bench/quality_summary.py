@@ -24,6 +24,7 @@ from typing import Any
 import common
 from entrolora.files import atomic_write_text
 from quality_lr import (
+    current_rows,
     lr_selection_rows,
     lr_text,
     phase,
@@ -310,7 +311,8 @@ def write_summary(
 
     ``failed`` names the runs of this invocation that failed (they are retried on resume).
     """
-    rows = common.read_rows(folder / "runs.csv")
+    rows = current_rows(common.read_rows(folder / "runs.csv"), setup.lrs, setup.select_seed,
+                        setup.edge_steps)  # fmt: skip
     summary = summarize(rows, cells, setup.lr)
     trows = table_rows(summary, len(setup.seeds))
     done = sum(s["n"] for s in summary)

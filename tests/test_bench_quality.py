@@ -224,14 +224,25 @@ def test_the_grid_runs_the_validation_runs_beyond_the_edge_before_the_test_run(t
         needs_stats=lambda task: False,
         lr_for=lambda rows, t: t.lr if t.phase != "test" else ql.chosen_lr(rows, cell.key, lrs, 0),
         extra=extra,
+        current=lambda rows: ql.current_rows(rows, lrs, 0),
     )
+    # A test run made when 5e-3, the grid's edge, was the choice: history, run again at 1e-2.
+    common.append_row(tmp_path / "runs.csv", {**run(Task(cell, 0), 5e-3, None), "phase": "test"},
+                      fields)  # fmt: skip
     tasks = [Task(cell, 0, "select", lr) for lr in lrs] + [Task(cell, 0)]
     quality_grid.Grid(tmp_path, tmp_path / "work", tasks, hooks).run(jobs=1, progress=False)
     rows = common.read_rows(tmp_path / "runs.csv")
     assert [(r["phase"], r["lr"]) for r in rows] == [
+        ("test", "0.005"),
         ("select", "0.002"), ("select", "0.005"), ("select", "0.01"), ("select", "0.02"),
         ("test", "0.01"),
     ]  # fmt: skip
+    assert [
+        (r["phase"], r["lr"]) for r in ql.current_rows(rows, lrs, 0) if r["phase"] == "test"
+    ] == [("test", "0.01")]
+    pending = [r for r in rows if r["lr"] != "0.02"]  # the choice waits: no current test run
+    assert [r for r in ql.current_rows(pending, lrs, 0) if r["phase"] == "test"] == []
+    assert ql.current_rows(rows, (), 0) == rows  # no learning-rate grid: every row counts
 
 
 def test_params_from_the_plan_count_and_ranges():
