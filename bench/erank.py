@@ -33,6 +33,10 @@ import common  # noqa: E402
 from entrolora import spectral  # noqa: E402
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096))
+# Targets of one Llama-3-8B layer by shape (q, o; k, v; gate, up and down, whose 4096 × 14336
+# has 14336 × 4096's singular values); 32 layers: the 224 matrices of the issue.
+LAYER_COUNTS = {"4096x4096": 2, "1024x4096": 2, "14336x4096": 3}
+LAYERS = 32
 ALPHAS = (0.5, 1.0, 1.5)
 STEPS, NU = 64, 4.0
 
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seeds", type=int, default=2, help="estimator seeds per matrix")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,1024x4096")
     ap.add_argument("--alphas", default=None, help="spectral decay exponents, e.g. 0.5,1")
+    ap.add_argument("--statistics", default="raw,signal", help="raw, signal or both")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes, alphas = SHAPES, ALPHAS
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for alpha in alphas:
             g, d = gradient_pair(m, n, alpha)
             for stat, noise in (("raw", None), ("signal", d)):
+                if stat not in args.statistics.split(","):
+                    continue
                 r = measure(g, noise, args.seeds)
                 r.update(shape=f"{m}x{n}", alpha=alpha, statistic=stat)
                 rows.append(r)
@@ -135,8 +142,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     flush=True,
                 )
             del g, d
+    for line in whole_model(rows):
+        print(line)
     print(f"# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return rows
+
+
+def whole_model(rows: list[dict]) -> list[str]:
+    """The raw statistic of all 224 targets of an 8B model, per α where every shape was timed:
+    CPU seconds exact against ``method="auto"`` (the estimator from ``FAST_MIN_SIDE``)."""
+    lines = []
+    for alpha in sorted({r["alpha"] for r in rows}):
+        got = {r["shape"]: r for r in rows if r["alpha"] == alpha and r["statistic"] == "raw"}
+        if set(got) < set(LAYER_COUNTS):
+            continue
+        exact = auto = 0.0
+        for shape, count in LAYER_COUNTS.items():
+            r = got[shape]
+            fast = min(int(x) for x in shape.split("x")) >= spectral.FAST_MIN_SIDE
+            exact += LAYERS * count * r["exact_cpu"]
+            auto += LAYERS * count * (r["fast_cpu"] if fast else r["exact_cpu"])
+        lines.append(
+            f"# 8B model, all {LAYERS * sum(LAYER_COUNTS.values())} targets, α {alpha}, raw: "
+            f"exact {exact:.0f} CPU s, auto {auto:.0f} CPU s, {exact / auto:.1f}×"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python bench/flexlora.py --shape smollm2       # SmolLM2-135M's shape, fp32, on the CPU
     python bench/flexlora.py --smoke               # --shape toy, a few steps (CI)
 
-Every method trains a fresh random Llama of the same shape with AdamW on the same random tokens:
+Every method trains a fresh random Llama of the same shape with the job's AdamW (fused where torch
+has the kernel: ``entrolora.job.loop.adamw``) on the same random tokens:
 peft LoRA r=8, peft AdaLoRA (init_r 12 → target_r 8, its own orthogonality term and budget
 schedule), FlexLoRA (r=8, capacity 2r, regulariser in the loss, rank moves every ``--interval``
 steps). Adapters are float32 on both sides when the model is. A step is forward + backward +
@@ -30,6 +31,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from entrolora.job.loop import adamw
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 SHAPES = {  # LlamaConfig fields; batch × seq; timed / warm-up steps; adjustment interval
@@ -118,7 +121,7 @@ class Runner:
             base_model(cfg, device, dtype), args.targets.split(","), total, args
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.opt = adamw(self.params, lr=1e-4)  # the job's optimizer (fused where torch can)
 
     def step(self, t: int) -> float:
         cuda = self.device.type == "cuda"

@@ -232,6 +232,21 @@ def test_subset_is_seeded_and_sized():
         D.subset(ds, 1)
 
 
+def test_full_test_keeps_the_whole_heldout_split(tmp_path):
+    from entrolora.job import TrainConfig
+    from entrolora.job.run import load_splits
+
+    path = write_csv(tmp_path / "d.csv", n=200)
+    whole = D.split(D.load_data(path), 0.2, seed=1)
+    train, test = load_splits(TrainConfig(data=str(path), limit=50, full_test=True, seed=1))
+    assert test.texts == whole[1].texts  # all 40 held-out rows, not a fifth of 50
+    assert len(train) == 40 and set(train.texts) <= set(whole[0].texts)
+    _, small_test = load_splits(TrainConfig(data=str(path), limit=50, seed=1))
+    assert len(small_test) == 10
+    with pytest.raises(ValueError, match="--limit must be ≥ 2"):
+        load_splits(TrainConfig(data=str(path), limit=1, full_test=True))
+
+
 # -- batches --------------------------------------------------------------------------------------
 def test_batches_classify_and_causal():
     tok = tiny_tokenizer()

@@ -15,13 +15,15 @@ def _slot(a, slot) -> list[torch.Tensor]:
     return [a.P[:, slot], a.lambda_[slot : slot + 1], a.Q[slot]]
 
 
-def slot_update_ratios(amsgrad: bool, old_step: int | None, correct: bool = True) -> list[float]:
+def slot_update_ratios(
+    amsgrad: bool, old_step: int | None, correct: bool = True, fused: bool = False
+) -> list[float]:
     """‖update of a just-expanded slot‖ / ‖update of a fresh AdamW fed the same gradients‖
-    over the ten steps after the expansion."""
+    over the ten steps after the expansion (the training optimizer ``fused`` or not)."""
     model = flex_llama(r=2, capacity=4)
     flex = FlexLoRA(model, total_steps=100, t_warmup=90, t_final=0)  # no scheduled move here
     hyper = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
-    opt = torch.optim.AdamW(trainable(model), **hyper)
+    opt = torch.optim.AdamW(trainable(model), **hyper, fused=fused or None)
     train(model, flex, opt, range(5))
     if old_step is not None:  # as after a long run: torch's bias correction ≈ 1
         for st in opt.state.values():
@@ -53,10 +55,11 @@ def slot_update_ratios(amsgrad: bool, old_step: int | None, correct: bool = True
     return ratios
 
 
+@pytest.mark.parametrize("fused", [False, True])  # the job trains with fused AdamW
 @pytest.mark.parametrize("old_step", [None, 3000])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_moved_slot_updates_like_a_fresh_adamw(amsgrad, old_step):
-    ratios = slot_update_ratios(amsgrad, old_step)
+def test_moved_slot_updates_like_a_fresh_adamw(amsgrad, old_step, fused):
+    ratios = slot_update_ratios(amsgrad, old_step, fused=fused)
     assert all(1 / 1.5 <= r <= 1.5 for r in ratios), ratios
     assert all(abs(r - 1) < 1e-3 for r in ratios), ratios  # the correction is exact
 

@@ -36,6 +36,26 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert T._lr_lambda(4, 0)(0) == 1.0
 
 
+def test_adamw_is_fused_where_torch_can_and_steps_as_the_default():
+    from entrolora.job.loop import adamw
+
+    def steps(fused: bool | None) -> list[np.ndarray]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+        opt = adamw(ps, 1e-2, 0.1) if fused else torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+        assert opt.defaults["fused"] is fused
+        for t in range(5):
+            for p in ps:
+                p.grad = (t + 1) * torch.linspace(-1, 1, p.numel()).view_as(p)
+            opt.step()
+        return [p.detach().numpy().astype(np.float64) for p in ps]
+
+    for a, b in zip(steps(True), steps(None)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    mixed = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert adamw(mixed, 1e-3).defaults["fused"] is None  # several devices: torch's default
+
+
 def test_parse_options():
     assert T.parse_options(["n_max=16", "threshold=0.85", "partition=dp", "x=none", "y=true"]) == {
         "n_max": 16, "threshold": 0.85, "partition": "dp", "x": None, "y": True,

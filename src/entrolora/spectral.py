@@ -265,15 +265,11 @@ def _block_lanczos(op, start: torch.Tensor, steps: int):
     return t, basis, coupling
 
 
-def _tmul(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``xᵀ h`` as ``(hᵀ x)ᵀ``: MKL's product with a transposed left factor and a thin right
-    one (≤ 8 columns) is ~8× slower than this on the CPU."""
-    return (h.mT.contiguous() @ x).mT
-
-
 def _sq(x: torch.Tensor) -> torch.Tensor:
-    """``‖x‖²_F`` (= tr xᵀx): rows in x's dtype, their sum in float64 (no float64 copy)."""
-    return (torch.linalg.vector_norm(x, dim=-1).to(torch.float64) ** 2).sum()
+    """``‖x‖²_F`` (= tr xᵀx): norms along x's contiguous dim in x's dtype (a transposed view is
+    read in its memory order: ~10× faster), their squares summed in float64 (no float64 copy)."""
+    dim = -1 if x.stride(-1) == 1 else -2
+    return (torch.linalg.vector_norm(x, dim=dim).to(torch.float64) ** 2).sum()
 
 
 def _f(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,14 +416,20 @@ def _rest_traces(t2: torch.Tensor, p: FastErank, rest: int, trace: torch.Tensor 
 
 
 def _gram_op(g: torch.Tensor, d: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``v ↦ (GᵀG − DᵀD) v`` in float64 out, from products with ``g`` and ``d`` only."""
+    """``v ↦ (GᵀG − DᵀD) v`` in float64 out, from products with ``g`` and ``d`` only.
+
+    Holds ``g`` (and ``d``) in both layouts, one copy each: the product with a transposed
+    left factor and a thin right one is 2–3× slower than with a contiguous one on the CPU
+    (MKL), and the copy costs about two such products (bench/erank.py)."""
+    g, gt = g.contiguous(), g.mT.contiguous()  # one of the two is g itself
+    d, dt = (None, None) if d is None else (d.contiguous(), d.mT.contiguous())
 
     def op(v: torch.Tensor) -> torch.Tensor:
         # Gᵀ(G v), never the Gram: the rounding of each product is a small perturbation of G
         # itself, so singular values keep an absolute accuracy ~u·σ_max even in float32.
         v = v.to(g.dtype)
-        out = _tmul(g, g @ v)
-        return (out if d is None else out - _tmul(d, d @ v)).to(torch.float64)
+        out = gt @ (g @ v)
+        return (out if dt is None else out - dt @ (d @ v)).to(torch.float64)
 
     return op
 

@@ -47,6 +47,26 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+def adamw(
+    params: Sequence[nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """torch's AdamW over ``params``, fused (one pass over each tensor instead of about a dozen:
+    ~4× less optimizer time on a CPU, bench/flexlora.py) where torch has the fused kernel for
+    them: plain float tensors on one CPU or CUDA device. Else (sharded DTensors under FSDP2,
+    parameters on several devices) torch's default implementation. The same update either way,
+    to rounding."""
+    devices = {p.device.type for p in params}
+    fused = (
+        len(devices) == 1
+        and devices <= {"cpu", "cuda"}
+        and all(type(p.data) is torch.Tensor and p.dtype in _FUSED_DTYPES for p in params)
+    )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def make_optimizer(
     model: nn.Module, method: str, cfg: TrainConfig, opts: Mapping[str, Any], total: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -58,7 +78,7 @@ def make_optimizer(
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters after applying the plan")
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(round(cfg.warmup_ratio * total))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
 

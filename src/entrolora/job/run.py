@@ -121,10 +121,18 @@ def train_run(cfg: TrainConfig) -> RunResult:
 
 
 def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
-    """Load, subset (``limit``) and split (by film for the default) the data."""
+    """Load, subset (``limit``) and split (by film for the default) the data; with
+    ``full_test`` split first and subset the training side only (to ``limit``'s share)."""
     ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
-    ds = D.subset(ds, cfg.limit, cfg.seed)
-    train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
+    if cfg.full_test:
+        train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
+        if cfg.limit is not None:
+            D.subset(ds, cfg.limit, cfg.seed)  # the same refusal of a limit below 2
+            share = max(2, round(cfg.limit * (1 - cfg.test_fraction)))
+            train_ds = D.subset(train_ds, share, cfg.seed)
+    else:
+        ds = D.subset(ds, cfg.limit, cfg.seed)
+        train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
     if not len(train_ds) or not len(test_ds):
         raise ValueError("the train/test split left an empty side; use more data or --limit")
     return train_ds, test_ds
