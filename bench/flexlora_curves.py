@@ -4,11 +4,11 @@
     python bench/flexlora_curves.py --reuse runs/demo   # LoRA, FlexLoRA from `entrolora demo`
     python bench/flexlora_curves.py --smoke        # tiny random BERT and CSV, a few steps (CI)
 
-Each method is one ``train_run`` with the demo's settings (MiniLM, 3,000 Rotten Tomatoes
-snippets split by film, 1 epoch, batch 32, lr 2e-3, same seed), so the curves differ only by the
-adapter. The per-step losses are ``RunResult.losses`` (the run folder's ``train_loss.json``):
-the task loss for LoRA and FlexLoRA, task loss plus its orthogonality term for peft AdaLoRA (peft
-adds it inside the forward).
+Each method is one ``train_run`` with the demo's settings (MiniLM, 2,400 Rotten Tomatoes
+training snippets, scored on the whole held-out split of the film split, 1 epoch, batch 32,
+lr 2e-3, same seed), so the curves differ only by the adapter. The per-step losses are
+``RunResult.losses`` (the run folder's ``train_loss.json``): the task loss for LoRA and FlexLoRA,
+task loss plus its orthogonality term for peft AdaLoRA (peft adds it inside the forward).
 Writes ``<out>/flexlora_curves.png`` (losses, and FlexLoRA's rank evolution beside them) and
 ``<out>/flexlora_curves.json`` (losses, accuracies, the rank history and the settings).
 ``--reuse DIR`` reads the runs a default ``entrolora demo --output DIR`` already made (same
@@ -40,8 +40,8 @@ def base_config(args: argparse.Namespace, work: Path):
     from entrolora.job import TrainConfig
 
     cfg = TrainConfig(
-        limit=args.limit, epochs=1, batch_size=32, max_length=64, lr=args.lr, seed=args.seed,
-        probe_steps=32, progress=False, report=False, output=str(work / "run"),
+        limit=args.limit, full_test=True, epochs=1, batch_size=32, max_length=64, lr=args.lr,
+        seed=args.seed, probe_steps=32, progress=False, report=False, output=str(work / "run"),
     )  # fmt: skip
     if args.smoke:
         from quality import smoke_assets
