@@ -154,7 +154,7 @@ def whole_model(rows: list[dict]) -> list[str]:
     lines = []
     for alpha in sorted({r["alpha"] for r in rows}):
         got = {r["shape"]: r for r in rows if r["alpha"] == alpha and r["statistic"] == "raw"}
-        if set(got) < set(LAYER_COUNTS):
+        if not set(LAYER_COUNTS) <= set(got):
             continue
         exact = auto = 0.0
         for shape, count in LAYER_COUNTS.items():

@@ -28,3 +28,17 @@ def test_gradient_pair_has_the_documented_noise_floor():
     # ‖D‖ = 0.5‖μ‖ and ‖G‖² ≈ 1.25‖μ‖², so ‖D‖/‖G‖ ≈ 0.5/√1.25 ≈ 0.45
     assert 0.40 < float(d.norm() / g.norm()) < 0.50
     assert g.dtype == d.dtype == bench.torch.float32
+
+
+def test_whole_model_counts_each_shape_and_keeps_small_ones_exact():
+    bench = load_script("bench/erank.py")
+    rows = [
+        dict(shape=s, alpha=1.0, statistic="raw", exact_cpu=e, fast_cpu=f)
+        for s, e, f in (("4096x4096", 8.0, 1.0), ("1024x4096", 0.4, 0.3), ("14336x4096", 14.0, 2.5))
+    ]
+    (line,) = bench.whole_model(rows)
+    exact = 32 * (2 * 8.0 + 2 * 0.4 + 3 * 14.0)  # 1881.6
+    auto = 32 * (2 * 1.0 + 2 * 0.4 + 3 * 2.5)  # 329.6: 1024 is below FAST_MIN_SIDE, exact
+    assert f"exact {exact:.0f} CPU s, auto {auto:.0f} CPU s, {exact / auto:.1f}×" in line
+    assert "all 224 targets" in line
+    assert bench.whole_model(rows[:2]) == []  # a shape missing: no total
