@@ -47,6 +47,9 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def adamw(
     params: Sequence[nn.Parameter], lr: float, weight_decay: float = 0.0
 ) -> torch.optim.AdamW:
@@ -62,9 +65,6 @@ def adamw(
         and all(type(p.data) is torch.Tensor and p.dtype in _FUSED_DTYPES for p in params)
     )
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def make_optimizer(
