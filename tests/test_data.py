@@ -263,6 +263,30 @@ def test_batches_classify_and_causal():
     assert torch.equal(lm["labels"][~pad], lm["input_ids"][~pad])
 
 
+def test_by_length_orders_held_out_data_and_keeps_the_scores():
+    from entrolora.job.loop import evaluate
+    from tiny import tiny_bert
+
+    tok = tiny_tokenizer()
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 12))) for _ in range(40)]
+    ds = D.TextDataset(texts, [rng.randint(0, 1) for _ in texts], None, ("n", "p"))
+    out = D.by_length(tok, ds, max_length=8)
+    lengths = [min(8, len(t.split())) for t in out.texts]  # one token a word, truncated
+    assert lengths == sorted(lengths)
+    assert sorted(zip(out.texts, out.labels)) == sorted(zip(ds.texts, ds.labels))
+    ties = [t for t in out.texts if len(t.split()) >= 8]
+    assert ties == [t for t in ds.texts if len(t.split()) >= 8]  # stable
+    model, cpu = tiny_bert(layers=2), torch.device("cpu")
+    scores = [evaluate(model, list(D.iter_batches(tok, d, 16, 8, "classify")), "classify", cpu)
+              for d in (ds, out)]  # fmt: skip
+    padded = [sum(b["input_ids"].numel() for b in D.iter_batches(tok, d, 16, 8, "classify"))
+              for d in (ds, out)]  # fmt: skip
+    assert padded[1] < padded[0]
+    assert scores[0]["accuracy"] == scores[1]["accuracy"]
+    assert scores[0]["eval_loss"] == pytest.approx(scores[1]["eval_loss"], rel=1e-5)
+
+
 def test_batches_bad_batch_size():
     ds = D.TextDataset(["a"], [0], None, ("a", "b"))
     with pytest.raises(ValueError, match="--batch-size must be ≥ 1"):

@@ -345,6 +345,16 @@ def iter_batches(
         yield encode(tokenizer, [ds.texts[i] for i in chunk], labels, max_length, task)
 
 
+def by_length(tokenizer: Any, ds: TextDataset, max_length: int) -> TextDataset:
+    """``ds`` reordered by token length (truncated at ``max_length``; ties keep their order).
+
+    For held-out data only: its batches then pad to about their own length (the MiniLM test
+    split pads to half the tokens); training batches keep the seed's shuffled order.
+    """
+    ids = tokenizer(list(ds.texts), truncation=True, max_length=max_length)["input_ids"]
+    return ds.take(sorted(range(len(ds)), key=lambda i: len(ids[i])))
+
+
 def num_batches(n: int, batch_size: int) -> int:
     """Batches per epoch for ``n`` examples."""
     return (n + batch_size - 1) // batch_size

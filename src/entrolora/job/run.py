@@ -266,8 +266,9 @@ def evaluate_run(job: Job, a: Adapted) -> dict[str, Any]:
     """Held-out scores of the trained model (``loop.evaluate``)."""
     cfg = job.cfg
     t0 = time.perf_counter()
+    held_out = D.by_length(job.tokenizer, job.test_ds, cfg.max_length)
     test_batches = list(
-        D.iter_batches(job.tokenizer, job.test_ds, cfg.eval_batch_size, cfg.max_length, cfg.task)
+        D.iter_batches(job.tokenizer, held_out, cfg.eval_batch_size, cfg.max_length, cfg.task)
     )
     scores = evaluate(a.model, test_batches, cfg.task, job.device)
     job.times["eval_s"] = time.perf_counter() - t0
