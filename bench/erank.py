@@ -41,15 +41,20 @@ ALPHAS = (0.5, 1.0, 1.5)
 STEPS, NU = 64, 4.0
 
 
+def decaying_mean(
+    m: int, n: int, alpha: float, gen: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``μ = U diag(i^-α) Vᵀ`` ``(m, n)`` over ``min(m, n) // 4`` random orthonormal directions."""
+    r = max(1, min(m, n) // 4)
+    u = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=dtype))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=dtype))[0]
+    return (u * torch.arange(1, r + 1, dtype=dtype).pow(-alpha)) @ v.mT
+
+
 def gradient_pair(m: int, n: int, alpha: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G, D)`` float32 ``(m, n)``: decaying mean gradient + 64-step probe noise (docstring)."""
     gen = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    r = max(1, k // 4)
-    u = torch.linalg.qr(torch.randn(m, r, generator=gen))[0]
-    v = torch.linalg.qr(torch.randn(n, r, generator=gen))[0]
-    mu = (u * torch.arange(1, r + 1, dtype=torch.float32).pow(-alpha)) @ v.mT
-    del u, v
+    mu = decaying_mean(m, n, alpha, gen)
     # each half is the mean of 32 steps: its noise has norm ν‖μ‖/√32
     scale = NU * mu.norm() / math.sqrt(STEPS / 2) / math.sqrt(m * n)
     e1 = torch.randn(m, n, generator=gen) * scale
