@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe, machine_info  # noqa: E402
+from signal_bias import edge_erank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 READINGS = ("raw", "signal")
@@ -153,7 +154,25 @@ def plans_of(stats: Any) -> dict[str, Any]:
             "ranks": {t: d["ranks"] for t, d in types.items()},
             "blocks": {n: m.blocks for n, m in ra.modules.items()},
         }
+    if stats.noise:
+        out["edge"] = {"used": "edge", "blocks": edge_blocks(stats)}
     return out
+
+
+def edge_blocks(stats: Any) -> dict[str, int]:
+    """RaLoRA block counts (r = 8) from the mirrored-noise-edge effective rank (signal_bias.py's
+    ``edge_erank``, not METHODS.md §2's clip at 0): what that proposal would do to stability.
+    E²LoRA does not read the effective rank, so only RaLoRA has an edge reading."""
+    import entrolora as el
+
+    modules = {}
+    for name, m in stats.modules.items():
+        edge = None
+        if m.signal_erank is not None:
+            edge = edge_erank(stats.gradients[name].double(), stats.noise[name].double())
+        modules[name] = replace(m, signal_erank=None if edge is None or edge != edge else edge)
+    plan = el.plan_ralora(replace(stats, modules=modules), r=8, statistics="signal")
+    return {n: m.blocks for n, m in plan.modules.items()}
 
 
 def block_means(probe: Probe, load, batches: Sequence[dict], targets: Any, args) -> list:
@@ -227,6 +246,12 @@ def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
             used = rec[0][reading]["used"]
             lines.append(f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {head_fit:>8} "
                          f"{used:<7} {' '.join(cells)} {snr:>10.2f}")  # fmt: skip
+        if all("edge" in r for r in rec):
+            same, total = identical_share(rec, "edge", "blocks")
+            blocks = f"{same}/{total} ({100 * same / total:.0f} %)"
+            lines.append(f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {head_fit:>8} "
+                         f"{'edge':<7} {'as signal':>17} {'as signal':>14} {blocks:>15} "
+                         f"{snr:>10.2f}")  # fmt: skip
     return lines
 
 
