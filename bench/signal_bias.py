@@ -12,7 +12,9 @@ effective rank of ``μ``; the raw one of ``G``; the signal one as METHODS.md §2
 0); and, for comparison, the same eigenvalues with everything at or below the noise edge set to
 0, the edge read off the most negative eigenvalue (``G Gᵀ − D Dᵀ − μμᵀ`` is sign-symmetric in
 distribution for any sign-symmetric noise, so its positive edge mirrors its negative one). The
-third is not what the library computes; it is here to show what the clipping costs.
+third is not what the library computes; it shows what the clipping costs on i.i.d. noise. On
+real probes, whose noise is not i.i.d., it removes nearly all of the signal (bench/stability.py's
+``edge`` reading: one RaLoRA block for every module; docs/benchmarks.md §3).
 """
 
 from __future__ import annotations
