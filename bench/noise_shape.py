@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stability  # noqa: E402
 from common import describe, machine_info  # noqa: E402
+from signal_bias import signal_eigenvalues  # noqa: E402
 
 
 def top_share(m: torch.Tensor, top: int = 10) -> float:
@@ -47,9 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, m in stats.modules.items():
         g, d = stats.gradients[name].double(), stats.noise[name].double()
-        ev = torch.linalg.eigvalsh(
-            g @ g.mT - d @ d.mT if g.shape[0] <= g.shape[1] else g.mT @ g - d.mT @ d
-        )
+        ev = signal_eigenvalues(g, d)
         r = {"module": name, "snr": m.snr, "d_top": top_share(d), "g_top": top_share(g),
              "kept": int((ev > -ev.min()).sum()), "k": len(ev)}  # fmt: skip
         rows.append(r)

@@ -50,10 +50,15 @@ def signal_and_noise(
     return mu, mu + (e1 + e2) / 2, (e1 - e2) / 2
 
 
+def signal_eigenvalues(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending) of ``G Gᵀ − D Dᵀ`` on the smaller side."""
+    m = g @ g.mT - d @ d.mT if g.shape[0] <= g.shape[1] else g.mT @ g - d.mT @ d
+    return torch.linalg.eigvalsh(m)
+
+
 def edge_erank(g: torch.Tensor, d: torch.Tensor) -> float:
     """Effective rank from the eigenvalues of ``G Gᵀ − D Dᵀ`` above the mirrored noise edge."""
-    m = g @ g.mT - d @ d.mT if g.shape[0] <= g.shape[1] else g.mT @ g - d.mT @ d
-    ev = torch.linalg.eigvalsh(m)
+    ev = signal_eigenvalues(g, d)
     kept = torch.where(ev > -ev.min(), ev, torch.zeros_like(ev))
     return float(spectral.erank_from_singular_values(kept.sqrt()))
 
