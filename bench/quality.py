@@ -145,7 +145,7 @@ CONFIGS = {
     # ≈ 8,700 and validate on ≈ 1,570), 200 steps of 16 (3,200 examples, a third of an epoch;
     # the sweep 1,000, hence 2 epochs at most, at four rates from 1e-4 to 5e-3: a run is ~15
     # core-minutes), length 80 (the longest snippet is 78 MiniLM tokens), each cell at its own
-    # lr. 86 runs of about 166 s: 2 h 04 min with --jobs 2 --threads 1 on the idle 2-core
+    # lr. 86 runs of about 166 s: 2 h 04 min with --jobs 2 --threads 1 on this 2-core
     # machine (docs/benchmarks.md, "Run time").
     "cpu": Setup("cpu", None, None, (0, 1, 2), epochs=2, limit=None, max_length=80,
                  batch_size=16, max_steps=200, lrs=LR_GRID, cells=MAIN_CELLS,
