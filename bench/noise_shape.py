@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stability  # noqa: E402
 from common import describe, machine_info  # noqa: E402
-from signal_bias import signal_eigenvalues  # noqa: E402
+from signal_bias import above_edge, signal_eigenvalues  # noqa: E402
 
 
 def top_share(m: torch.Tensor, top: int = 10) -> float:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         g, d = stats.gradients[name].double(), stats.noise[name].double()
         ev = signal_eigenvalues(g, d)
         r = {"module": name, "snr": m.snr, "d_top": top_share(d), "g_top": top_share(g),
-             "kept": int((ev > -ev.min()).sum()), "k": len(ev)}  # fmt: skip
+             "kept": int(above_edge(ev).sum()), "k": len(ev)}  # fmt: skip
         rows.append(r)
         print(f"{name:<46} {r['snr']:6.1f} {r['d_top']:8.2f} {r['g_top']:8.2f} "
               f"{r['kept']:>5}/{r['k']}")  # fmt: skip

@@ -56,10 +56,15 @@ def signal_eigenvalues(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(m)
 
 
+def above_edge(ev: torch.Tensor) -> torch.Tensor:
+    """Mask of the eigenvalues above the mirrored noise edge ``|λ_min|`` (what the rule keeps)."""
+    return ev > -ev.min()
+
+
 def edge_erank(g: torch.Tensor, d: torch.Tensor) -> float:
     """Effective rank from the eigenvalues of ``G Gᵀ − D Dᵀ`` above the mirrored noise edge."""
     ev = signal_eigenvalues(g, d)
-    kept = torch.where(ev > -ev.min(), ev, torch.zeros_like(ev))
+    kept = torch.where(above_edge(ev), ev, torch.zeros_like(ev))
     return float(spectral.erank_from_singular_values(kept.sqrt()))
 
 

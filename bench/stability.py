@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -170,7 +171,7 @@ def edge_blocks(stats: Any) -> dict[str, int]:
         edge = None
         if m.signal_erank is not None:
             edge = edge_erank(stats.gradients[name].double(), stats.noise[name].double())
-        modules[name] = replace(m, signal_erank=None if edge is None or edge != edge else edge)
+        modules[name] = replace(m, signal_erank=None if edge is None or math.isnan(edge) else edge)
     plan = el.plan_ralora(replace(stats, modules=modules), r=8, statistics="signal")
     return {n: m.blocks for n, m in plan.modules.items()}
 
@@ -238,19 +239,18 @@ def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
         if len(rec) < 2:
             continue
         snr = statistics.median(v for r in rec for v in r["snr"].values() if v is not None)
+        group = f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {head_fit:>8}"
         for reading in READINGS:
             cells = []
             for what, width in (("intervals", 17), ("ranks", 14), ("blocks", 15)):
                 same, total = identical_share(rec, reading, what)
                 cells.append(f"{same}/{total} ({100 * same / total:.0f} %)".rjust(width))
             used = rec[0][reading]["used"]
-            lines.append(f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {head_fit:>8} "
-                         f"{used:<7} {' '.join(cells)} {snr:>10.2f}")  # fmt: skip
+            lines.append(f"{group} {used:<7} {' '.join(cells)} {snr:>10.2f}")
         if all("edge" in r for r in rec):
             same, total = identical_share(rec, "edge", "blocks")
             blocks = f"{same}/{total} ({100 * same / total:.0f} %)"
-            lines.append(f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {head_fit:>8} "
-                         f"{'edge':<7} {'as signal':>17} {'as signal':>14} {blocks:>15} "
+            lines.append(f"{group} {'edge':<7} {'as signal':>17} {'as signal':>14} {blocks:>15} "
                          f"{snr:>10.2f}")  # fmt: skip
     return lines
 
