@@ -3,14 +3,18 @@
     python bench/stability.py                      # MiniLM, 4 disjoint subsets, S = 16, 32, 64
     python bench/stability.py --model smollm2      # SmolLM2-135M (the job's GGUF loader)
     python bench/stability.py --seeds paired,fixed --head-fit 0,64
+    python bench/stability.py --probe-head centroid,model
     python bench/stability.py --smoke              # tiny random BERT, seconds (CI)
 
 The training split (the job's film split, seed 0) is shuffled once (batch 32, length 64: the
 job's defaults) and cut into K disjoint runs of max(S) batches. Each run is probed with
 ``el.probe`` in blocks of ``--block`` batches on a model loaded after seeding with its seed:
 ``--seeds paired`` gives subset k the seed k (its own classifier-head init, as different
-``--seed``s give), ``fixed`` seed 0 for all. With ``--head-fit N`` the classifier head alone is
-first fitted for N AdamW steps on the subset's own batches (linear probing before the probe).
+``--seed``s give), ``fixed`` seed 0 for all. ``--probe-head centroid`` (the job's default)
+probes through the centroid head of the subset's max(S) batches (``job.centroid_head``: the
+output layer along the centred class means of its input), ``model`` through the seeded head as
+loaded. With ``--head-fit N`` the classifier head alone is first fitted for N AdamW steps on the
+subset's own batches (linear probing before the probe).
 The first S batches of a run give the statistics of a probe of size S: ``G`` is their mean,
 exactly the probe's, and the noise estimate comes from alternate blocks instead of alternate
 batches (``GradientStats.from_halves``; the same covariance for any split fixed before the data
@@ -20,7 +24,8 @@ types whose E²LoRA intervals are identical in all K, of types whose E²LoRA ran
 modules whose RaLoRA block count is; and the median gradient SNR.
 
 Each pass appends its plans to ``<out>.jsonl`` when it ends and a rerun skips the passes already
-there (a long SmolLM2 run resumes). The table goes to ``<out>.txt``.
+there (a long SmolLM2 run resumes). The table goes to ``<out>.txt``; ``--table-only`` rewrites
+it from the passes already in ``<out>.jsonl``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,7 @@ class Probe:
     batch_size: int
     max_length: int
     block: int
+    probe_head: str = "model"  # records written before the option have the loaded head
 
     @property
     def key(self) -> str:
@@ -182,18 +189,19 @@ def block_means(probe: Probe, load, batches: Sequence[dict], targets: Any, args)
 
     start = probe.subset * probe.steps
     chunk = batches[start : start + probe.steps]
+    from entrolora.job import centroid_head, default_targets
+
     model = load(probe.seed)
     if probe.head_fit:
         fit_head(model, chunk, probe.head_fit, args.head_fit_lr)
     if targets is None:
-        from entrolora.job import default_targets
-
         targets = default_targets(model)
     out = []
-    for i in range(0, probe.steps, probe.block):
-        part = chunk[i : i + probe.block]
-        stats = el.probe(model, part, targets, steps=len(part), progress=False)
-        out.append(stats.gradients)
+    with centroid_head(model, chunk) if probe.probe_head == "centroid" else nullcontext():
+        for i in range(0, probe.steps, probe.block):
+            part = chunk[i : i + probe.block]
+            stats = el.probe(model, part, targets, steps=len(part), progress=False)
+            out.append(stats.gradients)
     return out
 
 
@@ -230,16 +238,16 @@ def identical_share(records: Sequence[dict], reading: str, what: str) -> tuple[i
 
 def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
     lines = []
-    head = (f"{'model':<9} {'S':>4} {'K':>2} {'seeds':<7} {'head-fit':>8} {'reading':<7} "
-            f"{'E²LoRA intervals':>17} {'E²LoRA ranks':>14} {'RaLoRA blocks':>15} "
+    head = (f"{'model':<9} {'S':>4} {'K':>2} {'seeds':<7} {'head':<8} {'head-fit':>8} "
+            f"{'reading':<7} {'E²LoRA intervals':>17} {'E²LoRA ranks':>14} {'RaLoRA blocks':>15} "
             f"{'median SNR':>10}")  # fmt: skip
     lines.append(head)
-    for model, steps, seeds, head_fit in groups:
-        rec = [r for r in records if _group(r) == (model, steps, seeds, head_fit)]
+    for model, steps, seeds, probe_head, head_fit in groups:
+        rec = [r for r in records if _group(r) == (model, steps, seeds, probe_head, head_fit)]
         if len(rec) < 2:
             continue
         snr = statistics.median(v for r in rec for v in r["snr"].values() if v is not None)
-        group = f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {head_fit:>8}"
+        group = f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {probe_head:<8} {head_fit:>8}"
         for reading in READINGS:
             cells = []
             for what, width in (("intervals", 17), ("ranks", 14), ("blocks", 15)):
@@ -257,7 +265,7 @@ def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
 
 def _group(record: dict) -> tuple:
     p = record["probe"]
-    return p["model"], record["size"], record["seeds"], p["head_fit"]
+    return p["model"], record["size"], record["seeds"], p.get("probe_head", "model"), p["head_fit"]
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -267,6 +275,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", default="16,32,64", help="probe sizes S, multiples of 2·block")
     p.add_argument("--subsets", type=int, default=4, help="disjoint calibration subsets K")
     p.add_argument("--seeds", default="paired", help="paired (subset k: seed k) and/or fixed")
+    p.add_argument("--probe-head", default="centroid", help="centroid and/or model, comma-sep.")
     p.add_argument("--head-fit", default="0", help="head-only steps before probing, comma-sep.")
     p.add_argument("--head-fit-lr", type=float, default=1e-2)
     p.add_argument("--block", type=int, default=8, help="batches per probe block")
@@ -276,10 +285,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results stem (bench/results/stability/<model>)")
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, 2 subsets, S = 4")
+    p.add_argument("--table-only", action="store_true",
+                   help="rewrite the table from <out>.jsonl, probe nothing (passes not there "
+                   "are left out; K says how many subsets a row has)")  # fmt: skip
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.subsets, args.block, args.batch_size, args.max_length = "4", 2, 2, 4, 8
-        args.head_fit = "0,4"
+        args.head_fit, args.probe_head = "0,4", "centroid,model"
     args.sizes = sorted({int(v) for v in args.steps.split(",")})
     bad = [v for v in args.sizes if v < 2 * args.block or v % (2 * args.block)]
     if bad:
@@ -288,7 +300,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def passes(args: argparse.Namespace, label: str, available: int) -> list[tuple[Probe, str]]:
-    """Every (pass, seeds mode) to run: subsets × seed modes × head-fit steps."""
+    """Every (pass, seeds mode) to run: subsets × seed modes × probe heads × head-fit steps."""
     top = args.sizes[-1]
     if args.subsets * top > available:
         raise SystemExit(
@@ -299,12 +311,15 @@ def passes(args: argparse.Namespace, label: str, available: int) -> list[tuple[P
     for seeds in args.seeds.split(","):
         if seeds not in ("paired", "fixed"):
             raise SystemExit(f"--seeds takes paired and/or fixed, got {seeds!r}")
-        for head_fit in (int(h) for h in args.head_fit.split(",")):
-            for k in range(args.subsets):
-                seed = k if seeds == "paired" else 0
-                probe = Probe(label, top, k, seed, head_fit, args.batch_size, args.max_length,
-                              args.block)  # fmt: skip
-                out.append((probe, seeds))
+        for probe_head in args.probe_head.split(","):
+            if probe_head not in ("centroid", "model"):
+                raise SystemExit(f"--probe-head takes centroid and/or model, got {probe_head!r}")
+            for head_fit in (int(h) for h in args.head_fit.split(",")):
+                for k in range(args.subsets):
+                    seed = k if seeds == "paired" else 0
+                    probe = Probe(label, top, k, seed, head_fit, args.batch_size,
+                                  args.max_length, args.block, probe_head)  # fmt: skip
+                    out.append((probe, seeds))
     return out
 
 
@@ -328,10 +343,13 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     for probe, seeds in passes(args, label, len(batches)):
         have = {r["size"]: r for r in done.get(probe.key, [])}
+        if args.table_only:
+            records.extend({**have[size], "seeds": seeds} for size in args.sizes if size in have)
+            continue
         if not set(args.sizes) <= set(have):
             new = run_pass(probe, args.sizes, load, batches, targets, args)
-            print(f"probed subset {probe.subset} seed {probe.seed} head-fit {probe.head_fit}: "
-                  f"{new[0]['seconds']:.0f} s", flush=True)  # fmt: skip
+            print(f"probed subset {probe.subset} seed {probe.seed} head {probe.probe_head} "
+                  f"head-fit {probe.head_fit}: {new[0]['seconds']:.0f} s", flush=True)  # fmt: skip
             with jsonl.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
             done.setdefault(probe.key, []).extend(new)
@@ -350,7 +368,9 @@ def table(records: Sequence[dict], args: argparse.Namespace, argv: list[str] | N
     return "\n".join(
         [f"# {cmd.strip()}", f"# {describe(info)}; load average {os.getloadavg()[0]:.1f}",
          f"# batch {args.batch_size}, max length {args.max_length}, blocks of {args.block}, "
-         "r = 8, E²LoRA and RaLoRA defaults; shares identical across all K subsets", "",
+         "r = 8, E²LoRA and RaLoRA defaults; shares identical across all K subsets",
+         *(["# table rewritten from the JSONL: the passes were probed before this date"]
+           if args.table_only else []), "",
          *summary_rows(records, groups)]
     )  # fmt: skip
 

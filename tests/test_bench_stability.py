@@ -15,8 +15,9 @@ def test_bench_stability_smoke(tmp_path, capsys):
     stem = tmp_path / "smoke"
     out = bench.main(["--smoke", "--out", str(stem)])
     lines = stem.with_suffix(".jsonl").read_text().splitlines()
-    assert len(lines) == 4  # 2 subsets × head-fit 0 and 4
+    assert len(lines) == 8  # 2 subsets × centroid and loaded head × head-fit 0 and 4
     rec = json.loads(lines[0])
+    assert rec["probe"]["probe_head"] == "centroid"
     assert set(rec) >= {"probe", "size", "snr", "raw", "signal"} and rec["size"] == 4
     assert rec["signal"]["used"] == "signal" and rec["raw"]["used"] == "raw"
     assert set(rec["raw"]["blocks"]) == set(rec["snr"])  # every probed module has a block count
@@ -24,12 +25,26 @@ def test_bench_stability_smoke(tmp_path, capsys):
     table = stem.with_suffix(".txt").read_text()
     assert table == out["text"] + "\n"
     assert "E²LoRA intervals" in table and "RaLoRA blocks" in table
-    assert sum(line.startswith("smoke") for line in table.splitlines()) == 6  # raw, signal, edge
+    rows = [line for line in table.splitlines() if line.startswith("smoke")]
+    assert len(rows) == 12  # (2 heads × 2 head-fits) × raw, signal, edge
+    assert {row.split()[4] for row in rows} == {"centroid", "model"}
     # a rerun reuses every probe: nothing is probed again
     capsys.readouterr()
     bench.main(["--smoke", "--out", str(stem)])
     assert "probed" not in capsys.readouterr().out
-    assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 4
+    assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 8
+    # the table alone, from the JSONL: the same rows, nothing probed
+    again = bench.main(["--smoke", "--out", str(stem), "--table-only"])
+    assert "probed" not in capsys.readouterr().out
+    assert [x for x in again["text"].splitlines() if x.startswith("smoke")] == rows
+
+
+def test_records_written_before_the_probe_head_option_read_as_the_loaded_head():
+    bench = load_script("bench/stability.py")
+    old = {"model": "minilm", "steps": 64, "subset": 1, "seed": 1, "head_fit": 0,
+           "batch_size": 32, "max_length": 64, "block": 8}  # fmt: skip
+    assert bench.Probe(**old).probe_head == "model"
+    assert bench._group({"probe": old, "size": 64, "seeds": "paired"})[3] == "model"
 
 
 def test_identical_share_counts_items_equal_in_every_probe():

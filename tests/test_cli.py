@@ -347,3 +347,24 @@ def test_demo_on_tiny_model(assets, tmp_path):
     assert m["train_examples"] + m["test_examples"] == 48
     assert invoke(*args).exit_code == 0  # a previous demo is replaced
     no_leftovers(tmp_path, ".demo.")
+
+
+def test_probe_head_option(assets, tmp_path):
+    """``--probe-head`` reaches the statistics (classify); a bad value is one line, no file."""
+    import entrolora as el
+
+    for head in ("centroid", "model"):
+        out = tmp_path / f"{head}.safetensors"
+        r = invoke("probe", "--model", assets["bert"], "--data", assets["csv"], "--quiet",
+                   "--probe-steps", "2", "--batch-size", "8", "--probe-head", head,
+                   "--output", out)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert el.GradientStats.load(out).meta["probe_head"] == head
+    bad = tmp_path / "bad.safetensors"
+    one_line_error(invoke("probe", "--model", assets["bert"], "--data", assets["csv"],
+                          "--probe-head", "x", "--output", bad),
+                   "--probe-head must be one of centroid, model, got 'x'")  # fmt: skip
+    assert not bad.exists()
+    one_line_error(invoke("train", "--model", assets["bert"], "--data", assets["csv"],
+                          "--probe-head", "x", "--output", tmp_path / "run", *FAST),
+                   "--probe-head must be one of centroid, model, got 'x'")  # fmt: skip

@@ -65,6 +65,15 @@ TargetsOpt = Annotated[
     ),
 ]
 ProbeSteps = Annotated[int, typer.Option("--probe-steps", help="Calibration batches to probe.")]
+ProbeHead = Annotated[
+    str,
+    typer.Option(
+        "--probe-head",
+        help="classify: the head the probe reads gradients through. centroid (default): the "
+        "output layer along the centred class means of its input, the same for every seed; "
+        "model: the head as loaded (a fresh random one per seed, the papers' reading).",
+    ),
+]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Examples per batch.")]
 MaxLength = Annotated[int, typer.Option("--max-length", help="Tokens per example (truncation).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (data order, init, split).")]

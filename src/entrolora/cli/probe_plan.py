@@ -19,6 +19,7 @@ from .common import (
     ModelOpt,
     OptionOpt,
     Overwrite,
+    ProbeHead,
     ProbeSteps,
     Quiet,
     ROpt,
@@ -49,6 +50,7 @@ def probe(
     task: Task = "classify",
     target_modules: TargetsOpt = None,
     probe_steps: ProbeSteps = 64,
+    probe_head: ProbeHead = "centroid",
     batch_size: BatchSize = 32,
     max_length: MaxLength = 64,
     seed: Seed = 0,
@@ -65,6 +67,7 @@ def probe(
     from ..job import (
         TrainConfig,
         check_output,
+        check_probe_head,
         default_targets,
         load_model,
         load_splits,
@@ -75,9 +78,10 @@ def probe(
     out = check_output(output, overwrite, "stats")  # before the probe runs
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
-        probe_steps=probe_steps, batch_size=batch_size, max_length=max_length, seed=seed,
-        limit=limit, device=device, progress=not quiet,
+        probe_steps=probe_steps, probe_head=probe_head, batch_size=batch_size,
+        max_length=max_length, seed=seed, limit=limit, device=device, progress=not quiet,
     )  # fmt: skip
+    check_probe_head(cfg.probe_head)
     dev = resolve_device(device)
     train_ds, _ = load_splits(cfg)
     net, tokenizer, _ = load_model(model, task, train_ds.num_labels or 2, train_ds.label_names)

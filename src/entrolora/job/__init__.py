@@ -15,9 +15,11 @@ from .config import (
     MODEL_PLANNERS,
     PEFT_METHODS,
     PEFT_OPTIONS,
+    PROBE_HEADS,
     RunResult,
     TrainConfig,
     check_options,
+    check_probe_head,
     method_options,
     normalize_method,
     parse_options,
@@ -38,7 +40,7 @@ from .models import (
     resolve_device,
     resolve_model,
 )  # fmt: skip
-from .probe import make_plan, run_probe
+from .probe import centroid_head, make_plan, output_layer, run_probe
 from .run import load_splits, train_run
 from .runfolder import (
     RUN_MARKER,
@@ -63,10 +65,13 @@ __all__ = [
     "OutputFolder",
     "PEFT_METHODS",
     "PEFT_OPTIONS",
+    "PROBE_HEADS",
     "RUN_MARKER",
     "RunResult",
     "TrainConfig",
+    "centroid_head",
     "check_options",
+    "check_probe_head",
     "check_output",
     "default_targets",
     "demo_run",
@@ -80,6 +85,7 @@ __all__ = [
     "method_options",
     "normalize_method",
     "output_kind",
+    "output_layer",
     "parse_options",
     "parse_value",
     "peak_memory",

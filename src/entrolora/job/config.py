@@ -18,6 +18,7 @@ ENTROLORA_METHODS = (
     "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
     "ralora", "ralora-pro", "ls-lora", "lora-gid", "flexlora",
 )  # fmt: skip
+PROBE_HEADS = ("centroid", "model")  # job.probe.centroid_head; "model": the head as loaded
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")  # = inject.ADAPTER_DTYPES' names
 PEFT_METHODS = ("peft-lora", "dora", "adalora", "vera", "lora-plus")
 METHODS = ENTROLORA_METHODS + PEFT_METHODS
@@ -51,6 +52,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
     target_modules: list[str] | None = None
     probe_steps: int = 64
+    probe_head: str = "centroid"  # classify: the head the probe reads through (PROBE_HEADS)
     stats: str | None = None  # reuse a statistics file
     keep_gradients: bool = False  # save the probed gradients too (cosine/L1/L2 similarity reuse)
     plan: str | None = None  # reuse a plan file
@@ -159,6 +161,13 @@ def check_options(method: str, options: Mapping[str, Any]) -> None:
             )
 
 
+def check_probe_head(probe_head: str) -> None:
+    """ValueError unless ``probe_head`` is one of ``PROBE_HEADS``."""
+    if probe_head not in PROBE_HEADS:
+        choices = ", ".join(PROBE_HEADS)
+        raise ValueError(f"--probe-head must be one of {choices}, got {probe_head!r}")
+
+
 def validate_config(cfg: TrainConfig) -> str:
     """Cheap checks before anything loads; returns the normalised method name.
 
@@ -175,6 +184,7 @@ def validate_config(cfg: TrainConfig) -> str:
         raise ValueError(f"--max-length must be ≥ 2, got {cfg.max_length}")
     if cfg.probe_steps < 1:
         raise ValueError(f"--probe-steps must be ≥ 1, got {cfg.probe_steps}")
+    check_probe_head(cfg.probe_head)
     if cfg.adapter_dtype is not None and cfg.adapter_dtype not in ADAPTER_DTYPES:
         raise ValueError(
             f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}"
