@@ -31,11 +31,11 @@ def test_bench_stability_smoke(tmp_path, capsys):
     # a rerun reuses every probe: nothing is probed again
     capsys.readouterr()
     bench.main(["--smoke", "--out", str(stem)])
-    assert "probed" not in capsys.readouterr().out
+    assert "probed subset" not in capsys.readouterr().out
     assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 8
     # the table alone, from the JSONL: the same rows, nothing probed
     again = bench.main(["--smoke", "--out", str(stem), "--table-only"])
-    assert "probed" not in capsys.readouterr().out
+    assert "probed subset" not in capsys.readouterr().out
     assert [x for x in again["text"].splitlines() if x.startswith("smoke")] == rows
 
 
