@@ -67,6 +67,35 @@ def test_llama_centroid_rows_read_the_last_non_pad_token():
     _check_inside_and_after(model, batches, model.score, _expected_rows(feats, labels, 2, norm))
 
 
+def test_roberta_centroid_rows_read_the_heads_dense_output():
+    """RoBERTa's head is dense + tanh + out_proj: the output layer is out_proj, fed by the
+    dense layer's output on the first token."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=70,
+    )
+    model = RobertaForSequenceClassification(cfg).eval()
+    assert output_layer(model) is model.classifier.out_proj
+    batches = cls_batches(3, batch=6)
+    feats = []
+    with torch.no_grad():
+        for b in batches:
+            first = model.roberta(input_ids=b["input_ids"]).last_hidden_state[:, 0]
+            feats.append(torch.tanh(model.classifier.dense(first)).numpy())
+    labels = [b["labels"].numpy() for b in batches]
+    norm = cfg.initializer_range * np.sqrt(2 * cfg.hidden_size)
+    _check_inside_and_after(
+        model, batches, model.classifier.out_proj, _expected_rows(feats, labels, 2, norm)
+    )
+
+
 @pytest.mark.parametrize("case", ["one class", "float labels", "no labels", "causal lm"])
 def test_centroid_head_leaves_the_model_alone_where_it_does_not_apply(case):
     model = tiny_llama(layers=2) if case == "causal lm" else tiny_bert(layers=2)
