@@ -307,13 +307,16 @@ def passes(args: argparse.Namespace, label: str, available: int) -> list[tuple[P
             f"{args.subsets} disjoint subsets of {top} batches need {args.subsets * top} batches; "
             f"the training split has {available}: lower --subsets or --steps"
         )
+    from entrolora.job import PROBE_HEADS
+
     out = []
     for seeds in args.seeds.split(","):
         if seeds not in ("paired", "fixed"):
             raise SystemExit(f"--seeds takes paired and/or fixed, got {seeds!r}")
         for probe_head in args.probe_head.split(","):
-            if probe_head not in ("centroid", "model"):
-                raise SystemExit(f"--probe-head takes centroid and/or model, got {probe_head!r}")
+            if probe_head not in PROBE_HEADS:
+                raise SystemExit(f"--probe-head takes {' and/or '.join(PROBE_HEADS)}, got "
+                                 f"{probe_head!r}")  # fmt: skip
             for head_fit in (int(h) for h in args.head_fit.split(",")):
                 for k in range(args.subsets):
                     seed = k if seeds == "paired" else 0
