@@ -99,9 +99,10 @@ def centroid_head(model: nn.Module, batches: Sequence[dict[str, Any]]) -> Iterat
     plans moved with the seed more than with the calibration batches (docs/benchmarks.md §3).
     The centroid head depends on the model and the data only, keeps the init's scale (logits
     near 0, so the gradients are not shrunk as by a fitted head), and points where the classes
-    differ. The features come from one forward pass without gradients per batch, with the
-    layer replaced by the identity: the model's own pooling (first token, last non-pad token)
-    then hands over exactly the layer's input. Several processes: the class sums are global.
+    differ. The features come from one forward pass without gradients per batch in which the
+    layer passes its input through (a forward hook): the model's own pooling (first token, last
+    non-pad token) then hands over exactly the layer's input. Several processes: the class sums
+    are global.
     """
     layer = output_layer(model)
     rows = None if layer is None else _centroid_rows(model, layer, batches)
@@ -136,8 +137,8 @@ def _centroid_rows(
     dev = layer.weight.device
     sums = torch.zeros(classes, width, dtype=torch.float64, device=dev)
     counts = torch.zeros(classes, dtype=torch.float64, device=dev)
-    parent, name = _parent_of(model, layer)
-    setattr(parent, name, nn.Identity())
+    # the layer hands its input on as its output: the model's own pooling then does the rest
+    bypass = layer.register_forward_hook(lambda _layer, args, _out: args[0])
     try:
         with torch.no_grad():
             for batch in batches:
@@ -152,7 +153,7 @@ def _centroid_rows(
                 sums.index_add_(0, labels, feats)
                 counts += torch.bincount(labels, minlength=classes)[:classes]
     finally:
-        setattr(parent, name, layer)
+        bypass.remove()
     if _dist_rank_world()[1] > 1:
         _all_reduce_sum(sums)
         _all_reduce_sum(counts)
@@ -163,15 +164,6 @@ def _centroid_rows(
     rows = torch.zeros_like(sums)
     rows[present] = sums[present] / counts[present, None] - overall
     return rows if bool(rows.norm() > 0) else None
-
-
-def _parent_of(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, str]:
-    """The module holding ``layer`` as a direct child, and the child's name."""
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is layer:
-                return parent, name
-    raise ValueError("the output layer is not a submodule of the model")
 
 
 def snr_report(stats: Any) -> list[str]:
