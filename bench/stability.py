@@ -5,6 +5,7 @@
     python bench/stability.py --seeds paired,fixed --head-fit 0,64
     python bench/stability.py --probe-head centroid,model
     python bench/stability.py --smoke              # tiny random BERT, seconds (CI)
+    python bench/stability.py --model smollm2 --jobs 2   # two passes at a time
 
 The training split (the job's film split, seed 0) is shuffled once (batch 32, length 64: the
 job's defaults) and cut into K disjoint runs of max(S) batches. Each run is probed with
@@ -21,11 +22,13 @@ batches (``GradientStats.from_halves``; the same covariance for any split fixed 
 is seen), so one pass measures every S. From each, E²LoRA and RaLoRA plans (r = 8, defaults)
 with ``statistics="raw"`` and ``"signal"``. Reported over the K subsets: the share of module
 types whose E²LoRA intervals are identical in all K, of types whose E²LoRA ranks are, and of
-modules whose RaLoRA block count is; and the median gradient SNR.
+modules whose RaLoRA block count is; and the median gradient SNR. Each record also keeps the
+RMI matrices the greedy partition read, per reading and type, for ``bench/partition_noise.py``.
 
 Each pass appends its plans to ``<out>.jsonl`` when it ends and a rerun skips the passes already
-there (a long SmolLM2 run resumes). The table goes to ``<out>.txt``; ``--table-only`` rewrites
-it from the passes already in ``<out>.jsonl``.
+there (a long SmolLM2 run resumes); ``--jobs N`` runs N passes at a time in their own processes.
+The table goes to ``<out>.txt``; ``--table-only`` rewrites it from the passes already in
+``<out>.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -156,11 +161,24 @@ def plans_of(stats: Any) -> dict[str, Any]:
             e2 = el.plan_e2lora(stats, r=8, statistics=reading)
             ra = el.plan_ralora(stats, r=8, statistics=reading)
         types = e2.options["types"]
+        used = e2.options["statistics"]
         out[reading] = {
-            "used": e2.options["statistics"],
+            "used": used,
             "intervals": {t: d["intervals"] for t, d in types.items()},
             "ranks": {t: d["ranks"] for t, d in types.items()},
             "blocks": {n: m.blocks for n, m in ra.modules.items()},
+            # the partition's input, for bench/partition_noise.py (E²LoRA's default similarity)
+            "similarity": {
+                t: [
+                    [round(v, 7) for v in row]
+                    for row in stats.similarity(t, statistics=used).tolist()
+                ]
+                for t in stats.types
+            },
+            "degenerate": {
+                t: [stats.modules[n].entropy_of(used) is None for n in names]
+                for t, names in stats.types.items()
+            },
         }
     if stats.noise:
         out["edge"] = {"used": "edge", "blocks": edge_blocks(stats)}
@@ -282,7 +300,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--target-modules", default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=1, help="passes run in parallel processes")
     p.add_argument("--out", default=None, help="results stem (bench/results/stability/<model>)")
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, 2 subsets, S = 4")
     p.add_argument("--table-only", action="store_true",
@@ -326,38 +345,66 @@ def passes(args: argparse.Namespace, label: str, available: int) -> list[tuple[P
     return out
 
 
+def setup(args: argparse.Namespace) -> tuple[Any, list[dict], Any]:
+    """``(load, batches, targets)`` of the model ``args`` names."""
+    if args.smoke:
+        return (*smoke_setup(args.batch_size, args.max_length), ["query", "value"])
+    load, batches = real_setup(args.model, args.batch_size, args.max_length)
+    return load, batches, args.target_modules.split(",") if args.target_modules else None
+
+
+_WORKER: dict[str, Any] = {}  # a worker process's own setup, made on its first pass
+
+
+def worker_pass(probe: Probe, args: argparse.Namespace) -> list[dict]:
+    """``run_pass`` in a ``--jobs`` worker process."""
+    if not _WORKER:
+        torch.set_num_threads(args.threads)
+        _WORKER["setup"] = setup(args)
+    load, batches, targets = _WORKER["setup"]
+    return run_pass(probe, args.sizes, load, batches, targets, args)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     label = "smoke" if args.smoke else Path(args.model).name if args.model else "minilm"
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / "stability" / label
     stem.parent.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        (load, batches), targets = smoke_setup(args.batch_size, args.max_length), ["query", "value"]
-    else:
-        load, batches = real_setup(args.model, args.batch_size, args.max_length)
-        targets = args.target_modules.split(",") if args.target_modules else None
+    load, batches, targets = setup(args)
     jsonl = stem.with_suffix(".jsonl")
     done: dict[str, list[dict]] = {}  # pass key → its records (one per size)
     if jsonl.is_file():
         for line in jsonl.read_text().splitlines():
             rec = json.loads(line)
             done.setdefault(Probe(**rec["probe"]).key, []).append(rec)
-    records = []
-    for probe, seeds in passes(args, label, len(batches)):
-        have = {r["size"]: r for r in done.get(probe.key, [])}
-        if args.table_only:
-            records.extend({**have[size], "seeds": seeds} for size in args.sizes if size in have)
-            continue
-        if not set(args.sizes) <= set(have):
-            new = run_pass(probe, args.sizes, load, batches, targets, args)
+    todo = list(passes(args, label, len(batches)))
+    if not args.table_only:
+        missing = [
+            p for p, _ in todo if not set(args.sizes) <= {r["size"] for r in done.get(p.key, [])}
+        ]
+        missing = list(dict.fromkeys(missing))  # a pass serves both seed modes where they coincide
+
+        def finished(probe: Probe, new: list[dict]) -> None:
             print(f"probed subset {probe.subset} seed {probe.seed} head {probe.probe_head} "
                   f"head-fit {probe.head_fit}: {new[0]['seconds']:.0f} s", flush=True)  # fmt: skip
             with jsonl.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
             done.setdefault(probe.key, []).extend(new)
-            have.update({r["size"]: r for r in new})
-        records.extend({**have[size], "seeds": seeds} for size in args.sizes)
+
+        if args.jobs > 1 and len(missing) > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(worker_pass, p, args): p for p in missing}
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+        else:
+            for probe in missing:
+                finished(probe, run_pass(probe, args.sizes, load, batches, targets, args))
+    records = []
+    for probe, seeds in todo:
+        have = {r["size"]: r for r in done.get(probe.key, [])}
+        records.extend({**have[size], "seeds": seeds} for size in args.sizes if size in have)
     text = table(records, args, argv)
     stem.with_suffix(".txt").write_text(text + "\n")
     print(text)

@@ -78,3 +78,21 @@ def test_edge_blocks_follow_the_mirrored_noise_edge_effective_rank():
     assert len(set(expected.values())) == 2  # the two spectra give different counts
     signal = {n: m.blocks for n, m in el.plan_ralora(stats).modules.items()}
     assert signal != blocks  # §2's clipped reading counts more blocks on the noisy one
+
+
+def test_a_worker_pass_records_what_the_serial_pass_does():
+    """``--jobs`` runs ``worker_pass`` in spawned processes: it builds its own setup and returns
+    the same records (plans, SNRs, similarity matrices) as the pass run in the parent."""
+    bench = load_script("bench/stability.py")
+    args = bench.parse(["--smoke"])
+    probe, _ = bench.passes(args, "smoke", 256)[1]
+    load, batches, targets = bench.setup(args)
+    serial = bench.run_pass(probe, args.sizes, load, batches, targets, args)
+    bench._WORKER.clear()
+    worker = bench.worker_pass(probe, args)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in serial]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in worker] == strip
+    sim = strip[0]["signal"]["similarity"]
+    assert set(sim) == {"bert.encoder.layer.*.attention.self.query",
+                        "bert.encoder.layer.*.attention.self.value"}  # fmt: skip
+    assert all(len(m) == 3 and m[0][0] == 1.0 for m in sim.values())  # 3 layers, unit diagonal
