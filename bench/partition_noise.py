@@ -15,7 +15,9 @@ subsets all follow the mean chain with probability ``P_t(S) = Π_d Φ(|m̄_d| / 
 sampling noise of a mean gradient falls as ``1/√S``, so at a probe of ``S'`` batches
 ``σ_d(S') = σ_d(S)·√(S/S')``. The script prints, per module type, the smallest ``|m̄_d|/σ_d``,
 ``P_t`` at the measured S against the observed identity, and the ``S'`` (doubling S) at which
-``P_t`` reaches 0.9; per reading, the expected share of types at each S', and the share the
+``P_t`` reaches 0.9; per reading, the probability that at least 90 % of the types come out
+identical at each S' (types independent), the probe size for 90 % (the first S' at which that
+is more likely than not), and the share the
 alternative partition (``partition="dp"``, Appendix G) reaches on the same matrices at the
 granularity of the greedy one: its penalty λ is set per type so that dp splits the mean matrix
 into as many intervals as the greedy chain does. (METHODS.md's default λ = 0.5 cannot be used:
@@ -34,7 +36,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,39 +189,52 @@ def analyse(records: Sequence[dict], reading: str) -> list[TypeResult]:
     return out
 
 
-def needed(result: TypeResult, k: int, size: int, limit: int = 1 << 20) -> int | None:
-    """Smallest S' = size·2^j (≤ limit) at which all K subsets follow the mean chain w.p. ≥ 0.9."""
+def doubling(size: int, ok: Callable[[int], bool], limit: int = 1 << 20) -> int | None:
+    """The first ``S' = size·2^j ≤ limit`` with ``ok(S')``, else None."""
     s = size
     while s <= limit:
-        if result.probability(k, math.sqrt(size / s)) >= TARGET:
+        if ok(s):
             return s
         s *= 2
     return None
+
+
+def needed(result: TypeResult, k: int, size: int) -> int | None:
+    """Smallest S' = size·2^j at which all K subsets follow the mean chain w.p. ≥ 0.9."""
+    return doubling(size, lambda s: result.probability(k, math.sqrt(size / s)) >= TARGET)
+
+
+def share_reached(results: Sequence[TypeResult], k: int, size: int, s: int) -> float:
+    """P(at least 90 % of the types identical in all ``k`` subsets) at a probe of ``s`` batches:
+    the types are independent with probabilities P_t (a Poisson-binomial count)."""
+    dist = [1.0]  # dist[j]: P(j of the types so far identical)
+    for r in results:
+        p = r.probability(k, math.sqrt(size / s))
+        dist = [a * (1 - p) + b * p for a, b in zip([*dist, 0.0], [0.0, *dist])]
+    need = math.ceil(TARGET * len(results) - 1e-9)
+    return sum(dist[need:])
+
+
+def shares(results: Sequence[TypeResult], k: int, size: int, horizon: Sequence[int]) -> str:
+    """``S'=…: P`` of reaching 90 % of types for each S' ≥ ``size`` of ``horizon``, and the probe
+    size for 90 %: the first S' = size·2^j at which reaching it is more likely than not."""
+    cells = [f"S'={s}: {share_reached(results, k, size, s):.2f}" for s in horizon if s >= size]
+    first = doubling(size, lambda s: share_reached(results, k, size, s) >= 0.5)
+    return ", ".join(cells) + f"; probe size for 90 %: {first or '-'}"
 
 
 def short(name: str) -> str:
     return name.replace("*.", "").split(".")[-1]
 
 
-def expected_shares(
-    results: Sequence[TypeResult], k: int, size: int, horizon: Sequence[int]
-) -> str:
-    """``S'=…: share`` for each S' ≥ ``size``: the mean over types of P at S' for ``k`` subsets."""
-    cells = []
-    for s in (s for s in horizon if s >= size):
-        share = sum(r.probability(k, math.sqrt(size / s)) for r in results) / len(results)
-        cells.append(f"S'={s}: {share:.2f}")
-    return ", ".join(cells)
-
-
-def report(path: Path, horizon: Sequence[int], also_k: Sequence[int] = ()) -> str:
-    lines = [f"# python bench/partition_noise.py {path}",
+def report(path: Path, horizon: Sequence[int], also_k: Sequence[int] = (), cmd: str = "") -> str:
+    lines = [f"# python bench/partition_noise.py {cmd or path}",
              "# dp same: Appendix G's partition, λ per type such that the mean matrix gets the "
              "greedy chain's number of intervals",
              "# P = Π_d Φ(|m̄_d|/σ_d)^K, all K subsets follow the mean matrix's greedy chain; "
              "σ_d from the K subsets (K − 1 dof), scaled by √(S/S') to a probe of S' batches",
              "# caveats: |m̄_d| is an estimate (noise σ_d/√K) and the raw matrix drifts with S; "
-             "'needed' is the first S·2^j with P ≥ 0.9 (none up to 2^20: '-')"]  # fmt: skip
+             "'needed': the first S·2^j with P ≥ 0.9 (none up to 2^20: '-')"]  # fmt: skip
     for key, records in groups(path).items():
         model, head, seeds, head_fit, size = key
         k = len(records)
@@ -245,12 +260,12 @@ def report(path: Path, horizon: Sequence[int], also_k: Sequence[int] = ()) -> st
                 )
             seen = sum(r.observed for r in results)
             dp_seen = sum(r.dp_observed for r in results)
-            lines.append(f"{reading:<7} expected share of types identical: "
-                         f"{expected_shares(results, k, size, horizon)}; observed greedy "
+            lines.append(f"{reading:<7} P(≥ 90 % of types identical): "
+                         f"{shares(results, k, size, horizon)}; observed greedy "
                          f"{seen}/{len(results)}, dp {dp_seen}/{len(results)}")  # fmt: skip
             for other in (v for v in also_k if v != k):
-                lines.append(f"{reading:<7} expected share identical in {other} subsets: "
-                             f"{expected_shares(results, other, size, horizon)}")  # fmt: skip
+                lines.append(f"{reading:<7} P(≥ 90 % identical in {other} subsets): "
+                             f"{shares(results, other, size, horizon)}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -258,13 +273,14 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("jsonl", type=Path, help="a bench/stability.py JSONL with similarity matrices")
     p.add_argument(
-        "--horizon", default="64,128,256,512,1024,2048,4096", help="S' for the expected share"
+        "--horizon", default="64,128,256,512,1024,2048,4096", help="probe sizes S' to predict for"
     )
     p.add_argument("--also-k", default="", help="other subset counts to predict for, e.g. 2")
     p.add_argument("--out", type=Path, default=None, help="text file (default <jsonl>-noise.txt)")
     args = p.parse_args(argv)
     also_k = [int(v) for v in args.also_k.split(",") if v]
-    text = report(args.jsonl, [int(v) for v in args.horizon.split(",")], also_k)
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(args.jsonl, [int(v) for v in args.horizon.split(",")], also_k, cmd)
     out = args.out or args.jsonl.with_name(args.jsonl.stem + "-noise.txt")
     out.write_text(text + "\n")
     print(text)

@@ -68,7 +68,7 @@ def test_report_on_the_stability_smoke_records(tmp_path):
     jsonl = stem.with_suffix(".jsonl")
     text = noise.main([str(jsonl), "--also-k", "3"])
     assert (tmp_path / "smoke-noise.txt").read_text() == text + "\n"
-    assert text.count("expected share identical in 3 subsets") == 4 * 2  # groups × readings
+    assert text.count("P(≥ 90 % identical in 3 subsets)") == 4 * 2  # groups × readings
     sections = {s.splitlines()[0]: s for s in text.split("\n## ")[1:]}
     assert len(sections) == 4
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -80,7 +80,7 @@ def test_report_on_the_stability_smoke_records(tmp_path):
         for reading in ("raw", "signal"):
             same, total = stability.identical_share(group, reading, "intervals")
             rows = [line.split() for line in section.splitlines() if line.startswith(reading + " ")]
-            types = [row for row in rows if row[1] != "expected"]
+            types = [row for row in rows if not row[1].startswith("P(")]
             assert len(types) == total
             assert sum(row[8] == "yes" for row in types) == same
             assert f"observed greedy {same}/{total}" in " ".join(" ".join(r) for r in rows)
@@ -101,3 +101,23 @@ def test_matched_lam_gives_the_greedy_granularity_and_half_never_merges():
         assert len(bench.dp_intervals(sim.tolist(), flags, lam)) <= target
         assert len(bench.dp_intervals(sim.tolist(), flags, lam - 1e-6)) > target
         assert lam > 1.0
+
+
+def test_share_reached_is_the_poisson_binomial_tail():
+    """P(≥ 90 % of T types identical) against the enumeration of every outcome (float64)."""
+    import itertools
+
+    bench = load_script("bench/partition_noise.py")
+    margins = [[0.02, 0.03, 0.01, 0.02], [0.05, 0.02, 0.04, 0.05], [0.001, -0.002, 0.003, 0.0]]
+    results = [
+        bench.TypeResult(f"t{i}", 2, 1, True, True, 1.0, [bench.Decision(0, 1, np.array(m))], 0.0)
+        for i, m in enumerate(margins)
+    ]
+    for scale_size in (64, 256, 4096):
+        probs = [r.probability(4, math.sqrt(64 / scale_size)) for r in results]
+        tail = 0.0
+        for outcome in itertools.product((0, 1), repeat=3):
+            if sum(outcome) >= 3:  # 90 % of 3 types: all three
+                tail += math.prod(p if o else 1 - p for p, o in zip(probs, outcome))
+        assert math.isclose(bench.share_reached(results, 4, 64, scale_size), tail, rel_tol=1e-12)
+    assert 0.0 < bench.share_reached(results, 4, 64, 64) < bench.share_reached(results, 4, 64, 4096)
