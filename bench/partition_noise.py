@@ -17,13 +17,12 @@ sampling noise of a mean gradient falls as ``1/√S``, so at a probe of ``S'`` b
 ``P_t`` at the measured S against the observed identity, and the ``S'`` (doubling S) at which
 ``P_t`` reaches 0.9; per reading, the probability that at least 90 % of the types come out
 identical at each S' (types independent), the probe size for 90 % (the first S' at which that
-is more likely than not), and the share the
-alternative partition (``partition="dp"``, Appendix G) reaches on the same matrices at the
-granularity of the greedy one: its penalty λ is set per type so that dp splits the mean matrix
-into as many intervals as the greedy chain does. (METHODS.md's default λ = 0.5 cannot be used:
-with ``C = −mean`` of a block whose entries are ≤ 1, merging L layers beats L singletons only if
-the block's mean exceeds ``L − λ(L − 1)``, i.e. never for λ < 1; dp at λ = 0.5 makes every layer
-its own interval.)
+is more likely than not), and the share the alternative partition (``partition="dp"``, Appendix
+G) reaches on the same matrices at the granularity of the greedy one: its penalty λ is set per
+type so that dp splits the mean matrix into as many intervals as the greedy chain does.
+(METHODS.md's default λ = 0.5 cannot be used: with ``C = −mean`` of a block whose entries are
+≤ 1, merging L layers beats L singletons only if the block's mean exceeds ``L − λ(L − 1)``,
+i.e. never for λ < 1; dp at λ = 0.5 makes every layer its own interval.)
 
 Caveats printed with the table: ``|m̄_d|`` is itself an estimate (its noise ``σ_d/√K`` makes a
 near-zero margin look larger), ``σ_d`` comes from K − 1 degrees of freedom, and the raw reading's
@@ -238,8 +237,6 @@ def report(path: Path, horizon: Sequence[int], also_k: Sequence[int] = (), cmd: 
     for key, records in groups(path).items():
         model, head, seeds, head_fit, size = key
         k = len(records)
-        if k < 2:
-            continue
         lines.append("")
         lines.append(
             f"## {model}, {head} head, {seeds} seeds, head-fit {head_fit}, S = {size}, K = {k}"

@@ -13,9 +13,10 @@ job's defaults) and cut into K disjoint runs of max(S) batches. Each run is prob
 ``--seeds paired`` gives subset k the seed k (its own classifier-head init, as different
 ``--seed``s give), ``fixed`` seed 0 for all. ``--probe-head centroid`` (the job's default)
 probes through the centroid head of the subset's max(S) batches (``job.centroid_head``: the
-output layer along the centred class means of its input), ``model`` through the seeded head as
-loaded. With ``--head-fit N`` the classifier head alone is first fitted for N AdamW steps on the
-subset's own batches (linear probing before the probe).
+output layer along the centred class means of its input), ``pool`` through the centroid head of
+all K subsets' batches (one head for every subset: the head's own sampling noise taken out),
+``model`` through the seeded head as loaded. With ``--head-fit N`` the classifier head alone is
+first fitted for N AdamW steps on the subset's own batches (linear probing before the probe).
 The first S batches of a run give the statistics of a probe of size S: ``G`` is their mean,
 exactly the probe's, and the noise estimate comes from alternate blocks instead of alternate
 batches (``GradientStats.from_halves``; the same covariance for any split fixed before the data
@@ -215,7 +216,10 @@ def block_means(probe: Probe, load, batches: Sequence[dict], targets: Any, args)
     if targets is None:
         targets = default_targets(model)
     out = []
-    with centroid_head(model, chunk) if probe.probe_head == "centroid" else nullcontext():
+    # "pool": the centroid of all K subsets' batches, one head for every subset (bench only)
+    pool = batches[: args.subsets * probe.steps]
+    head = {"centroid": chunk, "pool": pool}.get(probe.probe_head)
+    with centroid_head(model, head) if head is not None else nullcontext():
         for i in range(0, probe.steps, probe.block):
             part = chunk[i : i + probe.block]
             stats = el.probe(model, part, targets, steps=len(part), progress=False)
@@ -293,7 +297,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", default="16,32,64", help="probe sizes S, multiples of 2·block")
     p.add_argument("--subsets", type=int, default=4, help="disjoint calibration subsets K")
     p.add_argument("--seeds", default="paired", help="paired (subset k: seed k) and/or fixed")
-    p.add_argument("--probe-head", default="centroid", help="centroid and/or model, comma-sep.")
+    p.add_argument("--probe-head", default="centroid", help="centroid, pool, model; comma-sep.")
     p.add_argument("--head-fit", default="0", help="head-only steps before probing, comma-sep.")
     p.add_argument("--head-fit-lr", type=float, default=1e-2)
     p.add_argument("--block", type=int, default=8, help="batches per probe block")
@@ -333,8 +337,8 @@ def passes(args: argparse.Namespace, label: str, available: int) -> list[tuple[P
         if seeds not in ("paired", "fixed"):
             raise SystemExit(f"--seeds takes paired and/or fixed, got {seeds!r}")
         for probe_head in args.probe_head.split(","):
-            if probe_head not in PROBE_HEADS:
-                raise SystemExit(f"--probe-head takes {' and/or '.join(PROBE_HEADS)}, got "
+            if probe_head not in (*PROBE_HEADS, "pool"):
+                raise SystemExit(f"--probe-head takes {', '.join(PROBE_HEADS)} and/or pool, got "
                                  f"{probe_head!r}")  # fmt: skip
             for head_fit in (int(h) for h in args.head_fit.split(",")):
                 for k in range(args.subsets):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
+import torch
 
 from scripts import load_script
 
@@ -96,3 +98,23 @@ def test_a_worker_pass_records_what_the_serial_pass_does():
     assert set(sim) == {"bert.encoder.layer.*.attention.self.query",
                         "bert.encoder.layer.*.attention.self.value"}  # fmt: skip
     assert all(len(m) == 3 and m[0][0] == 1.0 for m in sim.values())  # 3 layers, unit diagonal
+
+
+def test_the_pool_head_is_one_centroid_for_every_subset_and_seed():
+    """``--probe-head pool``: the centroid of all K subsets' batches, so a subset's gradients
+    do not depend on the seed, and differ from those through the subset's own centroid."""
+    bench = load_script("bench/stability.py")
+    args = bench.parse(["--smoke"])
+    args.probe_head = "pool"
+    load, batches, targets = bench.setup(args)
+    probe = bench.passes(args, "smoke", len(batches))[1][0]  # subset 1, seed 1
+    assert (probe.subset, probe.seed, probe.probe_head) == (1, 1, "pool")
+
+    def grads(p):
+        return bench.block_means(p, load, batches, targets, args)[0]
+
+    pooled = grads(probe)
+    for other in (replace(probe, seed=0), replace(probe, probe_head="centroid")):
+        g = grads(other)
+        same = all(torch.equal(g[n], pooled[n]) for n in g)
+        assert same == (other.probe_head == "pool")
