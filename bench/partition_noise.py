@@ -43,7 +43,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from entrolora.planners.e2lora import dp_intervals, greedy_intervals  # noqa: E402
+from entrolora.planners.e2lora import (  # noqa: E402
+    adaptive_threshold,
+    dp_intervals,
+    greedy_intervals,
+)
 
 READINGS = ("raw", "signal")
 TARGET = 0.9
@@ -68,8 +72,7 @@ class Decision:
 
 def margin(sim: np.ndarray, s: int, c: int) -> float:
     """``sim[c][s] − τ_s`` with the adaptive threshold of Algorithm 2."""
-    n = sim.shape[0]
-    return float(sim[c, s] - (sim[s].sum() - sim[s, s]) / (n - 1))
+    return float(sim[c, s]) - adaptive_threshold(sim[s].tolist(), s)
 
 
 def mean_chain(sims: np.ndarray, degenerate: Sequence[bool]) -> tuple[list, list[Decision]]:

@@ -42,6 +42,11 @@ TIE_TOL = 1e-9
 
 
 # -- LSS: sharing intervals -------------------------------------------------------------------
+def adaptive_threshold(row: Sequence[float], s: int) -> float:
+    """Algorithm 2's ``τ_s = mean_{k≠s} sim[s][k]`` from row ``s`` of the similarity matrix."""
+    return (math.fsum(row) - row[s]) / (len(row) - 1)
+
+
 def greedy_intervals(
     sim: Sequence[Sequence[float]], degenerate: Sequence[bool], threshold: float | None = None
 ) -> tuple[list[tuple[int, int]], list[float | None]]:
@@ -68,7 +73,7 @@ def greedy_intervals(
         elif n == 1:
             tau = 1.0
         else:
-            tau = (math.fsum(row) - row[s]) / (n - 1)
+            tau = adaptive_threshold(row, s)
         limit = tau - TIE_TOL * max(1.0, abs(tau))
         e = s
         while e + 1 < n and not degenerate[e + 1] and sim[e + 1][s] >= limit:
