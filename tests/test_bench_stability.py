@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from scripts import load_script
@@ -118,3 +119,21 @@ def test_the_pool_head_is_one_centroid_for_every_subset_and_seed():
         g = grads(other)
         same = all(torch.equal(g[n], pooled[n]) for n in g)
         assert same == (other.probe_head == "pool")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "12"], r"--steps must be multiples of 2·--block = 16; got \[12\]"),
+        (["--subsets", "5", "--steps", "64"],
+         r"5 disjoint subsets of 64 batches need 320 batches; the training split has 256"),
+        (["--seeds", "random"], r"--seeds takes paired and/or fixed, got 'random'"),
+        (["--probe-head", "fitted"],
+         r"--probe-head takes centroid, model and/or pool, got 'fitted'"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_stop_with_a_message(argv, message):
+    bench = load_script("bench/stability.py")
+    with pytest.raises(SystemExit, match=message):
+        args = bench.parse(argv)
+        bench.passes(args, "minilm", 256)
