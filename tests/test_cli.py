@@ -349,6 +349,21 @@ def test_demo_on_tiny_model(assets, tmp_path):
     no_leftovers(tmp_path, ".demo.")
 
 
+def test_probe_keeps_gradients_when_asked(assets, tmp_path):
+    """``entrolora probe --keep-gradients`` writes each target's G and its noise estimate."""
+    import entrolora as el
+
+    out = tmp_path / "kept.safetensors"
+    r = invoke("probe", "--model", assets["bert"], "--data", assets["csv"], "--quiet",
+               "--probe-steps", "2", "--batch-size", "8", "--keep-gradients",
+               "--output", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    stats = el.GradientStats.load(out)
+    assert set(stats.gradients) == set(stats.modules) and set(stats.noise) == set(stats.modules)
+    for name, m in stats.modules.items():
+        assert tuple(stats.gradients[name].shape) == (m.d_out, m.d_in)
+
+
 def test_probe_head_option(assets, tmp_path):
     """``--probe-head`` reaches the statistics (classify); a bad value is one line, no file."""
     import entrolora as el
@@ -360,6 +375,7 @@ def test_probe_head_option(assets, tmp_path):
                    "--output", out)  # fmt: skip
         assert r.exit_code == 0, r.output
         assert el.GradientStats.load(out).meta["probe_head"] == head
+        assert el.GradientStats.load(out).gradients is None  # not kept unless asked
     bad = tmp_path / "bad.safetensors"
     one_line_error(invoke("probe", "--model", assets["bert"], "--data", assets["csv"],
                           "--probe-head", "x", "--output", bad),

@@ -84,6 +84,14 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace an output that already exists.")
 ]
+KeepGradients = Annotated[
+    bool,
+    typer.Option(
+        "--keep-gradients",
+        help="Save the probed gradients and their noise estimates in the statistics file, so "
+        "that a later --stats run can use the cosine, L1 or L2 similarity.",
+    ),
+]
 
 
 def one_line(e: BaseException) -> str:

@@ -12,6 +12,7 @@ from .common import (
     DataOpt,
     Debug,
     Device,
+    KeepGradients,
     LabelCol,
     Limit,
     MaxLength,
@@ -60,6 +61,7 @@ def probe(
         "stats.safetensors"
     ),
     overwrite: Overwrite = False,
+    keep_gradients: KeepGradients = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -88,7 +90,7 @@ def probe(
     net.to(dev)
     targets = target_list(target_modules) or default_targets(net)
     stats = run_probe(net, tokenizer, train_ds, targets, cfg, dev, report=False)
-    stats.save(out)
+    stats.save(out, keep_gradients=keep_gradients)
     console().print(_stats_table(stats))
     warning = stats.low_snr_warning()
     if warning:

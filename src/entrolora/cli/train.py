@@ -12,6 +12,7 @@ from .common import (
     DataOpt,
     Debug,
     Device,
+    KeepGradients,
     LabelCol,
     Limit,
     MaxLength,
@@ -36,14 +37,6 @@ from .common import (
 
 StatsFile = Annotated[
     str | None, typer.Option("--stats", help="Reuse a statistics file (skip the probe).")
-]
-KeepGradients = Annotated[
-    bool,
-    typer.Option(
-        "--keep-gradients",
-        help="Save the probed gradients in stats.safetensors, so that a later --stats run "
-        "can use the cosine, L1 or L2 similarity.",
-    ),
 ]
 PlanFile = Annotated[
     str | None, typer.Option("--plan", help="Reuse a plan.json (skip probe and planner).")
