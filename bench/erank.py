@@ -2,15 +2,24 @@
 
     python bench/erank.py                 # 4096×4096, 1024×4096, 14336×4096; 1 thread
     python bench/erank.py --smoke         # one 1600×1300 matrix, 1 seed (CI)
+    python bench/erank.py --spectra real --statistics raw   # real gradients' spectra only
+    python bench/erank.py --write-profiles minilm.safetensors,smollm2.safetensors
+    python bench/erank.py --compare-steps 16,32   # FAST_RAW's quadrature steps, real profiles
 
-Gradients with realistic spectra, built so that the exact answer is only known by computing
-it: a decaying mean gradient ``μ = U diag(i^-α) Vᵀ`` over ``r = k/4`` random orthonormal
-directions (α = 0.5, 1, 1.5), plus the sampling noise of a 64-step probe. Each of the 64 step
-gradients is ``μ + ε_t`` with i.i.d. Gaussian ``ε_t`` of norm ``ν·‖μ‖`` (ν = 4: one step's noise
-four times the mean, as in small-batch fine-tuning); the halves of 32 steps give
-``G = μ + (e₁ + e₂)/2`` and the probe's noise estimate ``D = (e₁ − e₂)/2`` (METHODS.md §2), so
-``‖G − μ‖ ≈ ν/√64·‖μ‖ = 0.5‖μ‖``: a noise floor under the decaying spectrum. Both statistics
-are timed: the raw effective rank of G, and the signal one (G Gᵀ − D Dᵀ). Exact and fast run
+Two families of spectra. ``synthetic``: a decaying mean gradient ``μ = U diag(i^-α) Vᵀ`` over
+``r = k/4`` random orthonormal directions (α = 0.5, 1, 1.5), plus the sampling noise of a
+64-step probe. Each of the 64 step gradients is ``μ + ε_t`` with i.i.d. Gaussian ``ε_t`` of
+norm ``ν·‖μ‖`` (ν = 4: one step's noise four times the mean, as in small-batch fine-tuning);
+the halves of 32 steps give ``G = μ + (e₁ + e₂)/2`` and the probe's noise estimate
+``D = (e₁ − e₂)/2`` (METHODS.md §2), so ``‖G − μ‖ ≈ ν/√64·‖μ‖ = 0.5‖μ‖``: a noise floor under
+the decaying spectrum. ``real``: the singular values of real probe gradients (``PROFILES``:
+MiniLM's and SmolLM2-135M's targets at their first, middle and last layer, from ``entrolora
+probe`` statistics files by ``--write-profiles``), interpolated in log σ over the relative
+index to the shape's smaller side, between random orthonormal directions. Real gradients'
+singular values fall steeply towards 0 (effective rank 1–55 % of the side), where the
+synthetic noise floor keeps ~75 %: the harder case for Gauss quadrature of √λ. Both
+statistics are timed: the raw effective rank of G, and the signal one (G Gᵀ − D Dᵀ; synthetic
+only, the profiles carry no noise estimate). Exact and fast run
 alternately on the same matrix (the machine is shared: the ratio is the figure to read), in one
 torch thread by default so that other processes cannot turn LAPACK's thread barriers into
 waits; CPU seconds of this process are printed beside the wall clock.
@@ -21,9 +30,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from entrolora import spectral  # noqa: E402
+
+PROFILES = Path(__file__).resolve().parent / "data" / "erank-profiles.safetensors"
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096))
 # Targets of one Llama-3-8B layer by shape (q, o; k, v; gate, up and down, whose 4096 × 14336
@@ -62,6 +75,57 @@ def gradient_pair(m: int, n: int, alpha: float, seed: int = 0) -> tuple[torch.Te
     g = mu.add_(e1.add(e2).mul_(0.5))
     d = e1.sub_(e2).mul_(0.5)
     return g, d
+
+
+def write_profiles(stats_files: list[str], out: Path = PROFILES) -> dict[str, torch.Tensor]:
+    """Singular values (÷ σ₁, float32, descending) of the kept gradients of ``entrolora probe``
+    statistics files, for the first, middle and last layer, saved to ``out`` under
+    ``<file stem>/<module name>``; returns them."""
+    from safetensors.torch import save_file
+
+    from entrolora import GradientStats
+
+    profiles = {}
+    for path in stats_files:
+        grads = GradientStats.load(path).gradients
+        layer = {n: int(m.group(1)) for n in grads if (m := re.search(r"\.(\d+)\.", n))}
+        last = max(layer.values())
+        for name, g in grads.items():
+            if layer.get(name) in (0, last // 2, last):
+                sv = torch.linalg.svdvals(g.to(torch.float64))
+                profiles[f"{Path(path).stem}/{name}"] = (sv / sv[0]).to(torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(profiles, out)
+    return profiles
+
+
+def load_profiles(path: Path = PROFILES) -> dict[str, torch.Tensor]:
+    """``write_profiles``' singular values by ``<model>/<module>``, in name order."""
+    from safetensors.torch import load_file
+
+    return dict(sorted(load_file(path).items()))
+
+
+def profile_values(sv: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` float64 singular values following the profile ``sv``: log σ linearly interpolated
+    at the same relative index ``(i + ½)/k``."""
+    src = (torch.arange(len(sv), dtype=torch.float64) + 0.5) / len(sv)
+    dst = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    logs = sv.to(torch.float64).clamp_min(1e-30).log()
+    hi = torch.searchsorted(src, dst).clamp(1, len(sv) - 1)
+    w = ((dst - src[hi - 1]) / (src[hi] - src[hi - 1])).clamp(0, 1)
+    return torch.exp(logs[hi - 1] * (1 - w) + logs[hi] * w)
+
+
+def profile_matrix(sv: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A float32 ``(m, n)`` matrix ``U diag(σ) Vᵀ`` with random orthonormal U, V whose
+    singular values are ``profile_values(sv, min(m, n))``."""
+    k = min(m, n)
+    sigma = profile_values(sv, k).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
+    return (u * sigma) @ v.mT
 
 
 def timed(fn):
@@ -104,11 +168,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,1024x4096")
     ap.add_argument("--alphas", default=None, help="spectral decay exponents, e.g. 0.5,1")
     ap.add_argument("--statistics", default="raw,signal", help="raw, signal or both")
+    ap.add_argument("--spectra", default="synthetic,real", help="synthetic, real or both")
+    ap.add_argument(
+        "--write-profiles", default=None, help="statistics files: write PROFILES and stop"
+    )
+    ap.add_argument(
+        "--compare-steps",
+        default=None,
+        help="e.g. 16,32: FAST_RAW with these quadrature steps on every real profile at the "
+        "first --shapes (no timing), then stop",
+    )
     args = ap.parse_args(argv)
+    if args.write_profiles:
+        for name, sv in write_profiles(args.write_profiles.split(",")).items():
+            erank = spectral.erank_from_singular_values(sv[None].double()).item()
+            print(f"{name:60s} {len(sv):5d} values, erank {erank:7.1f}")
+        return []
     torch.set_num_threads(args.threads)
+    if args.compare_steps:
+        m, n = (int(x) for x in (args.shapes or "4096x4096").split(",")[0].split("x"))
+        steps = [int(x) for x in args.compare_steps.split(",")]
+        return compare_steps(load_profiles(), m, n, steps)
     shapes, alphas = SHAPES, ALPHAS
+    profiles = load_profiles() if "real" in args.spectra.split(",") else {}
+    if "synthetic" not in args.spectra.split(","):
+        alphas = ()
     if args.smoke:  # smallest shape above both estimators' Krylov dimensions
-        shapes, alphas = ((1600, 1300),), (1.0,)
+        shapes, alphas = ((1600, 1300),), alphas and (1.0,)
+        profiles = dict(list(profiles.items())[:1])
     if args.shapes:
         shapes = tuple(tuple(int(x) for x in s.split("x")) for s in args.shapes.split(","))
     if args.alphas:
@@ -122,42 +209,90 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(
         f"# medians over {args.seeds} interleaved exact/fast pair(s); err = fast/exact − 1, "
-        "the largest over the seeds"
+        "the largest over the seeds; spectrum: α of the synthetic one or the real profile"
     )
-    head = (
-        f"{'shape':>11} {'α':>4} {'statistic':>9} {'exact erank':>11} {'err':>8} "
+    print(
+        f"{'shape':>11} {'spectrum':>44} {'statistic':>9} {'exact erank':>11} {'err':>8} "
         f"{'exact s':>8} {'fast s':>7} {'×':>6} {'exact cpu':>9} {'fast cpu':>8} {'×cpu':>6}"
     )
-    print(head)
     rows = []
     for m, n in shapes:
-        for alpha in alphas:
-            g, d = gradient_pair(m, n, alpha)
+        for spectrum, alpha, g, d in cases(m, n, alphas, profiles):
             for stat, noise in (("raw", None), ("signal", d)):
-                if stat not in args.statistics.split(","):
+                if stat not in args.statistics.split(",") or (stat == "signal" and d is None):
                     continue
                 r = measure(g, noise, args.seeds)
-                r.update(shape=f"{m}x{n}", alpha=alpha, statistic=stat)
+                r.update(shape=f"{m}x{n}", alpha=alpha, spectrum=spectrum, statistic=stat)
                 rows.append(r)
                 print(
-                    f"{r['shape']:>11} {alpha:4.1f} {stat:>9} {r['exact']:11.1f} "
+                    f"{r['shape']:>11} {spectrum:>44} {stat:>9} {r['exact']:11.1f} "
                     f"{100 * r['max_err']:+7.2f}% {r['exact_wall']:8.2f} {r['fast_wall']:7.2f} "
                     f"{r['exact_wall'] / r['fast_wall']:6.1f} {r['exact_cpu']:9.2f} "
                     f"{r['fast_cpu']:8.2f} {r['exact_cpu'] / r['fast_cpu']:6.1f}",
                     flush=True,
                 )
-            del g, d
-    for line in whole_model(rows):
+    for line in whole_model(rows) + real_summary(rows):
         print(line)
     print(f"# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return rows
+
+
+def compare_steps(profiles: dict[str, torch.Tensor], m: int, n: int, steps: list[int]):
+    """The raw estimate's error with ``FAST_RAW`` at each number of quadrature ``steps`` on the
+    same ``(m, n)`` matrix of every profile (seed 0), against the effective rank of the
+    profile's own singular values (float64: no exact eigenvalues needed); prints one line per
+    profile and a summary per setting, returns ``[{name, erank, errors}]``."""
+    print(f"# FAST_RAW with probe_steps {steps} at {m}x{n}, seed 0; err = estimate/erank − 1")
+    rows = []
+    for name, sv in profiles.items():
+        g = profile_matrix(sv, m, n)
+        want = spectral.erank_from_singular_values(profile_values(sv, min(m, n))[None]).item()
+        errs = [
+            spectral.erank_estimate(g, params=replace(spectral.FAST_RAW, probe_steps=s)) / want - 1
+            for s in steps
+        ]
+        rows.append({"name": name, "erank": want, "errors": errs})
+        print(f"{name:52s} {want:8.1f} " + " ".join(f"{e:+8.2%}" for e in errs), flush=True)
+    for j, s in enumerate(steps):
+        e = [r["errors"][j] for r in rows]
+        rms = math.sqrt(sum(x * x for x in e) / len(e))
+        print(
+            f"# probe_steps {s}: largest {max(e, key=abs):+.2%}, rms {rms:.2%}, "
+            f"within 1 %: {sum(abs(x) < 0.01 for x in e)}/{len(e)}"
+        )
+    return rows
+
+
+def cases(m: int, n: int, alphas, profiles: dict[str, torch.Tensor]):
+    """``(spectrum, α or None, G, D or None)`` for each synthetic α and real profile, built one
+    at a time (a 14336 × 4096 matrix is 235 MB)."""
+    for a in alphas:
+        yield (f"α {a}", a, *gradient_pair(m, n, a))
+    for name, sv in profiles.items():
+        yield name, None, profile_matrix(sv, m, n), None
+
+
+def real_summary(rows: list[dict]) -> list[str]:
+    """Per shape, over the real profiles' raw rows: the largest error and the CPU-time ratios."""
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        got = [r for r in rows if r["shape"] == shape and r["alpha"] is None]
+        if got:
+            worst = max((r["max_err"] for r in got), key=abs)
+            ratios = sorted(r["exact_cpu"] / r["fast_cpu"] for r in got)
+            lines.append(
+                f"# real profiles at {shape}: {len(got)} matrices, largest error "
+                f"{100 * worst:+.2f} %, ×cpu {ratios[0]:.1f}–{ratios[-1]:.1f} "
+                f"(median {statistics.median(ratios):.1f})"
+            )
+    return lines
 
 
 def whole_model(rows: list[dict]) -> list[str]:
     """The raw statistic of all 224 targets of an 8B model, per α where every shape was timed:
     CPU seconds exact against ``method="auto"`` (the estimator from ``FAST_MIN_SIDE``)."""
     lines = []
-    for alpha in sorted({r["alpha"] for r in rows}):
+    for alpha in sorted({r["alpha"] for r in rows} - {None}):
         got = {r["shape"]: r for r in rows if r["alpha"] == alpha and r["statistic"] == "raw"}
         if not set(LAYER_COUNTS) <= set(got):
             continue

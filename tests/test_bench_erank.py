@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+import torch
+
+from entrolora import GradientStats
 from scripts import load_script
 
 
 def test_bench_erank_smoke(capsys):
     bench = load_script("bench/erank.py")
     rows = bench.main(["--smoke", "--seeds", "1"])
-    assert [(r["shape"], r["statistic"]) for r in rows] == [
-        ("1600x1300", "raw"),
-        ("1600x1300", "signal"),
+    first = next(iter(bench.load_profiles()))  # the smoke takes the first real profile
+    assert [(r["shape"], r["spectrum"], r["statistic"]) for r in rows] == [
+        ("1600x1300", "α 1.0", "raw"),
+        ("1600x1300", "α 1.0", "signal"),
+        ("1600x1300", first, "raw"),
     ]
-    raw, signal = rows
-    assert abs(raw["max_err"]) < 0.01  # the raw estimate is within 1 % of exact
+    raw, signal, real = rows
+    assert abs(raw["max_err"]) < 0.01 and abs(real["max_err"]) < 0.01  # raw: within 1 %
     assert abs(signal["max_err"]) < 0.05
     for r in rows:
         assert 1 <= r["exact"] <= 1300 and r["exact_cpu"] > 0 and r["fast_cpu"] > 0
     out = capsys.readouterr().out
     assert "load average" in out and "1600x1300" in out and "signal" in out
+    assert "# real profiles at 1600x1300: 1 matrices" in out
 
 
 def test_gradient_pair_has_the_documented_noise_floor():
@@ -42,3 +50,72 @@ def test_whole_model_counts_each_shape_and_keeps_small_ones_exact():
     assert f"exact {exact:.0f} CPU s, auto {auto:.0f} CPU s, {exact / auto:.1f}×" in line
     assert "all 224 targets" in line
     assert bench.whole_model(rows[:2]) == []  # a shape missing: no total
+
+
+def test_profile_matrix_has_the_profile_s_singular_values():
+    bench = load_script("bench/erank.py")
+    sv = torch.logspace(0, -3, 50)
+    g = bench.profile_matrix(sv, 80, 50, seed=1)  # same side: the profile itself
+    got = np.linalg.svd(g.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(got, sv.double().numpy(), rtol=1e-4)
+    wide = bench.profile_matrix(sv, 100, 400)  # 100 values from 50: log σ interpolated
+    got = np.linalg.svd(wide.double().numpy(), compute_uv=False)
+    x = (np.arange(100) + 0.5) / 100
+    want = np.exp(np.interp(x, (np.arange(50) + 0.5) / 50, np.log(sv.double().numpy())))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_write_profiles_keeps_first_middle_and_last_layer(tmp_path):
+    bench = load_script("bench/erank.py")
+    gen = torch.Generator().manual_seed(0)
+    grads = {f"model.layers.{i}.q_proj": torch.randn(12, 20, generator=gen) for i in range(5)}
+    stats = tmp_path / "tiny.safetensors"
+    GradientStats.from_gradients(grads, steps=2).save(stats, keep_gradients=True)
+    out = bench.write_profiles([str(stats)], tmp_path / "profiles.safetensors")
+    assert list(out) == [f"tiny/model.layers.{i}.q_proj" for i in (0, 2, 4)]
+    for name, sv in bench.load_profiles(tmp_path / "profiles.safetensors").items():
+        want = np.linalg.svd(grads[name.split("/")[1]].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(sv.numpy(), want / want[0], rtol=1e-5)
+
+
+def test_real_summary_reports_the_worst_error_per_shape():
+    bench = load_script("bench/erank.py")
+    rows = [
+        dict(shape="64x64", alpha=None, max_err=e, exact_cpu=x, fast_cpu=1.0)
+        for e, x in ((0.004, 3.0), (-0.012, 5.0), (0.001, 4.0))
+    ]
+    rows.append(dict(shape="64x64", alpha=1.0, max_err=0.5, exact_cpu=1.0, fast_cpu=1.0))
+    (line,) = bench.real_summary(rows)
+    assert line == (
+        "# real profiles at 64x64: 3 matrices, largest error -1.20 %, ×cpu 3.0–5.0 (median 4.0)"
+    )
+
+
+def test_default_estimator_within_one_percent_on_real_gradients_spectra():
+    """Every fifth committed profile of a real probe gradient, at a 1024² matrix (above
+    FAST_RAW's Krylov dimension): the default estimator against a float64 SVD."""
+    from entrolora.spectral import erank_estimate
+
+    bench = load_script("bench/erank.py")
+    for name, sv in list(bench.load_profiles().items())[::5]:
+        g = bench.profile_matrix(sv, 1024, 1024, seed=3)
+        p = np.linalg.svd(g.double().numpy(), compute_uv=False)
+        p = p[p > 0] / p.sum()
+        want = float(np.exp(-(p * np.log(p)).sum()))
+        assert abs(erank_estimate(g) / want - 1) < 0.01, name
+
+
+def test_compare_steps_reports_each_setting_against_the_profile(capsys):
+    bench = load_script("bench/erank.py")
+    profiles = {"a/x": torch.logspace(0, -4, 300), "b/y": torch.linspace(1, 0.1, 300)}
+    rows = bench.compare_steps(profiles, 900, 800, [8, 32])
+    assert [r["name"] for r in rows] == ["a/x", "b/y"]
+    for r, sv in zip(rows, profiles.values()):
+        want = np.exp(np.interp(np.arange(800) + 0.5, (np.arange(300) + 0.5) * 800 / 300,
+                                np.log(sv.double().numpy())))  # fmt: skip
+        p = want / want.sum()
+        assert r["erank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+        assert len(r["errors"]) == 2 and abs(r["errors"][1]) < 0.01  # 32 steps: within 1 %
+    assert abs(rows[0]["errors"][0]) > abs(rows[0]["errors"][1])  # 8 steps: worse when steep
+    out = capsys.readouterr().out
+    assert "# probe_steps 8: largest" in out and "# probe_steps 32: largest" in out

@@ -74,16 +74,16 @@ def test_float32_kept_for_a_noise_floor_and_redone_for_a_rank_deficient_matrix(m
     redone = []
     real = spectral._needs_float64
 
-    def spy(t, p, theta, signal):
-        out = real(t, p, theta, signal)
+    def spy(eig, p, theta, signal):
+        out = real(eig, p, theta, signal)
         redone.append(out)
         return out
 
     monkeypatch.setattr(spectral, "_needs_float64", spy)
     gen = torch.Generator().manual_seed(4)
     # square: the noise floor's singular values reach down to 0 (a hard edge), all real
-    floor = torch.randn(700, 700, generator=gen)
-    low = torch.randn(700, 4, generator=gen) @ torch.randn(4, 600, generator=gen)  # rank 4
+    floor = torch.randn(760, 760, generator=gen)  # sides above FAST_RAW's Krylov dimension
+    low = torch.randn(800, 4, generator=gen) @ torch.randn(4, 760, generator=gen)  # rank 4
     for g, want_redo in ((floor, False), (low, True)):
         redone.clear()
         got = spectral.erank_estimate(g)
@@ -95,7 +95,7 @@ def test_float32_kept_for_a_noise_floor_and_redone_for_a_rank_deficient_matrix(m
 def test_rounding_visible_reads_negative_nodes_of_the_raw_gram():
     # a Lanczos-like matrix with positive nodes only: no rounding visible
     positive = torch.diag(torch.tensor([4.0, 1.0, 0.25, 1e-6], dtype=torch.float64))
-    assert not spectral._rounding_visible(positive, 4)
+    assert not spectral._rounding_visible(torch.linalg.eigh(positive), 4)
     # nodes at ±1e-8·λ_max carrying most of the weight: a rank-deficient G's zeros
     tiny = torch.diag(torch.tensor([1.0, 1e-8, -1e-8, 2e-8], dtype=torch.float64))
-    assert spectral._rounding_visible(tiny, 4)
+    assert spectral._rounding_visible(torch.linalg.eigh(tiny), 4)
