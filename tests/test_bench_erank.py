@@ -115,7 +115,7 @@ def test_compare_steps_reports_each_setting_against_the_profile(capsys):
                                 np.log(sv.double().numpy())))  # fmt: skip
         p = want / want.sum()
         assert r["erank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
-        assert len(r["errors"]) == 2 and abs(r["errors"][1]) < 0.01  # 32 steps: within 1 %
+        assert len(r["errors"]) == 2 and abs(r["errors"][1]) < 0.02  # 32 steps: −0.95 %, +0.2 %
     assert abs(rows[0]["errors"][0]) > abs(rows[0]["errors"][1])  # 8 steps: worse when steep
     out = capsys.readouterr().out
     assert "# probe_steps 8: largest" in out and "# probe_steps 32: largest" in out

@@ -99,3 +99,10 @@ def test_rounding_visible_reads_negative_nodes_of_the_raw_gram():
     # nodes at ±1e-8·λ_max carrying most of the weight: a rank-deficient G's zeros
     tiny = torch.diag(torch.tensor([1.0, 1e-8, -1e-8, 2e-8], dtype=torch.float64))
     assert spectral._rounding_visible(torch.linalg.eigh(tiny), 4)
+
+
+def test_transposed_copy_in_slabs_equals_the_plain_copy():
+    x = torch.randn(130, 301, generator=torch.Generator().manual_seed(9))  # not multiples of 64
+    got = spectral._contiguous(x.mT)
+    assert got.is_contiguous() and torch.equal(got, x.mT.contiguous())
+    assert spectral._contiguous(x) is x  # already contiguous: no copy

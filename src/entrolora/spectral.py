@@ -343,9 +343,9 @@ def _needs_float64(eig, p: FastErank, theta: torch.Tensor, signal: bool) -> bool
     """Whether the products must be redone in float64 (``p.dtype`` is not float64 and rounding
     shows in the block Gauss quadrature of a Lanczos matrix of ``p.block`` start vectors, given
     by its ``eigh`` ``eig``): for the raw statistic ``_rounding_visible``; for the signal, whose
-    negative eigenvalues are real, ``_rounding_bound``. The deflation's Lanczos matrix is such a quadrature of the whole
-    spectrum, so the check runs there first, before the quadrature's products are spent; the
-    check on the quadrature's own matrix stays as a backstop."""
+    negative eigenvalues are real, ``_rounding_bound``. The deflation's Lanczos matrix is such a
+    quadrature of the whole spectrum, so the check runs there first, before the quadrature's
+    products are spent; the check on the quadrature's own matrix stays as a backstop."""
     if p.dtype == torch.float64:
         return False
     if signal:
