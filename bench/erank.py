@@ -160,7 +160,8 @@ def measure(g, d, seeds: int) -> dict:
     return {"exact": value, "max_err": max(errs, key=abs), "errs": errs, **med}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options (module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="one small matrix (CI)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -178,7 +179,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="e.g. 16,32: FAST_RAW with these quadrature steps on every real profile at the "
         "first --shapes (no timing), then stop",
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
     if args.write_profiles:
         for name, sv in write_profiles(args.write_profiles.split(",")).items():
             erank = spectral.erank_from_singular_values(sv[None].double()).item()
