@@ -4,7 +4,7 @@
     python bench/erank.py --smoke         # one 1600×1300 matrix, 1 seed (CI)
     python bench/erank.py --spectra real --statistics raw   # real gradients' spectra only
     python bench/erank.py --write-profiles minilm.safetensors,smollm2.safetensors
-    python bench/erank.py --compare-steps 16,32   # FAST_RAW's quadrature steps, real profiles
+    python bench/erank.py --compare probe_steps=16/probe_steps=32 --seeds 4   # FAST_RAW variants
 
 Two families of spectra. ``synthetic``: a decaying mean gradient ``μ = U diag(i^-α) Vᵀ`` over
 ``r = k/4`` random orthonormal directions (α = 0.5, 1, 1.5), plus the sampling noise of a
@@ -35,13 +35,14 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from entrolora import spectral  # noqa: E402
+from entrolora import slq, spectral  # noqa: E402
 
 PROFILES = Path(__file__).resolve().parent / "data" / "erank-profiles.safetensors"
 
@@ -174,10 +175,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--write-profiles", default=None, help="statistics files: write PROFILES and stop"
     )
     ap.add_argument(
-        "--compare-steps",
+        "--compare",
         default=None,
-        help="e.g. 16,32: FAST_RAW with these quadrature steps on every real profile at the "
-        "first --shapes (no timing), then stop",
+        help="e.g. probe_steps=16/probes=32,extrapolate=0: FAST_RAW with these fields changed, "
+        "--seeds seeds each, on every real profile at the first --shapes, then stop",
     )
     return ap.parse_args(argv)
 
@@ -190,10 +191,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{name:60s} {len(sv):5d} values, erank {erank:7.1f}")
         return []
     torch.set_num_threads(args.threads)
-    if args.compare_steps:
+    if args.compare:
         m, n = (int(x) for x in (args.shapes or "4096x4096").split(",")[0].split("x"))
-        steps = [int(x) for x in args.compare_steps.split(",")]
-        return compare_steps(load_profiles(), m, n, steps)
+        settings = [parse_setting(x) for x in args.compare.split("/")]
+        return compare(load_profiles(), m, n, settings, args.seeds)
     shapes, alphas = SHAPES, ALPHAS
     profiles = load_profiles() if "real" in args.spectra.split(",") else {}
     if "synthetic" not in args.spectra.split(","):
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {common.describe(info)}")
     print(
         f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; fast = "
-        f"erank_estimate, raw {spectral.FAST_RAW}, signal {spectral.FAST_SIGNAL}; "
+        f"erank_estimate, raw {slq.FAST_RAW}, signal {slq.FAST_SIGNAL}; "
         f"effective_ranks uses it for the raw statistic from min side {spectral.FAST_MIN_SIDE}"
     )
     print(
@@ -242,28 +243,64 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def compare_steps(profiles: dict[str, torch.Tensor], m: int, n: int, steps: list[int]):
-    """The raw estimate's error with ``FAST_RAW`` at each number of quadrature ``steps`` on the
-    same ``(m, n)`` matrix of every profile (seed 0), against the effective rank of the
-    profile's own singular values (float64: no exact eigenvalues needed); prints one line per
-    profile and a summary per setting, returns ``[{name, erank, errors}]``."""
-    print(f"# FAST_RAW with probe_steps {steps} at {m}x{n}, seed 0; err = estimate/erank − 1")
-    rows = []
+def parse_setting(text: str) -> slq.FastErank:
+    """``FAST_RAW`` with the fields ``name=value,...`` of ``text`` changed (``""``: unchanged);
+    each value is read as the type of the field's default."""
+    changes = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        default = getattr(slq.FAST_RAW, name.strip(), None)
+        if default is None or isinstance(default, torch.dtype):
+            raise ValueError(f"--compare: {name.strip()!r} is no int, float or bool of FastErank")
+        changes[name.strip()] = (
+            bool(int(value)) if isinstance(default, bool) else type(default)(value)
+        )
+    return replace(slq.FAST_RAW, **changes)
+
+
+def compare(
+    profiles: dict[str, torch.Tensor],
+    m: int,
+    n: int,
+    settings: list[slq.FastErank],
+    seeds: int,
+) -> list[dict]:
+    """The raw estimate's error under each of ``settings`` with seeds ``0..seeds-1`` on the same
+    ``(m, n)`` matrix of every profile, against the effective rank of the profile's own singular
+    values (float64: no exact eigenvalues needed). Prints per profile and setting the mean and
+    the largest error over the seeds; per setting a summary that splits the error into bias
+    (rms over profiles of the mean) and spread (rms of the standard deviation over the seeds),
+    with the median CPU seconds of one estimate. Returns ``[{name, erank, errors}]``, errors
+    one list per setting."""
+    print(f"# at {m}x{n}, seeds 0..{seeds - 1}; err = estimate/erank − 1; settings:")
+    for j, p in enumerate(settings):
+        print(f"#   {j}: {p}")
+    print(
+        f"{'profile':52s} {'erank':>8} "
+        + " ".join(f"{f'{j}: mean  max':>16}" for j in range(len(settings)))
+    )
+    rows, cpu = [], [[] for _ in settings]
     for name, sv in profiles.items():
         g = profile_matrix(sv, m, n)
         want = spectral.erank_from_singular_values(profile_values(sv, min(m, n))[None]).item()
-        errs = [
-            spectral.erank_estimate(g, params=replace(spectral.FAST_RAW, probe_steps=s)) / want - 1
-            for s in steps
-        ]
+        errs = []
+        for j, p in enumerate(settings):
+            got = [timed(partial(slq.erank_estimate, g, seed=s, params=p)) for s in range(seeds)]
+            errs.append([e / want - 1 for e, _, _ in got])
+            cpu[j] += [c for _, _, c in got]
         rows.append({"name": name, "erank": want, "errors": errs})
-        print(f"{name:52s} {want:8.1f} " + " ".join(f"{e:+8.2%}" for e in errs), flush=True)
-    for j, s in enumerate(steps):
+        cells = (f"{statistics.mean(e):+7.2%} {max(e, key=abs):+7.2%}" for e in errs)
+        print(f"{name:52s} {want:8.1f} " + " ".join(cells), flush=True)
+    for j in range(len(settings)):
         e = [r["errors"][j] for r in rows]
-        rms = math.sqrt(sum(x * x for x in e) / len(e))
+        flat = [x for xs in e for x in xs]
+        bias = math.sqrt(statistics.mean(statistics.mean(xs) ** 2 for xs in e))
+        spread = math.sqrt(statistics.mean(statistics.pvariance(xs) for xs in e))
         print(
-            f"# probe_steps {s}: largest {max(e, key=abs):+.2%}, rms {rms:.2%}, "
-            f"within 1 %: {sum(abs(x) < 0.01 for x in e)}/{len(e)}"
+            f"# {j}: within 1 %: {sum(abs(x) < 0.01 for x in flat)}/{len(flat)} estimates, "
+            f"{sum(all(abs(x) < 0.01 for x in xs) for xs in e)}/{len(e)} profiles at every seed; "
+            f"largest {max(flat, key=abs):+.2%}; bias {bias:.2%} rms, spread {spread:.2%} rms; "
+            f"{statistics.median(cpu[j]):.2f} CPU s median"
         )
     return rows
 

@@ -1,4 +1,4 @@
-"""Speed paths of spectral.py: both statistics in one pass; float32 kept where exact enough."""
+"""Speed paths of spectral.py and slq.py: both statistics in one pass; float32 where exact."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from entrolora import spectral
+from entrolora import slq
 from entrolora.spectral import effective_ranks, raw_and_signal_eranks
 
 
@@ -72,21 +72,21 @@ def test_joint_checks_its_inputs():
 # -- when the estimator's float32 products are redone in float64 ---------------------------------
 def test_float32_kept_for_a_noise_floor_and_redone_for_a_rank_deficient_matrix(monkeypatch):
     redone = []
-    real = spectral._needs_float64
+    real = slq._needs_float64
 
     def spy(eig, p, theta, signal):
         out = real(eig, p, theta, signal)
         redone.append(out)
         return out
 
-    monkeypatch.setattr(spectral, "_needs_float64", spy)
+    monkeypatch.setattr(slq, "_needs_float64", spy)
     gen = torch.Generator().manual_seed(4)
     # square: the noise floor's singular values reach down to 0 (a hard edge), all real
-    floor = torch.randn(760, 760, generator=gen)  # sides above FAST_RAW's Krylov dimension
-    low = torch.randn(800, 4, generator=gen) @ torch.randn(4, 760, generator=gen)  # rank 4
+    floor = torch.randn(960, 960, generator=gen)  # sides above FAST_RAW's Krylov dimension
+    low = torch.randn(1000, 4, generator=gen) @ torch.randn(4, 960, generator=gen)  # rank 4
     for g, want_redo in ((floor, False), (low, True)):
         redone.clear()
-        got = spectral.erank_estimate(g)
+        got = slq.erank_estimate(g)
         assert any(redone) == want_redo
         want = numpy_eranks(g.numpy(), np.zeros(g.shape, dtype=np.float32))[0]
         assert got == pytest.approx(want, rel=0.01)
@@ -95,14 +95,28 @@ def test_float32_kept_for_a_noise_floor_and_redone_for_a_rank_deficient_matrix(m
 def test_rounding_visible_reads_negative_nodes_of_the_raw_gram():
     # a Lanczos-like matrix with positive nodes only: no rounding visible
     positive = torch.diag(torch.tensor([4.0, 1.0, 0.25, 1e-6], dtype=torch.float64))
-    assert not spectral._rounding_visible(torch.linalg.eigh(positive), 4)
+    assert not slq._rounding_visible(torch.linalg.eigh(positive), 4)
     # nodes at ±1e-8·λ_max carrying most of the weight: a rank-deficient G's zeros
     tiny = torch.diag(torch.tensor([1.0, 1e-8, -1e-8, 2e-8], dtype=torch.float64))
-    assert spectral._rounding_visible(torch.linalg.eigh(tiny), 4)
+    assert slq._rounding_visible(torch.linalg.eigh(tiny), 4)
 
 
 def test_transposed_copy_in_slabs_equals_the_plain_copy():
     x = torch.randn(130, 301, generator=torch.Generator().manual_seed(9))  # not multiples of 64
-    got = spectral._contiguous(x.mT)
+    got = slq._contiguous(x.mT)
     assert got.is_contiguous() and torch.equal(got, x.mT.contiguous())
-    assert spectral._contiguous(x) is x  # already contiguous: no copy
+    assert slq._contiguous(x) is x  # already contiguous: no copy
+
+
+def test_block_lanczos_keeps_a_breakdown_in_the_deflated_complement():
+    gen = torch.Generator().manual_seed(0)
+    k = 200
+    y = torch.linalg.qr(torch.randn(k, 10, generator=gen, dtype=torch.float64))[0]
+    u = torch.randn(k, 3, generator=gen, dtype=torch.float64)
+    u = u - y @ (y.mT @ u)
+    a = u @ u.mT  # rank 3, in Y's complement: a block of 4 breaks down at once
+    start = slq._orthonormal_block(k, 4, gen, "cpu", y)
+    _, kept, _ = slq._block_lanczos(lambda v: a @ v, start, 5, deflate=y)
+    _, loose, _ = slq._block_lanczos(lambda v: a @ v, start, 5)
+    assert (y.mT @ kept).abs().max() < 1e-10
+    assert (y.mT @ loose).abs().max() > 1e-3  # QR's completion is arbitrary without deflate
