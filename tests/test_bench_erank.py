@@ -108,10 +108,10 @@ def test_compare_reports_each_setting_against_the_profile(capsys):
     bench = load_script("bench/erank.py")
     profiles = {"a/x": torch.logspace(0, -4, 300), "b/y": torch.linspace(1, 0.1, 300)}
     settings = [bench.parse_setting("probe_steps=8,extrapolate=0"), bench.parse_setting("")]
-    rows = bench.compare(profiles, 900, 800, settings, seeds=2)
+    rows = bench.compare(profiles, 1100, 960, settings, seeds=2)  # 960: above FAST_RAW's 896
     assert [r["name"] for r in rows] == ["a/x", "b/y"]
     for r, sv in zip(rows, profiles.values()):
-        want = np.exp(np.interp(np.arange(800) + 0.5, (np.arange(300) + 0.5) * 800 / 300,
+        want = np.exp(np.interp(np.arange(960) + 0.5, (np.arange(300) + 0.5) * 960 / 300,
                                 np.log(sv.double().numpy())))  # fmt: skip
         p = want / want.sum()
         assert r["erank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
