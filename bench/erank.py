@@ -249,12 +249,11 @@ def parse_setting(text: str) -> slq.FastErank:
     changes = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        default = getattr(slq.FAST_RAW, name.strip(), None)
+        name = name.strip()
+        default = getattr(slq.FAST_RAW, name, None)
         if default is None or isinstance(default, torch.dtype):
-            raise ValueError(f"--compare: {name.strip()!r} is no int, float or bool of FastErank")
-        changes[name.strip()] = (
-            bool(int(value)) if isinstance(default, bool) else type(default)(value)
-        )
+            raise ValueError(f"--compare: {name!r} is no int, float or bool of FastErank")
+        changes[name] = bool(int(value)) if isinstance(default, bool) else type(default)(value)
     return replace(slq.FAST_RAW, **changes)
 
 

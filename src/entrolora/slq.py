@@ -244,6 +244,23 @@ def erank_estimate(
         trace = None
 
     # 2. the rest: block Gauss quadrature on Ã = (I − YYᵀ) A (I − YYᵀ) in Y's complement
+    t2 = _complement_lanczos(op, y, p, gen)
+    eig2 = torch.linalg.eigh(t2)
+    if _needs_float64(eig2, replace(p, block=p.probes), theta, d is not None):
+        return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
+    r1, r2 = _rest_traces(t2, eig2, p, k - y.shape[1], trace)
+    s1, s2 = f1.sum() + r1, f2.sum() + r2
+    if not s1 > 0:
+        return float("nan")
+    erank = math.exp(float(s1.log() - s2 / s1))
+    return min(max(erank, 1.0), float(k))  # estimation error must not leave [1, k]
+
+
+def _complement_lanczos(op, y: torch.Tensor, p: FastErank, gen: torch.Generator) -> torch.Tensor:
+    """The block Lanczos matrix of ``Ã = (I − YYᵀ) A (I − YYᵀ)`` (``A`` given by ``op``) from
+    ``p.probes`` random orthonormal start vectors in ``y``'s complement, ``p.probe_steps``
+    steps."""
+
     def op_rest(v: torch.Tensor) -> torch.Tensor:
         # v is already in Y's complement (the start block is, each later block is made of
         # projected outputs, and a breakdown's completion is kept there), so only the output
@@ -251,25 +268,10 @@ def erank_estimate(
         out = op(v)
         return out - y @ (y.mT @ out)
 
-    rest = k - y.shape[1]
+    start = _orthonormal_block(y.shape[0], p.probes, gen, y.device, y)
     # one reorthogonalisation pass: the quadrature reads T only, and on the spectra of
     # bench/erank.py's real profiles its estimates equal those of two passes (to 0.01 %)
-    t2, _, _ = _block_lanczos(
-        op_rest,
-        _orthonormal_block(k, p.probes, gen, g.device, y),
-        p.probe_steps,
-        passes=1,
-        deflate=y,
-    )
-    eig2 = torch.linalg.eigh(t2)
-    if _needs_float64(eig2, replace(p, block=p.probes), theta, d is not None):
-        return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
-    r1, r2 = _rest_traces(t2, eig2, p, rest, trace)
-    s1, s2 = f1.sum() + r1, f2.sum() + r2
-    if not s1 > 0:
-        return float("nan")
-    erank = math.exp(float(s1.log() - s2 / s1))
-    return min(max(erank, 1.0), float(k))  # estimation error must not leave [1, k]
+    return _block_lanczos(op_rest, start, p.probe_steps, passes=1, deflate=y)[0]
 
 
 def _rest_traces(t2, eig2, p: FastErank, rest: int, trace: torch.Tensor | None):
