@@ -27,7 +27,7 @@ def test_bench_erank_smoke(capsys):
         assert 1 <= r["exact"] <= 1300 and r["exact_cpu"] > 0 and r["fast_cpu"] > 0
     out = capsys.readouterr().out
     assert "load average" in out and "1600x1300" in out and "signal" in out
-    assert "# real profiles at 1600x1300: 1 matrices" in out
+    assert "# real profiles at 1600x1300: 1/1 within 1 % at every seed" in out
 
 
 def test_gradient_pair_has_the_documented_noise_floor():
@@ -79,7 +79,7 @@ def test_write_profiles_keeps_first_middle_and_last_layer(tmp_path):
         np.testing.assert_allclose(sv.numpy(), want / want[0], rtol=1e-5)
 
 
-def test_real_summary_reports_the_worst_error_per_shape():
+def test_real_summary_reports_the_count_within_one_percent_and_the_worst_error():
     bench = load_script("bench/erank.py")
     rows = [
         dict(shape="64x64", alpha=None, max_err=e, exact_cpu=x, fast_cpu=1.0)
@@ -88,7 +88,8 @@ def test_real_summary_reports_the_worst_error_per_shape():
     rows.append(dict(shape="64x64", alpha=1.0, max_err=0.5, exact_cpu=1.0, fast_cpu=1.0))
     (line,) = bench.real_summary(rows)
     assert line == (
-        "# real profiles at 64x64: 3 matrices, largest error -1.20 %, ×cpu 3.0–5.0 (median 4.0)"
+        "# real profiles at 64x64: 2/3 within 1 % at every seed, largest error -1.20 %, "
+        "×cpu 3.0–5.0 (median 4.0)"
     )
 
 

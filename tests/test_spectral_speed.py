@@ -120,3 +120,17 @@ def test_block_lanczos_keeps_a_breakdown_in_the_deflated_complement():
     _, loose, _ = slq._block_lanczos(lambda v: a @ v, start, 5)
     assert (y.mT @ kept).abs().max() < 1e-10
     assert (y.mT @ loose).abs().max() > 1e-3  # QR's completion is arbitrary without deflate
+
+
+def test_block_lanczos_with_deflate_runs_on_the_projected_operator():
+    # Y folded into the reorthogonalisation gives the Lanczos matrix of (I − YYᵀ) A (I − YYᵀ)
+    gen = torch.Generator().manual_seed(1)
+    k = 120
+    x = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    a = x @ x.mT
+    y = torch.linalg.qr(torch.randn(k, 7, generator=gen, dtype=torch.float64))[0]
+    proj = torch.eye(k, dtype=torch.float64) - y @ y.mT
+    start = slq._orthonormal_block(k, 4, gen, "cpu", y)
+    folded, _, _ = slq._block_lanczos(lambda v: a @ v, start, 6, passes=1, deflate=y)
+    explicit, _, _ = slq._block_lanczos(lambda v: proj @ (a @ (proj @ v)), start, 6, passes=1)
+    assert torch.allclose(folded, explicit, atol=1e-9 * a.norm())

@@ -75,31 +75,37 @@ def _block_lanczos(
     ``start`` (k, b) has orthonormal columns; ``T`` is the (steps·b)² block tridiagonal matrix.
     ``passes`` of Gram–Schmidt against the whole basis per step: two keep it orthonormal to
     rounding (Kahan–Parlett), as the deflation's Ritz vectors need; one is enough for T.
-    ``deflate`` (k, L): orthonormal columns that ``start`` and ``op``'s outputs are orthogonal
-    to; the vectors that complete the basis at a breakdown are made orthogonal to them too.
+    ``deflate`` (k, L): orthonormal columns that ``start`` is orthogonal to; each step's output
+    is projected off them in the same products as the basis, so the run is that of
+    ``(I − YYᵀ) op (I − YYᵀ)``.
     """
     k, b = start.shape
-    basis = start.new_empty(k, steps * b)
+    skip = 0 if deflate is None else deflate.shape[1]
+    # Y and the basis in one buffer, one pair of products per pass projects off both; column
+    # major, so that the columns done so far are one contiguous block (~25 % faster products)
+    buf = start.new_empty(skip + steps * b, k).mT
+    if deflate is not None:
+        buf[:, :skip] = deflate
+    basis = buf[:, skip:]
     t = start.new_zeros(steps * b, steps * b)
     basis[:, :b] = start
-    coupling = None
+    coupling, scale = None, 0.0
     for j in range(steps):
         lo, hi = j * b, (j + 1) * b
         q = basis[:, lo:hi]
         w = op(q)
         a = q.mT @ w
         t[lo:hi, lo:hi] = (a + a.mT) / 2
-        done = basis[:, :hi]
+        scale = max(scale, float(a.abs().max()))
+        done = buf[:, : skip + hi]
         for _ in range(passes):
             w = w - done @ (done.mT @ w)
         q_next, coupling = torch.linalg.qr(w)
-        if coupling.diagonal().abs().min() <= 1e-10 * t.abs().max():
+        if coupling.diagonal().abs().min() <= 1e-10 * scale:
             # breakdown (the space is exhausted, e.g. a low-rank G): QR completes a nearly zero
-            # w with arbitrary vectors, which must still be orthogonal to the basis
+            # w with arbitrary vectors, which must still be orthogonal to the basis and Y
             for _ in range(2):
                 q_next = q_next - done @ (done.mT @ q_next)
-                if deflate is not None:
-                    q_next = q_next - deflate @ (deflate.mT @ q_next)
             q_next = torch.linalg.qr(q_next)[0]
         if j + 1 < steps:
             basis[:, hi : hi + b] = q_next
@@ -229,7 +235,8 @@ def erank_estimate(
     gen = torch.Generator().manual_seed(int(seed))
     p = params
     # 1. deflation: converged Ritz pairs of a block Krylov space enter exactly
-    t, basis, coupling = _block_lanczos(op, _orthonormal_block(k, p.block, gen, g.device), p.steps)
+    start = _orthonormal_block(k, p.block, gen, g.device)
+    t, basis, coupling = _block_lanczos(op, start, p.steps)
     theta, s = torch.linalg.eigh(t)
     if d is not None and _needs_float64((theta, s), p, theta, True):
         return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
@@ -260,18 +267,10 @@ def _complement_lanczos(op, y: torch.Tensor, p: FastErank, gen: torch.Generator)
     """The block Lanczos matrix of ``Ã = (I − YYᵀ) A (I − YYᵀ)`` (``A`` given by ``op``) from
     ``p.probes`` random orthonormal start vectors in ``y``'s complement, ``p.probe_steps``
     steps."""
-
-    def op_rest(v: torch.Tensor) -> torch.Tensor:
-        # v is already in Y's complement (the start block is, each later block is made of
-        # projected outputs, and a breakdown's completion is kept there), so only the output
-        # is projected
-        out = op(v)
-        return out - y @ (y.mT @ out)
-
     start = _orthonormal_block(y.shape[0], p.probes, gen, y.device, y)
     # one reorthogonalisation pass: the quadrature reads T only, and on the spectra of
     # bench/erank.py's real profiles its estimates equal those of two passes (to 0.01 %)
-    return _block_lanczos(op_rest, start, p.probe_steps, passes=1, deflate=y)[0]
+    return _block_lanczos(op, start, p.probe_steps, passes=1, deflate=y)[0]
 
 
 def _rest_traces(t2, eig2, p: FastErank, rest: int, trace: torch.Tensor | None):
@@ -297,7 +296,7 @@ def _gram_op(g: torch.Tensor, d: torch.Tensor | None) -> Callable[[torch.Tensor]
     def op(v: torch.Tensor) -> torch.Tensor:
         # Gᵀ(G v), never the Gram: the rounding of each product is a small perturbation of G
         # itself, so singular values keep an absolute accuracy ~u·σ_max even in float32.
-        v = v.to(g.dtype)
+        v = v.to(g.dtype, memory_format=torch.contiguous_format)
         out = gt @ (g @ v)
         return (out if dt is None else out - dt @ (d @ v)).to(torch.float64)
 
