@@ -143,8 +143,8 @@ def test_steep_real_spectrum_keeps_the_float32_products(monkeypatch):
     redone = []
     real = slq._needs_float64
 
-    def spy(eig, p, theta, signal):
-        redone.append(real(eig, p, theta, signal))
+    def spy(*args):
+        redone.append(real(*args))
         return redone[-1]
 
     monkeypatch.setattr(slq, "_needs_float64", spy)

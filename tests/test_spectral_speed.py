@@ -74,8 +74,8 @@ def test_float32_kept_for_a_noise_floor_and_redone_for_a_rank_deficient_matrix(m
     redone = []
     real = slq._needs_float64
 
-    def spy(eig, p, theta, signal):
-        out = real(eig, p, theta, signal)
+    def spy(*args):
+        out = real(*args)
         redone.append(out)
         return out
 

@@ -189,9 +189,9 @@ def _rounding_visible(eig, probes: int) -> bool:
     return bool(spurious > 1e-4 * (w * nodes.clamp_min(0).sqrt()).sum())
 
 
-def _needs_float64(eig, p: FastErank, theta: torch.Tensor, signal: bool) -> bool:
-    """Whether the products must be redone in float64 (``p.dtype`` is not float64 and rounding
-    shows in the block Gauss quadrature of a Lanczos matrix of ``p.block`` start vectors, given
+def _needs_float64(eig, probes: int, dtype: torch.dtype, theta: torch.Tensor, signal: bool) -> bool:
+    """Whether the products must be redone in float64 (``dtype`` is not float64 and rounding
+    shows in the block Gauss quadrature of a Lanczos matrix of ``probes`` start vectors, given
     by its ``eigh`` ``eig``): for the raw statistic ``_rounding_visible``; for the signal, whose
     negative eigenvalues are real, ``_rounding_bound``. The signal is checked on the deflation's
     Lanczos matrix first (a quadrature of the whole spectrum, before the quadrature's products
@@ -201,11 +201,11 @@ def _needs_float64(eig, p: FastErank, theta: torch.Tensor, signal: bool) -> bool
     float32 estimates within 0.04 % of float64's). The quadrature in the complement had no
     negative node on those, nor on 9 of 10 at 2048² (the tenth, 4.5e-2, is redone: 0.5 % off
     in float32), and ~5 on rank-deficient matrices."""
-    if p.dtype == torch.float64:
+    if dtype == torch.float64:
         return False
     if signal:
-        return _rounding_bound(eig, p.block, theta, p.dtype)
-    return _rounding_visible(eig, p.block)
+        return _rounding_bound(eig, probes, theta, dtype)
+    return _rounding_visible(eig, probes)
 
 
 def erank_estimate(
@@ -238,7 +238,7 @@ def erank_estimate(
     # 1. deflation: converged Ritz pairs of a block Krylov space enter exactly
     t, basis, coupling = _block_lanczos(op, _orthonormal_block(k, p.block, gen, g.device), p.steps)
     theta, s = torch.linalg.eigh(t)
-    if d is not None and _needs_float64((theta, s), p, theta, True):
+    if d is not None and _needs_float64((theta, s), p.block, p.dtype, theta, True):
         return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
     locked = (coupling @ s[-p.block :]).norm(dim=0) <= p.lock_tol * theta.abs()
     y = basis @ s[:, locked]  # (k, L) converged eigenvectors
@@ -253,7 +253,7 @@ def erank_estimate(
     # 2. the rest: block Gauss quadrature on Ã = (I − YYᵀ) A (I − YYᵀ) in Y's complement
     t2 = _complement_lanczos(op, y, p, gen)
     eig2 = torch.linalg.eigh(t2)
-    if _needs_float64(eig2, replace(p, block=p.probes), theta, d is not None):
+    if _needs_float64(eig2, p.probes, p.dtype, theta, d is not None):
         return erank_estimate(grad, noise, seed=seed, params=replace(p, dtype=torch.float64))
     r1, r2 = _rest_traces(t2, eig2, p, k - y.shape[1], trace)
     s1, s2 = f1.sum() + r1, f2.sum() + r2
