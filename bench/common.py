@@ -168,7 +168,8 @@ def machine_info(device: torch.device) -> dict[str, str]:
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        else f"CPU ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+        f"{os.cpu_count()} cores)"
     )
     return {
         "device": name,
@@ -180,6 +181,18 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "entrolora": version("entrolora"),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (CPU figures differ between machines of one
+    kind), else the platform's processor or machine string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def describe(info: Mapping[str, str]) -> str:
