@@ -134,3 +134,26 @@ def test_block_lanczos_with_deflate_runs_on_the_projected_operator():
     folded, _, _ = slq._block_lanczos(lambda v: a @ v, start, 6, passes=1, deflate=y)
     explicit, _, _ = slq._block_lanczos(lambda v: proj @ (a @ (proj @ v)), start, 6, passes=1)
     assert torch.allclose(folded, explicit, atol=1e-9 * a.norm())
+
+
+def test_block_lanczos_matrix_is_the_operator_on_its_orthonormal_basis():
+    # independent check (numpy float64): Qᵀ Q = I and T = Qᵀ A Q
+    gen = torch.Generator().manual_seed(2)
+    k = 90
+    x = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    a = x @ x.mT
+    start = slq._orthonormal_block(k, 3, gen, "cpu")
+    t, basis, _ = slq._block_lanczos(lambda v: a @ v, start, 5)
+    q, an = basis.numpy(), a.numpy()
+    assert np.allclose(q.T @ q, np.eye(15), atol=1e-12)
+    assert np.allclose(t.numpy(), q.T @ an @ q, atol=1e-10 * np.abs(an).max())
+
+
+def test_gram_op_is_the_gram_difference_times_the_block():
+    gen = torch.Generator().manual_seed(3)
+    g, d = (torch.randn(70, 50, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    got = slq._gram_op(g, d)(v)
+    gn, dn = g.numpy(), d.numpy()
+    assert np.allclose(got.numpy(), (gn.T @ gn - dn.T @ dn) @ v.numpy(), rtol=1e-10, atol=1e-10)
+    assert got.mT.is_contiguous()  # the block's rows, as the Lanczos basis holds them
