@@ -233,6 +233,16 @@ def refresh_includes(doc: str | os.PathLike, root: str | os.PathLike = ".") -> P
     return atomic_write_text(doc, INCLUDE.sub(body, text))
 
 
+def decaying_mean(
+    m: int, n: int, alpha: float, gen: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``μ = U diag(i^-α) Vᵀ`` ``(m, n)`` over ``min(m, n) // 4`` random orthonormal directions."""
+    r = max(1, min(m, n) // 4)
+    u = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=dtype))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=dtype))[0]
+    return (u * torch.arange(1, r + 1, dtype=dtype).pow(-alpha)) @ v.mT
+
+
 if __name__ == "__main__":
     # python bench/common.py docs/benchmarks.md — copy the generated tables into the doc
     for arg in sys.argv[1:]:

@@ -15,7 +15,7 @@ def load_script(relpath: str) -> ModuleType:
     sibling helpers (``bench/common.py``) import, and the module stays in ``sys.modules`` because
     dataclasses look their module up there."""
     path = ROOT / relpath
-    sys.path.insert(0, str(path.parent))
+    sys.path[:0] = [str(path.parent), str(ROOT / "bench")]  # its folder and bench/common.py
     name = "script_" + relpath.replace("/", "_").removesuffix(".py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

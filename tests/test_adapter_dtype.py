@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import entrolora as el
-from entrolora.inject import adapted_modules, resolve_adapter_dtype
+from entrolora.adapters.inject import adapted_modules, resolve_adapter_dtype
 from test_adapters import CASES, _targets, randomize_
 from tiny import lm_batches, tiny_llama
 
@@ -115,7 +115,7 @@ def test_unknown_adapter_dtype_is_refused_and_leaves_the_model_alone():
 def test_train_config_and_cli_take_adapter_dtype():
     from typer.testing import CliRunner
 
-    from entrolora import inject
+    from entrolora.adapters import inject
     from entrolora.cli import app
     from entrolora.job import TrainConfig
     from entrolora.job.config import ADAPTER_DTYPES, validate_config

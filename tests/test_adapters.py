@@ -28,7 +28,7 @@ from entrolora.adapters import (
     VeRAAdapter,
     kaiming_uniform,
 )
-from entrolora.inject import adapted_modules
+from entrolora.adapters.inject import adapted_modules
 from entrolora.plans import AdaptationPlan, GroupPlan, ModulePlan, lori_kept
 from tiny import tiny_bert, tiny_gpt2, tiny_llama
 

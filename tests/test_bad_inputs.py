@@ -24,8 +24,8 @@ import pytest
 from typer.testing import CliRunner
 
 import entrolora as el
-from entrolora import data as D
 from entrolora.cli import app
+from entrolora.data import datasets as D
 from test_data import WORDS, tiny_tokenizer
 
 runner = CliRunner()
@@ -318,7 +318,7 @@ def test_06_adapter_for_fewer_layers_el_load(run, env):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match=r"does not fit this model: the plan leaves 2 module"):
         el.load(net, run / "adapter")
-    assert not el.inject.adapted_modules(net)  # the model is left as it was
+    assert not el.adapted_modules(net)  # the model is left as it was
     assert all((v == before[k]).all() for k, v in net.state_dict().items())
 
 

@@ -1,4 +1,4 @@
-"""bench/adapters.py --smoke runs end to end (so the benchmark cannot rot); no timing asserts."""
+"""bench/speed/adapters.py --smoke runs end to end (so it cannot rot); no timing asserts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scripts import load_script
 
 def test_bench_adapters_smoke(tmp_path):
     pytest.importorskip("peft")
-    bench = load_script("bench/adapters.py")
+    bench = load_script("bench/speed/adapters.py")
     rows = bench.main(["--smoke", "--json", str(tmp_path / "rows.json")])
     names = [r.name for r in rows]
     assert names[:2] == ["peft-lora-r8", "peft-dora-r8"]
@@ -28,7 +28,7 @@ def test_bench_adapters_smoke(tmp_path):
 
 def test_bench_adapters_blocks_from_a_planner_plan(tmp_path):
     pytest.importorskip("peft")
-    bench = load_script("bench/adapters.py")
+    bench = load_script("bench/speed/adapters.py")
     from transformers import LlamaForCausalLM
 
     import entrolora as el

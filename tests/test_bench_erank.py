@@ -1,4 +1,4 @@
-"""bench/erank.py --smoke runs end to end and reports what it measured; no timing asserts."""
+"""bench/speed/erank.py --smoke runs end to end and reports what it measured; no timing asserts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from test_spectral import numpy_erank
 
 
 def test_bench_erank_smoke(capsys):
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     rows = bench.main(["--smoke", "--seeds", "1"])
     first = next(iter(bench.load_profiles()))  # the smoke takes the first real profile
     assert [(r["shape"], r["spectrum"], r["statistic"]) for r in rows] == [
@@ -31,7 +31,7 @@ def test_bench_erank_smoke(capsys):
 
 
 def test_gradient_pair_has_the_documented_noise_floor():
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     g, d = bench.gradient_pair(300, 200, alpha=1.0)
     # G = μ + (e₁+e₂)/2 with ‖(e₁+e₂)/2‖ ≈ ν/√64·‖μ‖ = 0.5‖μ‖, and D has the same size
     # ‖D‖ = 0.5‖μ‖ and ‖G‖² ≈ 1.25‖μ‖², so ‖D‖/‖G‖ ≈ 0.5/√1.25 ≈ 0.45
@@ -40,7 +40,7 @@ def test_gradient_pair_has_the_documented_noise_floor():
 
 
 def test_whole_model_counts_each_shape_and_keeps_small_ones_exact():
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     rows = [
         dict(shape=s, alpha=1.0, statistic="raw", exact_cpu=e, fast_cpu=f)
         for s, e, f in (("4096x4096", 8.0, 1.0), ("1024x4096", 0.4, 0.3), ("14336x4096", 14.0, 2.5))
@@ -54,7 +54,7 @@ def test_whole_model_counts_each_shape_and_keeps_small_ones_exact():
 
 
 def test_profile_matrix_has_the_profile_s_singular_values():
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     sv = torch.logspace(0, -3, 50)
     g = bench.profile_matrix(sv, 80, 50, seed=1)  # same side: the profile itself
     got = np.linalg.svd(g.double().numpy(), compute_uv=False)
@@ -67,7 +67,7 @@ def test_profile_matrix_has_the_profile_s_singular_values():
 
 
 def test_write_profiles_keeps_first_middle_and_last_layer(tmp_path):
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     gen = torch.Generator().manual_seed(0)
     grads = {f"model.layers.{i}.q_proj": torch.randn(12, 20, generator=gen) for i in range(5)}
     stats = tmp_path / "tiny.safetensors"
@@ -80,7 +80,7 @@ def test_write_profiles_keeps_first_middle_and_last_layer(tmp_path):
 
 
 def test_real_summary_reports_the_count_within_one_percent_and_the_worst_error():
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     rows = [
         dict(shape="64x64", alpha=None, max_err=e, exact_cpu=x, fast_cpu=1.0)
         for e, x in ((0.004, 3.0), (-0.012, 5.0), (0.001, 4.0))
@@ -96,9 +96,9 @@ def test_real_summary_reports_the_count_within_one_percent_and_the_worst_error()
 def test_default_estimator_within_one_percent_on_real_gradients_spectra():
     """Every fifth committed profile of a real probe gradient, at a 1024² matrix (above
     FAST_RAW's Krylov dimension): the default estimator against a float64 SVD."""
-    from entrolora.slq import erank_estimate
+    from entrolora.stats.slq import erank_estimate
 
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     for name, sv in list(bench.load_profiles().items())[::5]:
         g = bench.profile_matrix(sv, 1024, 1024, seed=3)
         want = numpy_erank(g.double().numpy())
@@ -106,7 +106,7 @@ def test_default_estimator_within_one_percent_on_real_gradients_spectra():
 
 
 def test_compare_reports_each_setting_against_the_profile(capsys):
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     profiles = {"a/x": torch.logspace(0, -4, 300), "b/y": torch.linspace(1, 0.1, 300)}
     settings = [bench.parse_setting("probe_steps=8,extrapolate=0"), bench.parse_setting("")]
     rows = bench.compare(profiles, 1100, 960, settings, seeds=2)  # 960: above FAST_RAW's 896
@@ -125,7 +125,7 @@ def test_compare_reports_each_setting_against_the_profile(capsys):
 
 
 def test_parse_setting_reads_fields_as_their_defaults_types():
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     p = bench.parse_setting("probes=8,lock_tol=1e-2,extrapolate=0")
     assert (p.probes, p.lock_tol, p.extrapolate, p.block) == (8, 0.01, False, 32)
     with pytest.raises(ValueError, match="'dtype' is no int, float or bool of FastErank"):
@@ -138,7 +138,7 @@ def test_steep_real_spectrum_keeps_the_float32_products(monkeypatch):
     """SmolLM2's last o_proj at 2048² (effective rank 11): the deflation reaches the bottom of
     the spectrum, where float32 rounding makes harmless negative Ritz values; the estimate stays
     in float32 and within 1 % of a float64 SVD."""
-    from entrolora import slq
+    from entrolora.stats import slq
 
     redone = []
     real = slq._needs_float64
@@ -148,7 +148,7 @@ def test_steep_real_spectrum_keeps_the_float32_products(monkeypatch):
         return redone[-1]
 
     monkeypatch.setattr(slq, "_needs_float64", spy)
-    bench = load_script("bench/erank.py")
+    bench = load_script("bench/speed/erank.py")
     profile = bench.load_profiles()["smollm2/model.layers.29.self_attn.o_proj"]
     g = bench.profile_matrix(profile, 2048, 2048)
     got = slq.erank_estimate(g)

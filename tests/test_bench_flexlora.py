@@ -1,4 +1,4 @@
-"""bench/flexlora.py --smoke runs end to end (so the benchmark cannot rot); no timing asserts."""
+"""bench/flexlora/flexlora.py --smoke runs end to end (so it cannot rot); no timing asserts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from scripts import load_script
 
 
 def test_bench_flexlora_smoke(capsys):
-    bench = load_script("bench/flexlora.py")
+    bench = load_script("bench/flexlora/flexlora.py")
     results = bench.main(["--smoke"])
     assert [r.method for r in results] == list(bench.METHODS)
     assert all(r.median_ms > 0 and r.trainable > 0 for r in results)
@@ -19,7 +19,7 @@ def test_bench_flexlora_smoke(capsys):
 
 
 def test_bench_flexlora_shapes_parse():
-    bench = load_script("bench/flexlora.py")
+    bench = load_script("bench/flexlora/flexlora.py")
     args = bench.parse(["--shape", "smollm2"])
     assert (args.shape, args.device.type, args.batch, args.seq) == ("smollm2", "cpu", 2, 64)
     cfg = bench.llama_config("smollm2")  # SmolLM2-135M's shape
@@ -29,7 +29,7 @@ def test_bench_flexlora_shapes_parse():
 
 
 def test_warmup_rank_changes_and_spearman():
-    bench = load_script("bench/flexlora_warmup.py")
+    bench = load_script("bench/flexlora/flexlora_warmup.py")
     history = [(5, {"a": 3, "b": 1}), (7, {"a": 2, "b": 2}), (9, {"a": 2, "b": 2})]
     # a: 2 → 3 → 2 (the second change undoes the first); b: 2 → 1 → 2 (likewise)
     assert bench.rank_changes(history, 2) == (2, 4, 2)
@@ -39,12 +39,12 @@ def test_warmup_rank_changes_and_spearman():
 
 
 def test_bench_flexlora_warmup_and_curves_smoke(tmp_path):
-    warmup = load_script("bench/flexlora_warmup.py")
+    warmup = load_script("bench/flexlora/flexlora_warmup.py")
     runs = warmup.main(["--smoke", "--fractions", "0.5", "--seeds", "0", "--output", str(tmp_path)])
     assert [r["fraction"] for r in runs] == [None, 0.5]
     assert runs[1]["t_warmup"] > 0 and -1 <= runs[1]["agreement"] <= 1
     assert "| 0.5·T = " in (tmp_path / "warmup-smoke.md").read_text()
-    curves = load_script("bench/flexlora_curves.py")
+    curves = load_script("bench/flexlora/flexlora_curves.py")
     out = curves.main(["--smoke", "--output", str(tmp_path)])
     assert list(out["runs"]) == list(curves.METHODS)
     assert all(len(r["losses"]) > 0 for r in out["runs"].values())

@@ -1,4 +1,4 @@
-"""bench/noise_shape.py: the share of ‖M‖²_F in the top eigenvalues of M Mᵀ, against numpy."""
+"""bench/stability/noise_shape.py: the share of ‖M‖²_F in the top eigenvalues of M Mᵀ (numpy)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scripts import load_script
 
 
 def test_top_share_matches_numpy():
-    bench = load_script("bench/noise_shape.py")
+    bench = load_script("bench/stability/noise_shape.py")
     m = np.random.default_rng(0).standard_normal((30, 50)) * np.linspace(3, 0.1, 50)
     ev = np.linalg.eigvalsh(m @ m.T)[::-1]
     assert bench.top_share(torch.from_numpy(m)) == pytest.approx(ev[:10].sum() / ev.sum(), 1e-9)

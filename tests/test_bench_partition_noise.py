@@ -1,4 +1,4 @@
-"""bench/partition_noise.py: the greedy chain's decisions and the probe size for 90 % (issue 14)."""
+"""bench/stability/partition_noise.py: the greedy chain's decisions, the probe size for 90 %."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _sym(upper: dict[tuple[int, int], float], n: int) -> np.ndarray:
 
 
 def test_decisions_carry_each_subsets_margin_and_follow_the_mean_chain():
-    bench = load_script("bench/partition_noise.py")
+    bench = load_script("bench/stability/partition_noise.py")
     # layer 0's threshold is the mean of its row: (0.9 + 0.5 ± δ)/2; layer 1 joins 0 iff
     # sim[1][0] ≥ τ_0, then layer 2 is compared with the start 0 again
     a = _sym({(0, 1): 0.90, (0, 2): 0.50, (1, 2): 0.6}, 3)
@@ -36,7 +36,7 @@ def test_decisions_carry_each_subsets_margin_and_follow_the_mean_chain():
 
 
 def test_follow_probability_and_needed_size_match_the_normal_model():
-    bench = load_script("bench/partition_noise.py")
+    bench = load_script("bench/stability/partition_noise.py")
     k, size = 4, 64
     d1 = bench.Decision(0, 1, np.array([0.03, 0.01, 0.02, 0.02]))  # mean 0.02
     d2 = bench.Decision(0, 2, np.array([-0.05, -0.02, -0.04, -0.01]))  # mean −0.03
@@ -60,9 +60,9 @@ def test_follow_probability_and_needed_size_match_the_normal_model():
 
 
 def test_report_on_the_stability_smoke_records(tmp_path):
-    """Its 'same' column is bench/stability.py's own identity of the greedy intervals."""
-    stability = load_script("bench/stability.py")
-    noise = load_script("bench/partition_noise.py")
+    """Its 'same' column is bench/stability/stability.py's own identity of the greedy intervals."""
+    stability = load_script("bench/stability/stability.py")
+    noise = load_script("bench/stability/partition_noise.py")
     stem = tmp_path / "smoke"
     stability.main(["--smoke", "--out", str(stem)])  # 2 subsets; heads × head-fits
     jsonl = stem.with_suffix(".jsonl")
@@ -89,7 +89,7 @@ def test_report_on_the_stability_smoke_records(tmp_path):
 def test_matched_lam_gives_the_greedy_granularity_and_half_never_merges():
     """dp at METHODS.md's λ = 0.5 makes every layer its own interval (block means ≤ 1); the
     matched λ gives the requested count, and just below it dp splits more."""
-    bench = load_script("bench/partition_noise.py")
+    bench = load_script("bench/stability/partition_noise.py")
     rng = np.random.default_rng(0)
     n = 8
     x = np.cumsum(rng.normal(size=(n, 3)), axis=0)  # neighbouring layers alike
@@ -107,7 +107,7 @@ def test_share_reached_is_the_poisson_binomial_tail():
     """P(≥ 90 % of T types identical) against the enumeration of every outcome (float64)."""
     import itertools
 
-    bench = load_script("bench/partition_noise.py")
+    bench = load_script("bench/stability/partition_noise.py")
     margins = [[0.02, 0.03, 0.01, 0.02], [0.05, 0.02, 0.04, 0.05], [0.001, -0.002, 0.003, 0.0]]
     results = [
         bench.TypeResult(f"t{i}", 2, 1, True, True, 1.0, [bench.Decision(0, 1, np.array(m))], 0.0)

@@ -1,4 +1,4 @@
-"""bench/planner.py --smoke runs end to end (so the benchmark cannot rot); no timing asserts."""
+"""bench/speed/planner.py --smoke runs end to end (so it cannot rot); no timing asserts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from scripts import load_script
 
 
 def test_bench_planner_smoke(capsys):
-    bench = load_script("bench/planner.py")
+    bench = load_script("bench/speed/planner.py")
     results = bench.main(["--smoke"])
     assert [(r.method, r.options) for r in results] == list(bench.CASES)
     assert all(r.modules == 8 and r.median_ms > 0 and r.best_ms > 0 for r in results)

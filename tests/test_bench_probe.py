@@ -1,4 +1,4 @@
-"""bench/probe.py --smoke runs end to end (so the benchmark cannot rot); no timing asserts."""
+"""bench/speed/probe.py --smoke runs end to end (so the benchmark cannot rot); no timing asserts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from scripts import load_script
 
 
 def test_bench_probe_smoke(capsys):
-    bench = load_script("bench/probe.py")
+    bench = load_script("bench/speed/probe.py")
     tiny = "--layers 2 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 64"
     tiny += " --steps 2 --repeats 1"
     out = bench.main(["--smoke", "--device", "cpu", *tiny.split()])
@@ -29,7 +29,7 @@ def test_bench_probe_smoke(capsys):
 
 
 def test_bench_probe_shapes_come_from_bench_shapes():
-    bench = load_script("bench/probe.py")
+    bench = load_script("bench/speed/probe.py")
     cfg, args = bench.parse(["--shape", "smollm2", "--device", "cpu"])
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.heads, cfg.kv_heads) == (
         30, 576, 1536, 9, 3,

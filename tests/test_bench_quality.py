@@ -1,5 +1,5 @@
-"""bench/quality.py and bench/common.py: the smoke grid runs end to end and resumes; the summary
-matches a numpy computation on runs.csv; bad input is refused. No timing asserts."""
+"""bench/quality/quality.py and bench/common.py: the smoke grid runs end to end and resumes; the
+summary matches a numpy computation on runs.csv; bad input is refused. No timing asserts."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 from scripts import load_script
 
-quality = load_script("bench/quality.py")
+quality = load_script("bench/quality/quality.py")
 common = load_script("bench/common.py")
-qs = load_script("bench/quality_summary.py")
-quality_grid = load_script("bench/quality_grid.py")
-ql = load_script("bench/quality_lr.py")
-qr = load_script("bench/quality_run.py")
+qs = load_script("bench/quality/quality_summary.py")
+quality_grid = load_script("bench/quality/quality_grid.py")
+ql = load_script("bench/quality/quality_lr.py")
+qr = load_script("bench/quality/quality_run.py")
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,7 @@ def test_adalora_schedule_sized_to_the_steps():
 
 
 def test_held_out_cuts_validation_from_the_training_split_by_group():
-    from entrolora import data as D
+    from entrolora.data import datasets as D
 
     n = 200
     ds = D.TextDataset(
@@ -384,7 +384,9 @@ def test_worker_refuses_a_run_that_did_not_evaluate_on_the_given_split(tmp_path,
 
     monkeypatch.setattr(T, "train_run", lambda cfg: Result())  # never splits
     payload = json.dumps({"config": {"output": str(tmp_path)}, "validation": 0.15})
-    with pytest.raises(RuntimeError, match="did not evaluate on the split bench/quality.py"):
+    with pytest.raises(
+        RuntimeError, match="did not evaluate on the split bench/quality/quality.py"
+    ):
         qr.worker(payload)
 
 

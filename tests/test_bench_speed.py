@@ -1,5 +1,5 @@
-"""bench/speed.py: runs every benchmark script's --smoke under one entry point (so none can rot),
-records each output, and keeps going past a missing or broken script. No timing asserts."""
+"""bench/speed/speed.py: runs every benchmark script's --smoke under one entry point (so none can
+rot), records each output, and keeps going past a missing or broken script. No timing asserts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from scripts import ROOT, load_script
 
 BENCH = ROOT / "bench"
-speed = load_script("bench/speed.py")
+speed = load_script("bench/speed/speed.py")
 
 
 @pytest.mark.slow  # every script's smoke again (each has its own test): minutes on 2 busy cores
@@ -34,7 +34,7 @@ def test_speed_smoke_entry_point(tmp_path, capsys):
     assert "plan_lora" in o.output and o.value  # the script's own result came back
     saved = (tmp_path / "speed-smoke" / "planner.txt").read_text(encoding="utf-8")
     assert saved.startswith(
-        "# python bench/planner.py --smoke  (via: python bench/speed.py --smoke)"
+        "# python bench/speed/planner.py --smoke  (via: python bench/speed/speed.py --smoke)"
     )
     assert "# status: ok" in saved and saved.endswith(o.output)
     assert "| planner | ok |" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""bench/stability.py --smoke runs end to end and resumes from its JSONL (issue 14)."""
+"""bench/stability/stability.py --smoke runs end to end and resumes from its JSONL (issue 14)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from scripts import load_script
 
 
 def test_bench_stability_smoke(tmp_path, capsys):
-    bench = load_script("bench/stability.py")
+    bench = load_script("bench/stability/stability.py")
     stem = tmp_path / "smoke"
     out = bench.main(["--smoke", "--out", str(stem)])
     lines = stem.with_suffix(".jsonl").read_text().splitlines()
@@ -43,7 +43,7 @@ def test_bench_stability_smoke(tmp_path, capsys):
 
 
 def test_records_written_before_the_probe_head_option_read_as_the_loaded_head():
-    bench = load_script("bench/stability.py")
+    bench = load_script("bench/stability/stability.py")
     old = {"model": "minilm", "steps": 64, "subset": 1, "seed": 1, "head_fit": 0,
            "batch_size": 32, "max_length": 64, "block": 8}  # fmt: skip
     assert bench.Probe(**old).probe_head == "model"
@@ -51,7 +51,7 @@ def test_records_written_before_the_probe_head_option_read_as_the_loaded_head():
 
 
 def test_identical_share_counts_items_equal_in_every_probe():
-    bench = load_script("bench/stability.py")
+    bench = load_script("bench/stability/stability.py")
     recs = [{"raw": {"blocks": {"a": 1, "b": 2}}}, {"raw": {"blocks": {"a": 1, "b": 4}}}]
     assert bench.identical_share(recs, "raw", "blocks") == (1, 2)
 
@@ -62,8 +62,8 @@ def test_edge_blocks_follow_the_mirrored_noise_edge_effective_rank():
     import entrolora as el
     from entrolora.stats import GradientStats
 
-    bench = load_script("bench/stability.py")
-    sb = load_script("bench/signal_bias.py")
+    bench = load_script("bench/stability/stability.py")
+    sb = load_script("bench/stability/signal_bias.py")
     first, second, expected = {}, {}, {}
     for layer, (alpha, snr) in enumerate([(0.3, 64.0), (1.5, 4.0)]):
         _, g, d = sb.signal_and_noise(256, 256, alpha=alpha, snr=snr, seed=layer)
@@ -86,7 +86,7 @@ def test_edge_blocks_follow_the_mirrored_noise_edge_effective_rank():
 def test_a_worker_pass_records_what_the_serial_pass_does():
     """``--jobs`` runs ``worker_pass`` in spawned processes: it builds its own setup and returns
     the same records (plans, SNRs, similarity matrices) as the pass run in the parent."""
-    bench = load_script("bench/stability.py")
+    bench = load_script("bench/stability/stability.py")
     args = bench.parse(["--smoke"])
     probe, _ = bench.passes(args, "smoke", 256)[1]
     load, batches, targets = bench.setup(args)
@@ -104,7 +104,7 @@ def test_a_worker_pass_records_what_the_serial_pass_does():
 def test_the_pool_head_is_one_centroid_for_every_subset_and_seed():
     """``--probe-head pool``: the centroid of all K subsets' batches, so a subset's gradients
     do not depend on the seed, and differ from those through the subset's own centroid."""
-    bench = load_script("bench/stability.py")
+    bench = load_script("bench/stability/stability.py")
     args = bench.parse(["--smoke"])
     args.probe_head = "pool"
     load, batches, targets = bench.setup(args)
@@ -133,7 +133,7 @@ def test_the_pool_head_is_one_centroid_for_every_subset_and_seed():
     ],
 )  # fmt: skip
 def test_bad_arguments_stop_with_a_message(argv, message):
-    bench = load_script("bench/stability.py")
+    bench = load_script("bench/stability/stability.py")
     with pytest.raises(SystemExit, match=message):
         args = bench.parse(argv)
         bench.passes(args, "minilm", 256)

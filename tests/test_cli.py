@@ -236,7 +236,7 @@ def test_train_plan_for_another_model(assets, tmp_path):
 
 
 def test_train_missing_assets_names_install_command(tmp_path, monkeypatch):
-    from entrolora import data as D
+    from entrolora.data import datasets as D
 
     real = D.importlib.util.find_spec
     monkeypatch.setattr(

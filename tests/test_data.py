@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entrolora import data as D
+from entrolora.data import datasets as D
 
 WORDS = [f"w{i}" for i in range(80)] + ["good", "great", "bad", "awful"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]

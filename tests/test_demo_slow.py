@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from entrolora import data as D
 from entrolora.cli import app
+from entrolora.data import datasets as D
 
 pytestmark = pytest.mark.slow
 

@@ -362,7 +362,7 @@ def test_parameters_digest_sees_one_changed_element():
 
 
 def _needs_apply() -> None:
-    pytest.importorskip("entrolora.inject", reason="entrolora.apply has not landed yet")
+    pytest.importorskip("entrolora.adapters.inject", reason="entrolora.apply has not landed yet")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import entrolora as el
-from entrolora import export as E
+from entrolora.export import peft as E
 from test_adapters import CASES, MODELS, _targets, randomize_
 from test_export_rules import KINDS, build_any
 from tiny import lm_batches, tiny_llama
@@ -134,7 +134,7 @@ def test_merged_export_clears_gguf_quantisation_markers(tmp_path):
 
 # -- portable names, task types, card ------------------------------------------------------------
 def test_portable_base_name(tmp_path, monkeypatch):
-    from entrolora import data as D
+    from entrolora.data import datasets as D
 
     assert E.portable_base_name("org/model") == "org/model"  # a hub id stays
     assert E.portable_base_name(None) is None
@@ -183,7 +183,7 @@ def test_unknown_layout_is_refused(tmp_path):
 
 
 def test_embedded_minilm_exports_under_its_public_id():
-    from entrolora import data as D
+    from entrolora.data import datasets as D
 
     try:
         folder = D.minilm_path()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import entrolora as el
-from entrolora.inject import adapted_modules
+from entrolora.adapters.inject import adapted_modules
 from entrolora.plans import AdaptationPlan, ModulePlan
 from test_adapters import CASES, MODELS, _targets, build, randomize_
 from tiny import lm_batches

@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import load_file
 
 import entrolora as el
-from entrolora.export import VLLM_MAX_LORA_RANKS
+from entrolora.export.record import VLLM_MAX_LORA_RANKS
 from test_adapters import CASES, MODELS, build
 from tiny import lm_batches
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import entrolora as el
 from entrolora.adapters.flex import FlexAdapter
-from entrolora.flex import (
+from entrolora.flex.controller import (
     STATE_FILE,
     FlexLoRA,
     FlexSchedule,
@@ -207,7 +207,7 @@ def naive_distance(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gram_distance_grad_matches_autograd(seed):
-    from entrolora.flex_ops import gram_distance, gram_distance_grad
+    from entrolora.adapters.flex_ops import gram_distance, gram_distance_grad
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
@@ -227,7 +227,7 @@ def test_gram_distance_grad_matches_autograd(seed):
 
 def test_gram_distance_at_its_minimum_has_zero_gradient():
     """‖E‖ = 0 (orthonormal columns): not differentiable there; both paths give 0, no NaN."""
-    from entrolora.flex_ops import gram_distance, gram_distance_grad
+    from entrolora.adapters.flex_ops import gram_distance, gram_distance_grad
 
     x = torch.eye(5, 3, dtype=torch.float32)[None].clone().requires_grad_(True)
     m = torch.ones(1, 3)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from entrolora.flex import FlexLoRA
-from entrolora.flex_optim import base_optimizer
+from entrolora.flex.optim import base_optimizer
 from test_flex import BATCHES, flex_llama, train, trainable
 
 

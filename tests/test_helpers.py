@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from entrolora.adapters.base import kaiming_uniform
-from entrolora.inject import unwrap
+from entrolora.adapters.inject import unwrap
 from entrolora.progress import NoBar, progress_bar
 
 

@@ -1,4 +1,4 @@
-"""apply / merge / unmerge / trainable_parameters over every adapter kind (entrolora.inject)."""
+"""apply / merge / unmerge / trainable_parameters over every adapter kind (adapters/inject.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch import nn
 
 import entrolora as el
 from entrolora.adapters import AdaptedLinear
-from entrolora.inject import adapted_modules, num_trainable_params
-from entrolora.io import adapter_state
+from entrolora.adapters.inject import adapted_modules, num_trainable_params
+from entrolora.export.io import adapter_state
 from entrolora.plans import AdaptationPlan, GroupPlan, ModulePlan
 from test_adapters import (
     ALPHA,

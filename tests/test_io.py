@@ -1,4 +1,4 @@
-"""save / load (entrolora.io) for every adapter kind, bad checkpoints, and the Trainer callback."""
+"""save / load (export/io.py) for every adapter kind, bad checkpoints, and the Trainer callback."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import entrolora as el
-from entrolora.inject import adapted_modules
-from entrolora.io import ADAPTER_FILE, PLAN_FILE, adapter_state
+from entrolora.adapters.inject import adapted_modules
+from entrolora.export.io import ADAPTER_FILE, PLAN_FILE, adapter_state
 from test_adapters import CASES, _targets, build
 from tiny import lm_batches, tiny_gpt2, tiny_llama
 

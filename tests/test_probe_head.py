@@ -118,7 +118,7 @@ def test_centroid_head_leaves_the_model_alone_where_it_does_not_apply(case):
 def test_run_probe_statistics_do_not_depend_on_the_heads_seed(tmp_path):
     """Two models with one body and heads drawn from different seeds: with the centroid head
     the probe's gradients agree; with the loaded head they do not."""
-    from entrolora import data as D
+    from entrolora.data import datasets as D
     from entrolora.job import TrainConfig, load_model, run_probe
     from test_data import save_tiny_model, write_csv
 

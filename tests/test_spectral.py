@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entrolora.slq import FastErank, erank_estimate
-from entrolora.spectral import effective_ranks, erank_from_singular_values, singular_values
+from entrolora.stats.slq import FastErank, erank_estimate
+from entrolora.stats.spectral import effective_ranks, erank_from_singular_values, singular_values
 
 
 def numpy_erank(g: np.ndarray) -> float:
@@ -194,7 +194,7 @@ def test_signal_erank_noise_shape_mismatch_is_an_error():
 
 
 # -- fast estimate (deflated stochastic Lanczos quadrature) ---------------------------------------
-# Accuracy on small matrices with the threshold forced low; no timing here (bench/erank.py).
+# Accuracy on small matrices with the threshold forced low; no timing here (bench/speed/erank.py).
 SMALL = FastErank(block=16, steps=6, probes=16, probe_steps=12)  # 288 product columns
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from entrolora import slq
-from entrolora.spectral import effective_ranks, raw_and_signal_eranks
+from entrolora.stats import slq
+from entrolora.stats.spectral import effective_ranks, raw_and_signal_eranks
 
 
 def numpy_eranks(g: np.ndarray, d: np.ndarray) -> tuple[float, float]:

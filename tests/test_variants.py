@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import entrolora as el
+from entrolora.adapters.inject import adapted_modules
 from entrolora.adapters.variants import LoRIAdapter, VeRAAdapter
-from entrolora.inject import adapted_modules
 from entrolora.plans import lori_kept
 from tiny import lm_batches, tiny_llama
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _EXPORTS = {
     "probe": "probing",
@@ -33,14 +33,14 @@ _EXPORTS = {
     "plan_ls_lora": "planners",
     "plan_lora_gid": "planners",
     "plan_flexlora": "planners",
-    "apply": "inject",
-    "merge": "inject",
-    "unmerge": "inject",
-    "trainable_parameters": "inject",
-    "adapted_modules": "inject",
+    "apply": "adapters.inject",
+    "merge": "adapters.inject",
+    "unmerge": "adapters.inject",
+    "trainable_parameters": "adapters.inject",
+    "adapted_modules": "adapters.inject",
     "FlexLoRA": "flex",
-    "save": "io",
-    "load": "io",
+    "save": "export.io",
+    "load": "export.io",
     "export_peft": "export",
     "export_merged": "export",
     "to_peft_config": "export",

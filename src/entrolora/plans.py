@@ -30,8 +30,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .data.reading import read_json
 from .files import atomic_write_text
-from .reading import read_json
 from .targets import get_module, is_linear, linear_dims, split_module_name
 
 FORMAT = "entrolora.plan"
@@ -39,6 +39,10 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "dora", "vera", "lori", "flex")
 SHAREABLE_FACTORS = ("A", "B", "d", "b")
 FROZEN_FACTORS = {"vera": ("A", "B"), "lori": ("A",)}
+
+
+#: FlexLoRA's initial factors (adapters/flex.py): plain LoRA's, or the paper's.
+FLEX_INITS = ("lora", "paper")
 
 
 def lori_kept(numel: int, sparsity: float) -> int:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.reading import read_json
 from .files import atomic_write, atomic_write_text
 from .plans import AdaptationPlan
-from .reading import read_json
 from .stats import GradientStats
 
 HISTORY_FILE = "flex_history.json"

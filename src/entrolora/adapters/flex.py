@@ -14,10 +14,10 @@ import math
 import torch
 from torch import nn
 
-from ..flex_ops import gram_distance, write_slot
+from ..plans import FLEX_INITS as INITS
 from .base import kaiming_uniform
+from .flex_ops import gram_distance, write_slot
 
-INITS = ("lora", "paper")
 PAPER_STD = 0.02  # AdaLoRA's and the FlexLoRA paper's N(0, 0.02²)
 
 

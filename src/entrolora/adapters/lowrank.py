@@ -1,6 +1,6 @@
 """Low-rank adapters: plain / shared / sliced ``B·A`` and block-diagonal (MELoRA) ``diag(B_i·A_i)``.
 
-Factors are handed in by ``entrolora.inject.apply`` (which creates them, seeded, and passes the
+Factors are handed in by ``inject.apply`` (which creates them, seeded, and passes the
 *same* ``nn.Parameter`` to every member of a shared group), so sharing is real: one tensor, one
 gradient, one optimizer state. A member of rank ``r`` below its group's stored rank uses the first
 r rows of A and the first r columns of B (the E²ShareLoRA slice, METHODS.md §3).

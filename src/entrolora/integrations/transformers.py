@@ -4,7 +4,7 @@
     trainer = Trainer(model, args, ..., callbacks=[EntroloraCallback()])
 
 At every save step the callback writes ``<output_dir>/checkpoint-<step>/adapter/``
-(``adapter.safetensors`` + ``plan.json`` [+ ``flex_state.json``], see ``entrolora.io.save``),
+(``adapter.safetensors`` + ``plan.json`` [+ ``flex_state.json``], see ``entrolora.export.io.save``),
 which ``el.load(base_model, dir)`` or ``el.export_peft`` turn back into a model or a peft
 checkpoint, and tells the Trainer not to write its own checkpoint: the Trainer would save the
 whole model, and ``save_pretrained`` refuses shared adapter tensors. Optimizer and scheduler
@@ -22,8 +22,8 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..inject import adapted_modules
-from ..io import save
+from ..adapters.inject import adapted_modules
+from ..export.io import save
 
 ADAPTER_DIR = "adapter"
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data as D
+from ..data import datasets as D
+from ..data.reading import read_json, read_tensors
 from ..files import atomic_write
-from ..reading import read_json, read_tensors
 from .models import load_model
 from .runfolder import OutputFolder, check_output
 

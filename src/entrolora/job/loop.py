@@ -54,8 +54,8 @@ def adamw(
     params: Sequence[nn.Parameter], lr: float, weight_decay: float = 0.0
 ) -> torch.optim.AdamW:
     """torch's AdamW over ``params``, fused (one pass over each tensor instead of about a dozen:
-    ~4× less optimizer time on a CPU, bench/flexlora.py) where torch has the fused kernel for
-    them: plain float tensors on one CPU or CUDA device. Else (sharded DTensors under FSDP2,
+    ~4× less optimizer time on a CPU, bench/flexlora/flexlora.py) where torch has the fused kernel
+    for them: plain float tensors on one CPU or CUDA device. Else (sharded DTensors under FSDP2,
     parameters on several devices) torch's default implementation. The same update either way,
     to rounding."""
     devices = {p.device.type for p in params}

@@ -28,7 +28,7 @@ HEADS = {"classify": "sequence-classification", "causal-lm": "causal-LM"}
 
 def model_name(model: str | None) -> str:
     """How messages call a ``--model`` argument: the user's own spelling, or the default."""
-    from .. import data as D
+    from ..data import datasets as D
 
     if model is None or model in ("default", D.DEFAULT_MODEL):
         return "the embedded all-MiniLM-L6-v2"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data as D
+from ..data import datasets as D
 from .model_checks import check_model, loading_errors, model_name
 
 HEAD_NAMES = ("classifier", "score")

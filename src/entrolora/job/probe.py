@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data as D
 from .. import distributed as eld
+from ..data import datasets as D
 from .config import TrainConfig, planner_name
 from .model_checks import check_max_length, model_name
 from .models import head_modules
@@ -131,7 +131,7 @@ def _centroid_rows(
 ) -> torch.Tensor | None:
     """Centred class means of ``layer``'s input, ``(out_features, in_features)`` float64 on the
     layer's device, or None when there is nothing to centre (see ``centroid_head``)."""
-    from ..probing import _all_reduce_sum, _dist_rank_world
+    from ..probing.gradients import _all_reduce_sum, _dist_rank_world
 
     classes, width = layer.out_features, layer.in_features
     dev = layer.weight.device

@@ -17,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import data as D
 from .. import distributed as eld
+from ..data import datasets as D
 from ..progress import progress_bar
 from .baselines import build_peft
 from .config import (
@@ -48,40 +47,8 @@ from .loop import (
 from .models import default_targets, head_modules, load_model, resolve_device
 from .probe import make_plan, run_probe
 from .runfolder import OutputFolder, check_output
+from .state import Adapted, Job
 from .write import write_run
-
-
-@dataclass
-class Job:
-    """A run's inputs once loaded: data splits, model, targets and the step budget."""
-
-    cfg: TrainConfig
-    method: str
-    device: torch.device
-    train_ds: D.TextDataset
-    test_ds: D.TextDataset
-    model: nn.Module
-    tokenizer: Any
-    family: str
-    targets: list[str]
-    steps_per_epoch: int
-    total: int
-    times: dict[str, float] = field(default_factory=lambda: {"probe_s": 0.0, "plan_s": 0.0})
-    memory: tuple[float, str] = (0.0, "")  # peak memory after evaluation (loop.peak_memory)
-
-
-@dataclass
-class Adapted:
-    """The model with its adapters (or peft baseline) and what made them."""
-
-    model: nn.Module
-    opts: dict[str, Any]
-    heads: dict[str, nn.Module]
-    head_prefixes: tuple[str, ...]
-    plan: Any = None
-    stats: Any = None
-    flex: Any = None
-    params: tuple[int, int] = (0, 0)  # (adapter, head) parameters that train
 
 
 def train_run(cfg: TrainConfig) -> RunResult:

@@ -17,19 +17,17 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .. import inject
+from ..adapters import inject
 from ..files import atomic_write_text
 from .config import PEFT_METHODS
 from .export import head_state, save_head
 from .loop import mean_tail
 from .models import model_label
-
-if TYPE_CHECKING:
-    from .run import Adapted, Job
+from .state import Adapted, Job
 
 
 def write_run(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..plans import FLEX_INITS as INITS
 from ..plans import AdaptationPlan, GroupPlan, ModulePlan
 from ..stats import STATISTICS, GradientStats
 
@@ -224,8 +225,6 @@ def plan_flexlora(
     ``init``: "lora" (P = 0, λ = 1, Q as LoRA's A) or "paper" (λ = 0, P, Q ~ N(0, 0.02²)); the
     adapters and every later expansion follow it.
     """
-    from ..adapters.flex import INITS
-
     if init not in INITS:
         raise ValueError(f"FlexLoRA init must be one of {', '.join(INITS)}, got {init!r}")
     r = check_int("r", r)

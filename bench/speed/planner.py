@@ -1,0 +1,109 @@
+"""Planning time of every planner on synthetic statistics, next to plain LoRA's in the same run.
+
+    python bench/speed/planner.py           # 32 layers × 4 module types (Llama-7B attention shapes)
+    python bench/speed/planner.py --smoke    # 4 layers × 2 types, a few repeats (CI)
+
+Statistics are built directly from synthetic ``ModuleStats`` (per-layer σ drifting in blocks,
+random erank and sensitivity): planners need no gradients for the RMI similarity, so this times
+the planner alone (similarity matrix, partition, allocation, plan construction). Figures are
+medians (and the best call, which shows the planner's own cost on a busy machine) over
+``--repeats`` calls; ratios are against ``plan_lora`` measured in the same run. The target
+(issue 3): the greedy E²LoRA planner on 32 layers × 4 types takes ≤ 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+TYPES = ("q_proj", "k_proj", "v_proj", "o_proj")
+CASES = (
+    ("lora", {}),
+    ("e2lora", {}),
+    ("e2lora", {"partition": "dp"}),
+    ("e2sharelora", {}),
+    ("ralora", {}),
+    ("ralora_pro", {}),
+)
+
+
+@dataclass
+class Result:
+    method: str
+    options: dict
+    modules: int
+    intervals: int | None
+    median_ms: float
+    best_ms: float
+
+
+def synthetic_stats(layers: int, types: int, d: int = 4096, seed: int = 0):
+    """GradientStats of ``layers × types`` modules: σ in blocks of ~4 layers, random erank/I."""
+    from entrolora.stats import HALF_LOG_2PI_PLUS_HALF, GradientStats, ModuleStats
+
+    rng = random.Random(seed)
+    mods = {}
+    for t in TYPES[:types]:
+        sigma = 1e-4
+        for i in range(layers):
+            if i % 4 == 0:
+                sigma = 1e-4 * math.exp(rng.uniform(-1.5, 1.5))
+            sd = sigma * math.exp(rng.gauss(0, 0.02))
+            name = f"model.layers.{i}.self_attn.{t}"
+            mods[name] = ModuleStats(
+                name=name, module_type=f"model.layers.*.self_attn.{t}", layer=i, shape=(d, d),
+                numel=d * d, mean=rng.gauss(0, 1e-6), std=sd,
+                entropy=math.log(sd) + HALF_LOG_2PI_PLUS_HALF, erank=rng.uniform(4, 400),
+                sensitivity=rng.uniform(1e-6, 1e-4),
+            )  # fmt: skip
+    return GradientStats(modules=mods)
+
+
+def time_planner(stats, method: str, options: dict, repeats: int) -> tuple[float, float, object]:
+    from entrolora.planners import plan
+
+    plan(method, stats, **options)  # warm-up: imports, caches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        p = plan(method, stats, **options)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times), p
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny statistics, few repeats (CI)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args(argv)
+    layers, types, repeats = (4, 2, 3) if args.smoke else (args.layers, 4, args.repeats)
+    stats = synthetic_stats(layers, types, d=64 if args.smoke else 4096)
+    label = "smoke" if args.smoke else f"{layers} layers × {types} types"
+    print(f"planner time on synthetic statistics ({label}), median of {repeats} calls")
+    results = []
+    for method, options in CASES:
+        ms, best, p = time_planner(stats, method, options, repeats)
+        diag = p.options.get("types")
+        k = sum(len(v["intervals"]) for v in diag.values()) if diag else None
+        results.append(Result(method, options, len(p.modules), k, ms, best))
+    base = results[0].median_ms
+    for r in results:
+        opts = ",".join(f"{k}={v}" for k, v in r.options.items()) or "defaults"
+        extra = f"  intervals {r.intervals}" if r.intervals is not None else ""
+        print(
+            f"  {r.method:<12} {opts:<14} median {r.median_ms:8.3f} ms  best {r.best_ms:8.3f} ms  "
+            f"{r.median_ms / base:6.1f}× plan_lora  ({r.modules} modules){extra}"
+        )
+    greedy = results[1].median_ms
+    verdict = "meets" if greedy <= 10.0 else "misses"
+    print(f"greedy E²LoRA: {greedy:.3f} ms, {verdict} the ≤ 10 ms target ({label})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

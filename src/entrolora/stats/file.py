@@ -1,0 +1,87 @@
+"""The statistics file (``GradientStats.save`` / ``load``): one safetensors file, the per-module
+statistics as JSON metadata, the kept gradients and noise estimates as tensors.
+
+Format 2 adds the noise estimate's fields per module (``noise_mean`` … ``signal_erank``) and the
+noise tensors (``noise/<name>``); format-1 files still load, without a noise estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..files import atomic_write
+from .module import ModuleStats
+
+FORMAT = "entrolora.stats"
+FORMAT_VERSION = 2  # 2: noise estimate and signal statistics; version 1 files still load
+READABLE_VERSIONS = ("1", "2")
+NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
+
+
+def write(
+    path: str | os.PathLike,
+    keep_gradients: bool,
+    modules: Iterable[ModuleStats],
+    steps: int,
+    meta: dict,
+    gradients: Mapping[str, torch.Tensor] | None,
+    noise: Mapping[str, torch.Tensor] | None,
+) -> Path:
+    """Atomically write the statistics of ``modules`` (and, with ``keep_gradients``, the
+    gradients and noise estimates) to ``path``; returns the path."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    if keep_gradients:
+        for n, g in (gradients or {}).items():
+            tensors[n] = g.detach().to("cpu", torch.float32).contiguous()
+        for n, d in (noise or {}).items():
+            tensors[NOISE_PREFIX + n] = d.detach().to("cpu", torch.float32).contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "steps": str(steps),
+        "meta": json.dumps(meta),
+        "modules": json.dumps([asdict(m) for m in modules]),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]:
+    """``(modules as dicts, gradients or None, steps, meta, noise or None)`` of a file written by
+    ``write``; ValueError naming the file when it is missing, truncated or foreign."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"statistics file {str(path)!r} does not exist; run `entrolora probe`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(
+            f"statistics file {str(path)!r} is corrupted or truncated ({e}); probe again"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not an entrolora statistics file")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{str(path)!r} has statistics format version {meta.get('format_version')}; this "
+            f"entrolora reads versions {', '.join(READABLE_VERSIONS)}. Probe again with this "
+            "version."
+        )
+    modules = {}
+    for d in json.loads(meta["modules"]):
+        d["shape"] = tuple(d["shape"])
+        modules[d["name"]] = d
+    noise = {k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)}
+    grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
+    return modules, grads or None, int(meta["steps"]), json.loads(meta["meta"]), noise or None
