@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     for name in names:
         extra = ["--smoke"] if args.smoke else ([] if cuda else list(CPU_ARGS.get(name, [])))
-        cmd = f"python bench/{name}.py {' '.join(extra)}".strip()
+        cmd = f"python bench/{FOLDERS[name]}/{name}.py {' '.join(extra)}".strip()
         print(f"\n=== {name}: {cmd}", flush=True)
         t0 = time.perf_counter()
         outcome = run_script(name, extra)
