@@ -23,6 +23,8 @@ from torch import nn
 
 from .export_card import consumers_and_notes, model_card
 from .files import atomic_write, atomic_write_text
+from .guards.api import need_model, need_path
+from .guards.output import guard_folder, tensor_bytes
 from .inject import adapted_modules, get_plan, merge, unwrap
 from .plans import AdaptationPlan
 from .targets import is_conv1d
@@ -183,6 +185,8 @@ def export_peft(
     ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
     Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
     """
+    need_model(model, "el.export_peft")
+    need_path(directory, "el.export_peft")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
     wrappers, use_dora = _exportable(model)
@@ -217,7 +221,9 @@ def export_peft(
         num_labels=getattr(base.config, "num_labels", None) if task_type == "SEQ_CLS" else None,
     )
     card = model_card(info, _plan_or_none(model), metrics)
-    _write_export(Path(directory), tensors, config, card)
+    # a peft export replaces only a peft export; never a run's folder or anything inside one
+    directory = guard_folder(directory, "el.export_peft", "export", tensor_bytes(tensors))
+    _write_export(directory, tensors, config, card)
     return info
 
 
@@ -348,7 +354,15 @@ def export_merged(
     HF-format base that vLLM and llama.cpp load an adapter export onto. Plain
     ``AutoModelFor….from_pretrained(directory)`` loads the result. Returns the directory.
     """
+    need_model(model, "el.export_merged")
+    need_path(directory, "el.export_merged")
     base = unwrap(model)
+    if merge_adapters and not adapted_modules(base):
+        raise ValueError(
+            "el.export_merged: the model has no entrolora adapters to merge, so the export would "
+            "be the base model itself; el.apply or el.load an adapter first (merge_adapters=False "
+            "writes the base model on purpose)"
+        )
     if not hasattr(base, "save_pretrained"):
         raise ValueError(
             f"a {type(base).__name__} has no save_pretrained; merged export needs a transformers "
@@ -365,7 +379,8 @@ def export_merged(
 
             remove_adapters(out)
     clear_quantization_markers(out)
-    directory = Path(directory)
+    size = sum(t.numel() * t.element_size() for t in out.state_dict().values())
+    directory = guard_folder(directory, "el.export_merged", "merged", size)
     out.save_pretrained(str(directory), safe_serialization=True)
     if tokenizer is not None:
         _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))

@@ -117,8 +117,10 @@ def apply(
     "random"`` draws them instead. ``for_loading`` (``el.load``) leaves them empty for the saved
     ones to be copied in.
     """
-    if not isinstance(plan, AdaptationPlan):
-        raise TypeError(f"apply needs an AdaptationPlan, got {type(plan).__name__}")
+    from .guards.api import need_model, need_plan
+
+    need_model(model, "el.apply")
+    need_plan(plan, "el.apply")
     target = unwrap(model)
     if getattr(target, PLAN_ATTR, None) is not None or adapted_modules(target):
         raise ValueError(

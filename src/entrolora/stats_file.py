@@ -39,6 +39,9 @@ def write(stats: GradientStats, path: str | os.PathLike, keep_gradients: bool) -
         "meta": json.dumps(stats.meta),
         "modules": json.dumps([asdict(m) for m in stats.modules.values()]),
     }
+    from .guards.output import guard_file, tensor_bytes
+
+    path = guard_file(path, "GradientStats.save", tensor_bytes(tensors) + len(meta["modules"]))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 

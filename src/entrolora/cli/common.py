@@ -116,8 +116,10 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             if debug:
                 raise
+            from ..guards.output import OutputError
+
             known = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
-                     ImportError, KeyError)  # fmt: skip
+                     ImportError, KeyError, OutputError)  # fmt: skip
             hint = "" if isinstance(e, known) else " (run with --debug for the traceback)"
             typer.echo(f"error: {one_line(e)}{hint}", err=True)
             raise typer.Exit(1) from None

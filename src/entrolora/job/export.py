@@ -140,17 +140,22 @@ def export_run(
             f"the run was trained for --task {trained_for} (its metrics.json says so), not "
             f"{task}: its adapters and head belong to that model class; leave --task out"
         )
-    out = check_output(output, overwrite, "export")  # before the model loads
+    # a merged model and a peft checkpoint are different kinds: one never replaces the other
+    kind = "merged" if merged or hf_base else "export"
+    check_output(output, overwrite, kind)  # before the model loads
     net, head, tokenizer = _load_base_with_head(model, task, adapter, recorded)
     net = el.load(net, adapter)
-    with OutputFolder(out, "export", overwrite) as stage:
-        if merged or hf_base:
-            info = el.export_merged(net, stage.path, tokenizer, merge_adapters=merged)
-        else:
-            heads = sorted({k.split(".")[0] for k in head})
-            scores = {k: recorded[k] for k in CARD_METRICS if recorded.get(k) is not None}
-            info = el.export_peft(
-                net, stage.path, layout, modules_to_save=heads, metrics=scores or None
-            )
+    with OutputFolder(output, kind, overwrite) as stage:
+        try:
+            if merged or hf_base:
+                info = el.export_merged(net, stage.path, tokenizer, merge_adapters=merged)
+            else:
+                heads = sorted({k.split(".")[0] for k in head})
+                scores = {k: recorded[k] for k in CARD_METRICS if recorded.get(k) is not None}
+                info = el.export_peft(
+                    net, stage.path, layout, modules_to_save=heads, metrics=scores or None
+                )
+        except OSError as e:
+            raise stage.failed(e) from None
         stage.publish()
     return info

@@ -47,8 +47,8 @@ from .loop import (
 )  # fmt: skip
 from .models import default_targets, head_modules, load_model, resolve_device
 from .probe import make_plan, run_probe
-from .runfolder import OutputFolder, check_output
-from .write import write_run
+from .runfolder import OutputFolder, check_output, check_room, resolve
+from .write import run_bytes, write_run
 
 
 @dataclass
@@ -112,7 +112,10 @@ def train_run(cfg: TrainConfig) -> RunResult:
                 eld.barrier()
                 return RunResult(Path(cfg.output), dict(scores), adapted.plan, adapted.stats,
                                  None, losses)  # fmt: skip
-            metrics, history = write_run(folder.path, job, adapted, losses, scores, t_start)
+            try:
+                metrics, history = write_run(folder.path, job, adapted, losses, scores, t_start)
+            except OSError as e:  # a full disk, a folder removed under us: say where things are
+                raise folder.failed(e) from None
             published = folder.publish()
         eld.barrier()
         return RunResult(published, metrics, adapted.plan, adapted.stats, history, losses)
@@ -177,6 +180,8 @@ def adapt(job: Job) -> Adapted:
     else:
         a = _adapt_entrolora(job, heads)
     a.params = count_params(a.model, a.head_prefixes)
+    if eld.is_main_process():  # the run's size is known now: is there room, before training?
+        check_room(resolve(cfg.output), run_bytes(a, cfg.keep_gradients), cfg.output)
     return a
 
 

@@ -40,7 +40,10 @@ __all__ = [
 
 def _planner(method: str) -> tuple[str, Callable[..., AdaptationPlan]]:
     if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}")
+        raise TypeError(
+            f"el.plan: method must be a string such as 'e2lora', got {type(method).__name__} "
+            f"{method!r:.60}"
+        )
     key = method.strip().lower().replace("-", "_")
     if key not in PLANNERS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(PLANNERS)}")
@@ -59,7 +62,10 @@ def plan(method: str, stats_or_model: Any, **options: Any) -> AdaptationPlan:
 
     Unknown option names raise ValueError listing the accepted ones.
     """
+    from ..guards.api import need_stats_or_model
+
     _, fn = _planner(method)
+    need_stats_or_model(stats_or_model, f"el.plan({method!r}, ...)")
     known = planner_options(method)
     unknown = sorted(set(options) - set(known))
     if unknown:
