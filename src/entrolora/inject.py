@@ -118,6 +118,7 @@ def apply(
     ones to be copied in.
     """
     from .guards.api import need_model, need_plan
+    from .guards.memory import check_adapter_memory
 
     need_model(model, "el.apply")
     need_plan(plan, "el.apply")
@@ -131,6 +132,10 @@ def apply(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     plan.validate(target)
     _check_groups(plan)
+    first = get_module(target, next(iter(plan.modules)))  # before anything is allocated
+    check_adapter_memory(
+        plan, first.weight.device, resolve_adapter_dtype(adapter_dtype, first.weight.dtype)
+    )
     gradients = None if for_loading else _lori_gradients(plan, stats)
 
     generator = torch.Generator().manual_seed(int(seed))

@@ -107,11 +107,11 @@ class ModulePlan:
     def check_ranges(self) -> None:
         """ValueError for a size no planner writes, run when a plan meets a model
         (``AdaptationPlan.validate``): a FlexLoRA capacity above ``min(d_in, d_out)``
-        (directions that cannot exist, allocated all the same), or a rank above the largest a planner can give,
-        ``MAX_RANK_FACTOR·min(d_in, d_out)``. Between ``min(d)`` and that bound a rank is
-        wasteful but valid: E²LoRA's and RaLoRA's formulas give it on layers narrower than their
-        budget (tiny models). The adapters' total size is checked against the model
-        (``validate``) and the memory (``guards.memory``)."""
+        (directions that cannot exist, allocated all the same), or a rank above the largest a
+        planner can give, ``MAX_RANK_FACTOR·min(d_in, d_out)``. Between ``min(d)`` and that
+        bound a rank is wasteful but valid: E²LoRA's and RaLoRA's formulas give it on layers
+        narrower than their budget (tiny models). The adapters' total size is checked against
+        the model (``validate``) and the memory (``guards.memory``)."""
         top = min(self.d_in, self.d_out)
         if self.rank > MAX_RANK_FACTOR * top:
             raise ValueError(

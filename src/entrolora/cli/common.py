@@ -40,6 +40,14 @@ DataOpt = Annotated[
 ]  # fmt: skip
 TextCol = Annotated[str, typer.Option("--text-column", help="Column holding the text.")]
 LabelCol = Annotated[str, typer.Option("--label-column", help="Column holding the label.")]
+MergeLabels = Annotated[
+    bool,
+    typer.Option(
+        "--merge-labels",
+        help="Treat labels that differ only by case or spacing (pos, Pos, 'pos ') as one class "
+        "(without it such labels are refused).",
+    ),
+]
 Task = Annotated[
     str, typer.Option("--task", help="classify (sequence classification) or causal-lm.")
 ]

@@ -86,9 +86,9 @@ def read_marker(path: Path) -> dict | None:
 def marker_kind(marker: dict) -> str | None:
     """The kind a marker names (a merged model once published as ``export`` is ``merged``)."""
     kind = marker.get("kind")
-    if kind == "export" and "config.json" in marker.get("entries", ()):
-        if "adapter_config.json" not in marker.get("entries", ()):
-            return "merged"
+    entries = marker.get("entries", ())
+    if kind == "export" and "config.json" in entries and "adapter_config.json" not in entries:
+        return "merged"
     return kind if kind in FOLDER_KINDS else None
 
 
@@ -232,7 +232,9 @@ def enclosing_output(path: Path, include_self: bool = False) -> tuple[Path, str]
 
 
 # -- may it be written? ----------------------------------------------------------------------------
-def check_writable(out: Path, shown: str | None = None, fix: str = "choose another --output") -> None:
+def check_writable(
+    out: Path, shown: str | None = None, fix: str = "choose another --output"
+) -> None:
     """PermissionError naming ``out`` (as ``shown``) when its folder, or the nearest existing
     ancestor where missing folders would be made, does not let us create an entry."""
     shown = str(out) if shown is None else shown

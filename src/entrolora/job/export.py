@@ -54,11 +54,26 @@ def _run_adapter(run: Path) -> Path:
 
 
 def _recorded_metrics(run: Path, adapter: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` (``{}`` when absent), its fields that ``export`` reads checked:
+    ``config.model`` and ``config.task`` strings, ``num_labels`` an integer ≥ 2."""
+    from ..guards.values import bad, integer
+
+    fix = "pass --model and --task explicitly"
     for folder in (run, adapter.parent):
-        if (folder / "metrics.json").is_file():
-            return read_json(
-                folder / "metrics.json", "run metrics", "pass --model and --task explicitly"
-            )
+        path = folder / "metrics.json"
+        if path.is_file():
+            recorded = read_json(path, "run metrics", fix)
+            where = f"run metrics {str(path)!r}"
+            cfg = recorded.get("config", {})
+            if not isinstance(cfg, dict):
+                raise bad(where, "config", cfg, "an object", fix)
+            for key in ("model", "task"):
+                if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                    raise bad(where, f"config.{key}", cfg[key], "a string or null", fix)
+            n = recorded.get("num_labels")
+            if n is not None and n != 0 and not integer(n, 2):
+                raise bad(where, "num_labels", n, "an integer ≥ 2 (or 0 for causal-lm)", fix)
+            return recorded
     return {}
 
 

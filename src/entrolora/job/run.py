@@ -126,7 +126,7 @@ def train_run(cfg: TrainConfig) -> RunResult:
 def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
     """Load, subset (``limit``) and split (by film for the default) the data; with
     ``full_test`` split first and subset the training side only (to ``limit``'s share)."""
-    ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
+    ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task, cfg.merge_labels)
     if cfg.full_test:
         train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
         if cfg.limit is not None:
@@ -145,6 +145,7 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
     """Load the data and the model onto ``device``; the per-rank step budget."""
     world = eld.world_info().world_size if eld.world_info().distributed else 1
     train_ds, test_ds = load_splits(cfg)
+    D.check_split_sizes(train_ds, test_ds)  # before a score from one example is reported
     seed_everything(cfg.seed)
     model, tokenizer, family = load_model(
         cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names, cfg.max_length

@@ -261,8 +261,9 @@ class OutputFolder:
                 kept = f"; what was written is kept in {str(self.path)!r}"
                 self.path = None
         return OutputError(
-            err, f"writing {KIND_NAMES[self.kind]} to {self.shown!r} failed ({what}{at}){kept}; "
-            "free some space or fix the folder, then move it into place or run again"
+            err,
+            f"writing {KIND_NAMES[self.kind]} to {self.shown!r} failed ({what}{at}){kept}; "
+            "free some space or fix the folder, then move it into place or run again",
         )
 
     def __exit__(self, *exc: Any) -> None:

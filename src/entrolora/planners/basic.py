@@ -253,7 +253,8 @@ def plan_flexlora(
         "r": r,
         # what the modules use: one value, or None when the default 2·r stopped at some
         # layer's min(d_in, d_out) (each module records its own)
-        "capacity": caps.pop() if len(caps := {m.capacity for m in modules.values()}) == 1
+        "capacity": caps.pop()
+        if len(caps := {m.capacity for m in modules.values()}) == 1
         else None,
         "target_modules": targets_option(target_modules),
         "lora_alpha": alpha,
