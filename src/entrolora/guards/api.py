@@ -8,7 +8,12 @@ from typing import Any
 
 
 def _got(value: Any) -> str:
-    shown = repr(value)
+    """``"str 'models/llama'"``; a module or other large object by its type alone (one line)."""
+    from torch import nn
+
+    if isinstance(value, nn.Module) or type(value).__repr__ is object.__repr__:
+        return f"a {type(value).__name__}"
+    shown = " ".join(repr(value).split())
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return f"{type(value).__name__} {shown}"
 

@@ -241,8 +241,6 @@ def check_writable(
     anc = out.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
-    if not anc.is_dir():
-        raise FileExistsError(f"cannot write output {shown!r}: {str(anc)!r} is a file; {fix}")
     try:
         probe = tempfile.mkdtemp(prefix=staging_prefix(out.name), suffix=".tmp", dir=anc)
     except OSError as e:

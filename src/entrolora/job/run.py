@@ -203,7 +203,10 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
         t0 = time.perf_counter()
         plan = make_plan(job.method, stats, job.model, job.targets, cfg)
         job.times["plan_s"] = time.perf_counter() - t0
-    plan.validate(job.model)
+    try:
+        plan.validate(job.model)
+    except ValueError as e:  # a reused plan: the message names its file
+        raise ValueError(f"--plan {cfg.plan!r}: {e}" if cfg.plan else str(e)) from None
     stats = _calibration(job, plan, stats)
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     seed_everything(cfg.seed)
