@@ -230,7 +230,9 @@ def _encode_labels(
         )
     for group in spellings:
         counts = Counter(s for s in strs if s in group)
-        name = max(sorted(group), key=lambda s: counts[s])  # most frequent, then sorted first
+        # the most frequent spelling; on a tie the plain one (stripped, lower case), else the
+        # first in sorted order
+        name = max(sorted(group), key=lambda s: (counts[s], s == " ".join(s.split()).casefold()))
         strs = [name if s in group else s for s in strs]
     skeys = sorted(set(strs))
     sindex = {k: i for i, k in enumerate(skeys)}
