@@ -184,3 +184,17 @@ def test_also_no_room_for_el_save_and_export_merged(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"not enough room .* pass another folder"):
         el.export_merged(model, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_also_legacy_run_refused_but_another_programs_folder_is_not(tmp_path):
+    model = build_any("plain", "llama")
+    theirs = tmp_path / "project"  # another program's metrics.json and peft/ folder
+    (theirs / "peft").mkdir(parents=True)
+    (theirs / "metrics.json").write_text('{"loss": 0.1}')
+    el.save(model, theirs / "checkpoints" / "a")  # not mistaken for an entrolora run
+    legacy = tmp_path / "legacy"  # an entrolora run published before markers existed
+    (legacy / "adapter").mkdir(parents=True)
+    (legacy / "metrics.json").write_text('{"method": "lora", "trainable_params": 10}')
+    with pytest.raises(FileExistsError, match=r"is inside .*legacy', which is an entrolora run"):
+        el.save(model, legacy / "adapter" / "again")
+    assert not (legacy / "adapter" / "again").exists()

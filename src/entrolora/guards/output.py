@@ -222,13 +222,25 @@ def enclosing_output(path: Path, include_self: bool = False) -> tuple[Path, str]
         marker = read_marker(folder)
         if marker is not None and marker_kind(marker) is not None:
             return folder, marker_kind(marker)
-        if (folder / "demo.json").is_file():
+        if _json_keys(folder / "demo.json") >= {"methods", "config"}:
             return folder, "demo"
-        if (folder / "metrics.json").is_file() and (
+        if _json_keys(folder / "metrics.json") >= {"method", "trainable_params"} and (
             (folder / "adapter").is_dir() or (folder / "peft").is_dir()
         ):
             return folder, "run"
     return None
+
+
+def _json_keys(path: Path) -> set[str]:
+    """The top-level keys of a JSON object file (empty when absent or not one): an entrolora
+    ``metrics.json`` is told from another program's by its keys, not its name alone."""
+    if not path.is_file():
+        return set()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
 
 
 # -- may it be written? ----------------------------------------------------------------------------
