@@ -209,7 +209,7 @@ def test_inconsistent_group_refused():
 def test_bad_apply_arguments():
     model = tiny_llama(layers=4)
     plan = CASES["plain"](_targets(model, ["q_proj"]))
-    with pytest.raises(TypeError, match="apply needs an AdaptationPlan"):
+    with pytest.raises(TypeError, match="el.apply: plan must be an AdaptationPlan, got dict"):
         el.apply(model, plan.to_dict())
     with pytest.raises(ValueError, match="dropout must be in"):
         el.apply(model, plan, dropout=1.5)

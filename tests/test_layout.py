@@ -16,7 +16,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "entrolora"
 STAGES: tuple[frozenset[str], ...] = tuple(
     frozenset(s.split())
     for s in (
-        "_version files progress targets data",  # cross-cutting helpers and input files
+        "_version files progress targets",  # cross-cutting helpers
+        "guards",  # the guards of docs/refusals.md
+        "data",  # input files: tables, user files, data sets
         "stats",
         "plans",
         "planners",

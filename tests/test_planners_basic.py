@@ -94,7 +94,7 @@ def test_flexlora():
 
 
 def test_flexlora_capacity_below_r():
-    with pytest.raises(ValueError, match=r"capacity must be ≥ r=4"):
+    with pytest.raises(ValueError, match=r"capacity=3 is out of range: allowed r..min.* = 4..16"):
         el.plan_flexlora(stats(), r=4, capacity=3)
 
 

@@ -27,11 +27,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from .data.reading import read_json
 from .files import atomic_write_text
+from .guards.api import got
 from .targets import get_module, is_linear, linear_dims, split_module_name
 
 FORMAT = "entrolora.plan"
@@ -39,6 +41,8 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "dora", "vera", "lori", "flex")
 SHAREABLE_FACTORS = ("A", "B", "d", "b")
 FROZEN_FACTORS = {"vera": ("A", "B"), "lori": ("A",)}
+#: a plan file's rank may exceed min(d_in, d_out) by at most this factor (``check_ranges``)
+MAX_RANK_FACTOR = 8
 
 
 #: FlexLoRA's initial factors (adapters/flex.py): plain LoRA's, or the paper's.
@@ -97,12 +101,35 @@ class ModulePlan:
                 f"blocks={n} must be a power of two dividing d_in={self.d_in} and "
                 f"d_out={self.d_out}"
             )
-        if self.kind == "flex" and (self.capacity is None or self.capacity < self.rank):
-            raise ValueError(f"a flex module needs capacity ≥ rank; got {self.capacity}")
+        if self.kind == "flex":
+            cap = self.capacity
+            if isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < self.rank:
+                raise ValueError(f"a flex module needs capacity ≥ rank (an integer); got {cap!r}")
         if self.sparsity is not None and not (
             isinstance(self.sparsity, numbers.Real) and 0.0 <= self.sparsity < 1.0
         ):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+
+    def check_ranges(self) -> None:
+        """ValueError for a size no planner writes, run when a plan meets a model
+        (``AdaptationPlan.validate``): a FlexLoRA capacity above ``min(d_in, d_out)``
+        (directions that cannot exist, allocated all the same), or a rank above the largest a
+        planner can give, ``MAX_RANK_FACTOR·min(d_in, d_out)``. Between ``min(d)`` and that
+        bound a rank is wasteful but valid: E²LoRA's and RaLoRA's formulas give it on layers
+        narrower than their budget (tiny models). The adapters' total size is checked against
+        the model (``validate``) and the memory (``adapters/memory.py``)."""
+        top = min(self.d_in, self.d_out)
+        if self.rank > MAX_RANK_FACTOR * top:
+            raise ValueError(
+                f"field 'rank' is {self.rank:,} on a {self.d_in}×{self.d_out} layer, whose "
+                f"update has at most min(d_in, d_out) = {top} directions; allowed: 1..{top} "
+                f"(planners may go up to {MAX_RANK_FACTOR * top} on layers this small)"
+            )
+        if self.kind == "flex" and self.capacity > top:
+            raise ValueError(
+                f"field 'capacity' is {self.capacity}, above min(d_in, d_out) = {top} of this "
+                f"{self.d_in}×{self.d_out} layer; allowed: {self.rank}..{top}"
+            )
 
 
 @dataclass(frozen=True)
@@ -214,6 +241,18 @@ class AdaptationPlan:
                     f"plan module {name!r} expects d_in×d_out {m.d_in}×{m.d_out} but the model has "
                     f"{d_in}×{d_out}; the plan was made for another model"
                 )
+            try:
+                m.check_ranges()
+            except ValueError as e:
+                raise ValueError(f"plan module {name!r}: {e}") from None
+        own = sum(p.numel() for p in model.parameters())
+        trained = self.num_trainable_params()
+        if trained > own:
+            raise ValueError(
+                f"the plan trains {trained:,} parameters, more than the model's own {own:,}: "
+                "an adapter larger than its model is no low-rank adaptation; allowed: at most "
+                f"{own:,} (lower the ranks, or make the plan again)"
+            )
         targeted = self.targeted(model)
         bare = [n for n in targeted if n not in self.modules]
         if bare:
@@ -333,8 +372,12 @@ class AdaptationPlan:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON, atomically; returns the path."""
-        return atomic_write_text(path, self.to_json() + "\n")
+        """Write the plan as JSON, atomically; returns the path (refused inside a published
+        entrolora output: ``guards.output.guard_file``)."""
+        from .guards.output import guard_file
+
+        text = self.to_json() + "\n"
+        return atomic_write_text(guard_file(path, "AdaptationPlan.save", len(text)), text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AdaptationPlan:
@@ -415,3 +458,15 @@ def _layers(layers: list[int]) -> str:
         else:
             runs.append([x, x])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def need_plan(value: Any, call: str, arg: str = "plan") -> None:
+    """TypeError unless ``value`` is an ``AdaptationPlan``."""
+    if isinstance(value, AdaptationPlan):
+        return
+    hint = ""
+    if isinstance(value, (str, os.PathLike)):
+        hint = f"; read the file first: el.AdaptationPlan.load({os.fspath(value)!r})"
+    elif isinstance(value, dict):
+        hint = "; build it with el.AdaptationPlan.from_dict(...)"
+    raise TypeError(f"{call}: {arg} must be an AdaptationPlan, got {got(value)}{hint}")

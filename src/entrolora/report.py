@@ -320,7 +320,9 @@ def write_report(
     out_dir: str | os.PathLike, inputs: ReportInputs, title: str = "entrolora report"
 ) -> Path:
     """Write the figures ``inputs`` allow and ``report.html`` into ``out_dir``; returns the HTML."""
-    out_dir = Path(out_dir)
+    from .guards.output import guard_folder
+
+    out_dir = guard_folder(out_dir, "write_report", "report")  # never into a published run
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
     if inputs.stats is not None and len(inputs.stats):

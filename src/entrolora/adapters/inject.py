@@ -117,8 +117,12 @@ def apply(
     "random"`` draws them instead. ``for_loading`` (``el.load``) leaves them empty for the saved
     ones to be copied in.
     """
-    if not isinstance(plan, AdaptationPlan):
-        raise TypeError(f"apply needs an AdaptationPlan, got {type(plan).__name__}")
+    from ..guards.api import need_model
+    from ..plans import need_plan
+    from .memory import check_adapter_memory
+
+    need_model(model, "el.apply")
+    need_plan(plan, "el.apply")
     target = unwrap(model)
     if getattr(target, PLAN_ATTR, None) is not None or adapted_modules(target):
         raise ValueError(
@@ -129,6 +133,10 @@ def apply(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     plan.validate(target)
     _check_groups(plan)
+    first = get_module(target, next(iter(plan.modules)))  # before anything is allocated
+    check_adapter_memory(
+        plan, first.weight.device, resolve_adapter_dtype(adapter_dtype, first.weight.dtype)
+    )
     gradients = None if for_loading else _lori_gradients(plan, stats)
 
     generator = torch.Generator().manual_seed(int(seed))

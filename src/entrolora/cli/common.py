@@ -40,6 +40,14 @@ DataOpt = Annotated[
 ]  # fmt: skip
 TextCol = Annotated[str, typer.Option("--text-column", help="Column holding the text.")]
 LabelCol = Annotated[str, typer.Option("--label-column", help="Column holding the label.")]
+MergeLabels = Annotated[
+    bool,
+    typer.Option(
+        "--merge-labels",
+        help="Treat labels that differ only by case or spacing (pos, Pos, 'pos ') as one class "
+        "(without it such labels are refused).",
+    ),
+]
 Task = Annotated[
     str, typer.Option("--task", help="classify (sequence classification) or causal-lm.")
 ]
@@ -116,8 +124,10 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             if debug:
                 raise
+            from ..guards.output import OutputError
+
             known = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
-                     ImportError, KeyError)  # fmt: skip
+                     ImportError, KeyError, OutputError)  # fmt: skip
             hint = "" if isinstance(e, known) else " (run with --debug for the traceback)"
             typer.echo(f"error: {one_line(e)}{hint}", err=True)
             raise typer.Exit(1) from None

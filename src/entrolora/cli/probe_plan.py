@@ -16,6 +16,7 @@ from .common import (
     LabelCol,
     Limit,
     MaxLength,
+    MergeLabels,
     MethodOpt,
     ModelOpt,
     OptionOpt,
@@ -48,6 +49,7 @@ def probe(
     data: DataOpt = None,
     text_column: TextCol = "text",
     label_column: LabelCol = "label",
+    merge_labels: MergeLabels = False,
     task: Task = "classify",
     target_modules: TargetsOpt = None,
     probe_steps: ProbeSteps = 64,
@@ -80,7 +82,8 @@ def probe(
     out = check_output(output, overwrite, "stats")  # before the probe runs
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
-        probe_steps=probe_steps, probe_head=probe_head, batch_size=batch_size,
+        merge_labels=merge_labels, probe_steps=probe_steps, probe_head=probe_head,
+        batch_size=batch_size,
         max_length=max_length, seed=seed, limit=limit, device=device, progress=not quiet,
     )  # fmt: skip
     check_probe_head(cfg.probe_head)

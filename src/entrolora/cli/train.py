@@ -16,6 +16,7 @@ from .common import (
     LabelCol,
     Limit,
     MaxLength,
+    MergeLabels,
     MethodOpt,
     ModelOpt,
     OptionOpt,
@@ -80,6 +81,7 @@ def train(
     data: DataOpt = None,
     text_column: TextCol = "text",
     label_column: LabelCol = "label",
+    merge_labels: MergeLabels = False,
     task: Task = "classify",
     method: MethodOpt = "e2lora",
     r: ROpt = 8,
@@ -110,7 +112,8 @@ def train(
 
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
-        method=method, r=r, options=parse_options(option or []),
+        merge_labels=merge_labels, method=method, r=r,
+        options=parse_options(option or []),
         target_modules=target_list(target_modules), probe_steps=probe_steps,
         probe_head=probe_head, stats=stats,
         keep_gradients=keep_gradients, plan=plan, epochs=epochs, max_steps=max_steps, lr=lr,
@@ -152,6 +155,7 @@ def demo(
     data: DataOpt = None,
     text_column: TextCol = "text",
     label_column: LabelCol = "label",
+    merge_labels: MergeLabels = False,
     batch_size: BatchSize = 32,
     max_length: MaxLength = 64,
     lr: Lr = 2e-3,
@@ -173,7 +177,8 @@ def demo(
         raise ValueError("--full and --limit contradict each other; pass one")
     base = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, r=r,
-        probe_steps=probe_steps, epochs=epochs, max_steps=max_steps, lr=lr,
+        merge_labels=merge_labels, probe_steps=probe_steps, epochs=epochs,
+        max_steps=max_steps, lr=lr,
         batch_size=batch_size, max_length=max_length, seed=seed, device=device,
         limit=None if full else (limit or DEMO_LIMIT), full_test=True, overwrite=overwrite,
         progress=not quiet,

@@ -138,6 +138,7 @@ def load_data(
     text_column: str = "text",
     label_column: str = "label",
     task: str = "classify",
+    merge_labels: bool = False,
 ) -> TextDataset:
     """Load ``path`` (CSV/TSV/JSONL/Parquet, or None / ``"default"`` for the embedded default).
 
@@ -182,7 +183,7 @@ def load_data(
             raw.append(label)
     if not need_labels:
         return TextDataset(texts, None, None, (), str(path))
-    labels, names = _encode_labels(raw)
+    labels, names = _encode_labels(raw, merge_labels, f"column {label_column!r} of {path.name}")
     check_classes(labels, names, f"column {label_column!r} of {path.name}")
     return TextDataset(texts, labels, None, names, str(path))
 
@@ -207,18 +208,72 @@ def _number_name(x: float) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
-def _encode_labels(raw: list[Any]) -> tuple[list[int], tuple[str, ...]]:
+def _encode_labels(
+    raw: list[Any], merge: bool = False, where: str = "the labels"
+) -> tuple[list[int], tuple[str, ...]]:
     """``(0..k-1 codes, class names)``: numbers by value (``1`` and ``1.0`` are one class, in
-    numeric order), otherwise strings in sorted order."""
+    numeric order), otherwise strings in sorted order. Strings that differ only by case or
+    spacing (``pos``, ``Pos``, ``pos ``) are refused (``same_label_spellings``), or with
+    ``merge`` made one class named by their most frequent spelling."""
     nums = [_as_number(v) for v in raw]
     if all(x is not None for x in nums):
         keys = sorted(set(nums))
         index = {k: i for i, k in enumerate(keys)}
         return [index[x] for x in nums], tuple(_number_name(k) for k in keys)
-    strs = [str(v).strip() for v in raw]
+    strs = [str(v) for v in raw]
+    spellings = same_label_spellings(strs)
+    if spellings and not merge:
+        shown = "; ".join(", ".join(repr(s) for s in group) for group in spellings[:3])
+        raise ValueError(
+            f"{where} has labels that differ only by case or spacing ({shown}); fix the file, "
+            "or pass --merge-labels to make each such set one class"
+        )
+    for group in spellings:
+        counts = Counter(s for s in strs if s in group)
+        # the most frequent spelling; on a tie the plain one (stripped, lower case), else the
+        # first in sorted order
+        name = max(sorted(group), key=lambda s: (counts[s], s == " ".join(s.split()).casefold()))
+        strs = [name if s in group else s for s in strs]
     skeys = sorted(set(strs))
     sindex = {k: i for i, k in enumerate(skeys)}
     return [sindex[v] for v in strs], tuple(skeys)
+
+
+def same_label_spellings(labels: Sequence[str]) -> list[list[str]]:
+    """Sets of distinct label strings that are one word up to case and spacing (sorted)."""
+    by_key: dict[str, set[str]] = {}
+    for s in labels:
+        by_key.setdefault(" ".join(s.split()).casefold(), set()).add(s)
+    return [sorted(v) for _, v in sorted(by_key.items()) if len(v) > 1]
+
+
+#: the fewest held-out rows a score is reported from (an accuracy then moves in steps of 25 pp)
+MIN_HELD_OUT = 4
+
+
+def check_split_sizes(train: TextDataset, test: TextDataset) -> None:
+    """ValueError, with the numbers, when the splits are too small to train and score: the
+    held-out split needs ``MIN_HELD_OUT`` rows, and for classification every class must be in
+    both splits (a class never trained on cannot be learned, one never held out is not scored).
+    """
+    n = len(train) + len(test)
+    sizes = f"{n} rows split into {len(train)} to train and {len(test)} to test"
+    fix = "use more data (or a larger --limit / --test-fraction)"
+    if len(test) < MIN_HELD_OUT or len(train) < 1:
+        raise ValueError(
+            f"{sizes}: too few to score (the held-out split needs at least {MIN_HELD_OUT} "
+            f"rows); {fix}"
+        )
+    if train.labels is None or test.labels is None:
+        return
+    for side, ds in (("training", train), ("held-out", test)):
+        missing = sorted(set(range(train.num_labels)) - set(ds.labels))
+        if missing:
+            names = ", ".join(repr(train.label_names[i]) for i in missing[:3])
+            raise ValueError(
+                f"{sizes}: the {side} split has no example of class {names}, so it cannot be "
+                f"{'learned' if side == 'training' else 'scored'}; {fix}"
+            )
 
 
 def check_classes(labels: Sequence[int], names: Sequence[str], where: str) -> None:

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +83,47 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         raise ValueError(
             f"data file {str(path)!r} is not a readable Parquet file ({type(e).__name__})"
         ) from None
+    _duplicates(path, list(table.column_names))
     return list(table.column_names), table.to_pylist()
+
+
+def _lift_field_limit() -> None:
+    """Let a CSV cell be as long as a JSON Lines value may be (any length): the csv module's
+    default 128 KiB limit refused long documents that the same rows as JSON Lines train on."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # a C long narrower than Py_ssize_t (Windows)
+            limit //= 2
+
+
+def _duplicates(path: Path, columns: list[str]) -> None:
+    """ValueError naming a column name that occurs twice: readers keep one of the two
+    silently (csv's DictReader the last), so a run would train on a column nobody chose."""
+    seen = set()
+    for c in columns:
+        if c in seen:
+            where = ", ".join(str(i + 1) for i, x in enumerate(columns) if x == c)
+            raise ValueError(
+                f"data file {str(path)!r} has two columns named {c!r} (columns {where}); "
+                "rename one so that --text-column / --label-column pick one unambiguously"
+            )
+        seen.add(c)
 
 
 def _read_delimited(
     path: Path, f: io.TextIOBase, fmt: str
 ) -> tuple[list[str], list[dict[str, Any]]]:
+    _lift_field_limit()
     try:
         reader = csv.DictReader(f, delimiter="\t" if fmt == ".tsv" else ",")
+        columns = list(reader.fieldnames or [])
+        _duplicates(path, columns)
         rows = list(reader)
     except csv.Error as e:
         raise ValueError(f"{str(path)!r} is not a readable {fmt[1:]} file ({e})") from None
-    columns = list(reader.fieldnames or [])
     expected = "\t" if fmt == ".tsv" else ","
     if len(columns) == 1:
         # Excel in many locales saves "CSV" with ';': the whole header becomes one column
@@ -106,13 +136,28 @@ def _read_delimited(
     return columns, rows
 
 
+def _pairs(path: Path, line: int):
+    """A ``json.loads`` hook that refuses an object with a key twice (json keeps the last)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) < len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(
+                f"data file {str(path)!r} line {line} has the key {dup!r} twice; keep one"
+            )
+        return dict(pairs)
+
+    return hook
+
+
 def _read_jsonl(path: Path, f: io.TextIOBase) -> tuple[list[str], list[dict[str, Any]]]:
     rows, columns = [], {}
     for i, line in enumerate(f, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_pairs(path, i))
         except json.JSONDecodeError as e:
             if i == 1 and line.lstrip().startswith("["):
                 raise ValueError(

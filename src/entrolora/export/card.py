@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..guards import quote as Q
+
 if TYPE_CHECKING:
     from ..plans import AdaptationPlan
     from .record import PeftExport
@@ -64,16 +66,17 @@ AUTO_CLASSES = {
 
 
 def _front_matter(info: PeftExport, method: str) -> list[str]:
+    # every user value quoted (guards/quote.py): a name could otherwise end the YAML block
     lines = ["---"]
     if info.base_model:
-        lines.append(f"base_model: {info.base_model}")
+        lines.append(f"base_model: {Q.yaml(info.base_model)}")
     lines.append("library_name: peft")
     if info.task_type in PIPELINES:
         lines.append(f"pipeline_tag: {PIPELINES[info.task_type]}")
     lines.append("tags:")
     if info.base_model:
-        lines.append(f"- base_model:adapter:{info.base_model}")
-    lines += ["- lora", "- entrolora", f"- {method}", "- transformers", "---", ""]
+        lines.append(f"- {Q.yaml('base_model:adapter:' + info.base_model)}")
+    lines += ["- lora", "- entrolora", f"- {Q.yaml(method)}", "- transformers", "---", ""]
     return lines
 
 
@@ -89,13 +92,15 @@ def _rank_table(info: PeftExport, plan: AdaptationPlan | None) -> list[str]:
         "|---|---|---|---|",
     ]
     for mtype, rs in sorted(by_type.items()):
-        lines.append(f"| `{mtype}` | {len(rs)} | {min(rs)}–{max(rs)} | {sum(rs)} |")
+        lines.append(f"| {Q.md_code(mtype)} | {len(rs)} | {min(rs)}–{max(rs)} | {sum(rs)} |")
     return lines
 
 
 def _how_to_load(info: PeftExport) -> list[str]:
     auto = AUTO_CLASSES.get(info.task_type or "", "")
-    base = info.base_model or "<base model folder>"
+    # a Python literal (repr): a folder named with a quote and code stays a string when the
+    # snippet is copied and run
+    base = Q.py(info.base_model or "BASE_MODEL")
     # a backbone base (MiniLM) has no head: transformers sizes it from num_labels (default 2)
     labels = f", num_labels={info.num_labels}" if info.num_labels else ""
     lines = [
@@ -114,7 +119,7 @@ def _how_to_load(info: PeftExport) -> list[str]:
         "",
         "```python",
         f"from transformers import AutoModelFor{auto or 'CausalLM'}",
-        f"model = AutoModelFor{auto or 'CausalLM'}.from_pretrained('{base}'{labels})",
+        f"model = AutoModelFor{auto or 'CausalLM'}.from_pretrained({base}{labels})",
         "model.load_adapter('ADAPTER')",
         "```",
         "",
@@ -126,7 +131,7 @@ def _how_to_load(info: PeftExport) -> list[str]:
             "```python",
             "from vllm import LLM, SamplingParams",
             "from vllm.lora.request import LoRARequest",
-            f"llm = LLM(model='{base}', enable_lora=True, max_lora_rank={info.max_lora_rank})",
+            f"llm = LLM(model={base}, enable_lora=True, max_lora_rank={info.max_lora_rank})",
             "out = llm.generate(['Hello'], SamplingParams(max_tokens=32),",
             "                   lora_request=LoRARequest('adapter', 1, 'ADAPTER'))",
             "```",
@@ -156,10 +161,10 @@ def model_card(
     method = plan.method if plan else "lora"
     lines = _front_matter(info, method)
     lines += [
-        f"# {method} adapter{' for ' + info.base_model if info.base_model else ''}",
+        f"# {Q.md(method)} adapter{' for ' + Q.md(info.base_model) if info.base_model else ''}",
         "",
-        f"A LoRA adapter trained with entrolora, method `{method}`"
-        + (f", task `{info.task_type}`" if info.task_type else "")
+        f"A LoRA adapter trained with entrolora, method {Q.md_code(method)}"
+        + (f", task {Q.md_code(info.task_type)}" if info.task_type else "")
         + ". Every entrolora adapter is an ordinary LoRA per module, so this is a stock peft "
         "checkpoint.",
         "",
@@ -170,11 +175,12 @@ def model_card(
     lines += [f"- note: {n}" for n in info.notes]
     lines += ["", "## Ranks", ""] + _rank_table(info, plan) + [""]
     if plan is not None:
-        lines += ["Plan:", "", "```text", plan.summary(), "```", ""]
+        summary = plan.summary()
+        lines += ["Plan:", "", Q.fence(summary) + "text", summary, Q.fence(summary), ""]
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in metrics.items()]  # fmt: skip
+        for k, v in metrics.items():
+            lines.append(f"| {Q.md(k)} | {f'{v:.4g}' if isinstance(v, float) else Q.md(v)} |")
         lines.append("")
     lines += _how_to_load(info)
     lines += [

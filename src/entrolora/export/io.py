@@ -19,6 +19,8 @@ from torch import nn
 from ..adapters.inject import adapted_modules, apply, get_plan, remove_adapters, unwrap
 from ..data.reading import read_tensors
 from ..files import atomic_write, atomic_write_text
+from ..guards.api import need_model, need_path
+from ..guards.output import guard_folder, tensor_bytes
 from ..plans import AdaptationPlan
 from .peft import PeftExport, export_peft, to_peft_config  # re-exported: the old home
 
@@ -49,11 +51,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, flex: Any = None) ->
     """
     from safetensors.torch import save_file
 
+    need_model(model, "el.save")
+    need_path(directory, "el.save")
     plan = get_plan(model)
-    directory = Path(directory)
-    tensors = {
-        k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_state(model).items()
-    }
+    state = adapter_state(model)
+    # refused inside a published run (its plan.json would change under it), unwritable or full
+    directory = guard_folder(directory, "el.save", nbytes=tensor_bytes(state))
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in state.items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
     atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     if flex is not None:
@@ -77,6 +81,8 @@ def load(
     ``plan.json`` raise ``ValueError`` and leave the model as it was. Tensors go to each
     parameter's own device (CPU or CUDA).
     """
+    need_model(base_model, "el.load", "base_model")
+    need_path(directory, "el.load")
     directory = Path(directory)
     if not (directory / PLAN_FILE).is_file():
         raise ValueError(

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..adapters.inject import adapted_modules, merge, remove_adapters, unwrap
+from ..guards.api import need_model, need_path
+from ..guards.output import guard_folder
 
 
 def _save_ready_tokenizer(tokenizer: Any) -> Any:
@@ -52,7 +54,15 @@ def export_merged(
     HF-format base that vLLM and llama.cpp load an adapter export onto. Plain
     ``AutoModelFor….from_pretrained(directory)`` loads the result. Returns the directory.
     """
+    need_model(model, "el.export_merged")
+    need_path(directory, "el.export_merged")
     base = unwrap(model)
+    if merge_adapters and not adapted_modules(base):
+        raise ValueError(
+            "el.export_merged: the model has no entrolora adapters to merge, so the export would "
+            "be the base model itself; el.apply or el.load an adapter first (merge_adapters=False "
+            "writes the base model on purpose)"
+        )
     if not hasattr(base, "save_pretrained"):
         raise ValueError(
             f"a {type(base).__name__} has no save_pretrained; merged export needs a transformers "
@@ -67,7 +77,8 @@ def export_merged(
         else:
             remove_adapters(out)
     clear_quantization_markers(out)
-    directory = Path(directory)
+    size = sum(t.numel() * t.element_size() for t in out.state_dict().values())
+    directory = guard_folder(directory, "el.export_merged", "merged", size)
     out.save_pretrained(str(directory), safe_serialization=True)
     if tokenizer is not None:
         _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))

@@ -21,6 +21,8 @@ from torch import nn
 
 from ..adapters.inject import adapted_modules, get_plan, unwrap
 from ..files import atomic_write, atomic_write_text
+from ..guards.api import need_model, need_path
+from ..guards.output import guard_folder, tensor_bytes
 from ..plans import AdaptationPlan
 from ..targets import is_conv1d
 from .card import consumers_and_notes, model_card
@@ -141,6 +143,8 @@ def export_peft(
     ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
     Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
     """
+    need_model(model, "el.export_peft")
+    need_path(directory, "el.export_peft")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
     wrappers, use_dora = _exportable(model)
@@ -175,7 +179,9 @@ def export_peft(
         num_labels=getattr(base.config, "num_labels", None) if task_type == "SEQ_CLS" else None,
     )
     card = model_card(info, _plan_or_none(model), metrics)
-    _write_export(Path(directory), tensors, config, card)
+    # a peft export replaces only a peft export; never a run's folder or anything inside one
+    directory = guard_folder(directory, "el.export_peft", "export", tensor_bytes(tensors))
+    _write_export(directory, tensors, config, card)
     return info
 
 

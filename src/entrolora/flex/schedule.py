@@ -74,7 +74,11 @@ class FlexSchedule:
             t_final = total_steps // 10 if t_final is None else t_final
             if interval is None and isinstance(t_warmup, int) and isinstance(t_final, int):
                 interval = max(1, (total_steps - t_final - t_warmup) // 20)
-        return cls(total_steps, b0, t_warmup or 0, t_final or 0, interval or 1)
+        # only unset values take defaults: interval=0 is refused, never silently made 1
+        return cls(
+            total_steps, b0, 0 if t_warmup is None else t_warmup,
+            0 if t_final is None else t_final, 1 if interval is None else interval,
+        )  # fmt: skip
 
     @property
     def span(self) -> int:

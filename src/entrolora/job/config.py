@@ -46,6 +46,8 @@ class TrainConfig:
     data: str | None = None  # None: the embedded Rotten Tomatoes snippets
     text_column: str = "text"
     label_column: str = "label"
+    # labels that differ only by case or spacing (pos, Pos, "pos ") made one class, not refused
+    merge_labels: bool = False
     task: str = "classify"
     method: str = "e2lora"
     r: int = 8
@@ -204,7 +206,41 @@ def validate_config(cfg: TrainConfig) -> str:
     if cfg.plan:
         check_plan_method(cfg.plan, method)
     check_reuse(cfg, method)
+    check_unused(cfg, method)
     return method
+
+
+def probes(cfg: TrainConfig, method: str) -> str | None:
+    """None when the run probes gradients; otherwise why it does not (in CLI words)."""
+    if cfg.plan:
+        return "--plan reuses a plan, so no probe runs"
+    if cfg.stats:
+        return "--stats reuses the statistics as they are, so no probe runs"
+    if method in PEFT_METHODS:
+        return f"{method} is a peft baseline and probes nothing"
+    if method in MODEL_PLANNERS:
+        return f"{method} plans from the model and probes nothing"
+    return None
+
+
+def check_unused(cfg: TrainConfig, method: str) -> None:
+    """ValueError for an option the run would ignore while ``metrics.json`` records it as
+    given: every recorded value is the one used (``--keep-gradients`` without a probe was
+    ignored while the metrics said on)."""
+    why = probes(cfg, method)
+    if cfg.keep_gradients and why:
+        raise ValueError(
+            f"--keep-gradients has no effect here: {why} whose gradients it would keep; drop "
+            "--keep-gradients (`entrolora probe --keep-gradients` writes a statistics file "
+            "with them)"
+        )
+    if cfg.probe_head != "centroid" and why:
+        raise ValueError(f"--probe-head {cfg.probe_head} has no effect here: {why}; drop it")
+    if cfg.adapter_dtype is not None and method in PEFT_METHODS:
+        raise ValueError(
+            f"--adapter-dtype has no effect on {method}: peft baselines keep peft's own dtype; "
+            "drop it, or train an entrolora method"
+        )
 
 
 def check_reuse(cfg: TrainConfig, method: str) -> None:

@@ -54,11 +54,26 @@ def _run_adapter(run: Path) -> Path:
 
 
 def _recorded_metrics(run: Path, adapter: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` (``{}`` when absent), its fields that ``export`` reads checked:
+    ``config.model`` and ``config.task`` strings, ``num_labels`` an integer ≥ 2."""
+    from ..guards.values import bad, integer
+
+    fix = "pass --model and --task explicitly"
     for folder in (run, adapter.parent):
-        if (folder / "metrics.json").is_file():
-            return read_json(
-                folder / "metrics.json", "run metrics", "pass --model and --task explicitly"
-            )
+        path = folder / "metrics.json"
+        if path.is_file():
+            recorded = read_json(path, "run metrics", fix)
+            where = f"run metrics {str(path)!r}"
+            cfg = recorded.get("config", {})
+            if not isinstance(cfg, dict):
+                raise bad(where, "config", cfg, "an object", fix)
+            for key in ("model", "task"):
+                if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                    raise bad(where, f"config.{key}", cfg[key], "a string or null", fix)
+            n = recorded.get("num_labels")
+            if n is not None and n != 0 and not integer(n, 2):
+                raise bad(where, "num_labels", n, "an integer ≥ 2 (or 0 for causal-lm)", fix)
+            return recorded
     return {}
 
 
@@ -140,17 +155,22 @@ def export_run(
             f"the run was trained for --task {trained_for} (its metrics.json says so), not "
             f"{task}: its adapters and head belong to that model class; leave --task out"
         )
-    out = check_output(output, overwrite, "export")  # before the model loads
+    # a merged model and a peft checkpoint are different kinds: one never replaces the other
+    kind = "merged" if merged or hf_base else "export"
+    check_output(output, overwrite, kind)  # before the model loads
     net, head, tokenizer = _load_base_with_head(model, task, adapter, recorded)
     net = el.load(net, adapter)
-    with OutputFolder(out, "export", overwrite) as stage:
-        if merged or hf_base:
-            info = el.export_merged(net, stage.path, tokenizer, merge_adapters=merged)
-        else:
-            heads = sorted({k.split(".")[0] for k in head})
-            scores = {k: recorded[k] for k in CARD_METRICS if recorded.get(k) is not None}
-            info = el.export_peft(
-                net, stage.path, layout, modules_to_save=heads, metrics=scores or None
-            )
+    with OutputFolder(output, kind, overwrite) as stage:
+        try:
+            if merged or hf_base:
+                info = el.export_merged(net, stage.path, tokenizer, merge_adapters=merged)
+            else:
+                heads = sorted({k.split(".")[0] for k in head})
+                scores = {k: recorded[k] for k in CARD_METRICS if recorded.get(k) is not None}
+                info = el.export_peft(
+                    net, stage.path, layout, modules_to_save=heads, metrics=scores or None
+                )
+        except OSError as e:
+            raise stage.failed(e) from None
         stage.publish()
     return info

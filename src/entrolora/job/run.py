@@ -46,9 +46,9 @@ from .loop import (
 )  # fmt: skip
 from .models import default_targets, head_modules, load_model, resolve_device
 from .probe import make_plan, run_probe
-from .runfolder import OutputFolder, check_output
+from .runfolder import OutputFolder, check_output, check_room, resolve
 from .state import Adapted, Job
-from .write import write_run
+from .write import run_bytes, write_run
 
 
 def train_run(cfg: TrainConfig) -> RunResult:
@@ -79,7 +79,10 @@ def train_run(cfg: TrainConfig) -> RunResult:
                 eld.barrier()
                 return RunResult(Path(cfg.output), dict(scores), adapted.plan, adapted.stats,
                                  None, losses)  # fmt: skip
-            metrics, history = write_run(folder.path, job, adapted, losses, scores, t_start)
+            try:
+                metrics, history = write_run(folder.path, job, adapted, losses, scores, t_start)
+            except OSError as e:  # a full disk, a folder removed under us: say where things are
+                raise folder.failed(e) from None
             published = folder.publish()
         eld.barrier()
         return RunResult(published, metrics, adapted.plan, adapted.stats, history, losses)
@@ -90,7 +93,7 @@ def train_run(cfg: TrainConfig) -> RunResult:
 def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
     """Load, subset (``limit``) and split (by film for the default) the data; with
     ``full_test`` split first and subset the training side only (to ``limit``'s share)."""
-    ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
+    ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task, cfg.merge_labels)
     if cfg.full_test:
         train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
         if cfg.limit is not None:
@@ -109,6 +112,7 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
     """Load the data and the model onto ``device``; the per-rank step budget."""
     world = eld.world_info().world_size if eld.world_info().distributed else 1
     train_ds, test_ds = load_splits(cfg)
+    D.check_split_sizes(train_ds, test_ds)  # before a score from one example is reported
     seed_everything(cfg.seed)
     model, tokenizer, family = load_model(
         cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names, cfg.max_length
@@ -144,6 +148,8 @@ def adapt(job: Job) -> Adapted:
     else:
         a = _adapt_entrolora(job, heads)
     a.params = count_params(a.model, a.head_prefixes)
+    if eld.is_main_process():  # the run's size is known now: is there room, before training?
+        check_room(resolve(cfg.output), run_bytes(a, cfg.keep_gradients), cfg.output)
     return a
 
 
@@ -164,7 +170,10 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
         t0 = time.perf_counter()
         plan = make_plan(job.method, stats, job.model, job.targets, cfg)
         job.times["plan_s"] = time.perf_counter() - t0
-    plan.validate(job.model)
+    try:
+        plan.validate(job.model)
+    except ValueError as e:  # a reused plan: the message names its file
+        raise ValueError(f"--plan {cfg.plan!r}: {e}" if cfg.plan else str(e)) from None
     stats = _calibration(job, plan, stats)
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     seed_everything(cfg.seed)

@@ -30,159 +30,76 @@ from pathlib import Path
 from typing import Any
 
 from ..files import fsync_dir, publish_mode, staging_prefix
+from ..guards.output import (  # noqa: F401  (re-exported: this module's former contents)
+    FILE_KINDS,
+    FOLDER_KINDS,
+    KIND_NAMES,
+    MARKER,
+    OutputError,
+    check_room,
+    check_writable,
+    describe,
+    enclosing_output,
+    files_under,
+    foreign_files,
+    output_kind,
+    resolve,
+)
 
-MARKER = ".entrolora-output.json"
 RUN_MARKER = "metrics.json"
-FOLDER_KINDS = ("run", "demo", "export", "report")
-FILE_KINDS = ("stats", "plan")
-KIND_NAMES = {
-    "run": "an entrolora run", "demo": "an entrolora demo", "export": "an entrolora peft export",
-    "report": "an entrolora report", "stats": "an entrolora statistics file",
-    "plan": "an entrolora plan file",
-}  # fmt: skip
-# entries of folders written before the marker existed, by kind (``*.png``: report figures)
-_LEGACY = {
-    "run": ({"metrics.json"}, {"metrics.json", "train_loss.json", "stats.safetensors",
-            "plan.json", "adapter", "peft", "flex_history.json", "report.html"}),
-    "demo": ({"demo.json"}, {"demo.json", "report.html"}),
-    "export": ({"adapter_config.json", "adapter_model.safetensors"},
-               {"adapter_config.json", "adapter_model.safetensors", "README.md"}),
-    "report": ({"report.html"}, {"report.html"}),
-}  # fmt: skip
-
-
-# -- what a path holds ----------------------------------------------------------------------------
-def output_kind(path: Path) -> str | None:
-    """The kind of entrolora output ``path`` is (``run``, ``demo``, ...) when it holds nothing
-    else; None otherwise."""
-    kind, extras = _classify(path)
-    return None if extras else kind
-
-
-def _classify(path: Path) -> tuple[str | None, list[str]]:
-    """``(kind it looks like, entries that kind does not write)`` of a file or folder."""
-    if path.is_file():
-        return _file_kind(path), []
-    if not path.is_dir():
-        return None, []
-    entries = {p.name for p in path.iterdir()}
-    marker = _read_marker(path)
-    if marker is not None and marker.get("kind") in FOLDER_KINDS:
-        return marker["kind"], sorted(entries - {MARKER} - set(marker.get("entries", [])))
-    for kind, (needed, allowed) in _LEGACY.items():
-        if not needed <= entries:
-            continue
-        extra = {e for e in entries - allowed if not e.endswith(".png")}
-        if kind == "demo":  # a demo holds one run folder per method
-            extra = {e for e in extra if output_kind(path / e) != "run"}
-        return kind, sorted(extra)
-    return None, sorted(entries)
-
-
-def describe(path: Path) -> str:
-    """What ``path`` holds, in words: ``"an entrolora run"``, ``"2 entrolora runs and 1 other
-    entry ('notes.txt')"``, ``"an entrolora run plus 1 entry entrolora did not write (...)"``."""
-    kind, extras = _classify(path)
-    if path.is_file():
-        return KIND_NAMES[kind] if kind else "a file entrolora did not write"
-    if not path.is_dir() or not any(path.iterdir()):
-        return "nothing"
-    if kind is not None:
-        if not extras:
-            return KIND_NAMES[kind]
-        return f"{KIND_NAMES[kind]} plus {_count(extras, 'entrolora did not write')}"
-    parts: dict[str, int] = {}
-    others = []
-    for p in sorted(path.iterdir()):
-        k = output_kind(p)
-        if k is None:
-            others.append(p.name)
-        else:
-            parts[k] = parts.get(k, 0) + 1
-    words = [f"{n} entrolora {k}{'s' if n > 1 else ''}" for k, n in parts.items()]
-    if others:
-        words.append(_count(others, "of other kinds" if parts else "entrolora did not write"))
-    return " and ".join(words)
-
-
-def _count(names: list[str], what: str) -> str:
-    shown = ", ".join(repr(o) for o in names[:3]) + (", ..." if len(names) > 3 else "")
-    return f"{len(names)} {'entry' if len(names) == 1 else 'entries'} {what} ({shown})"
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        data = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _file_kind(path: Path) -> str | None:
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return "plan" if isinstance(data, dict) and {"method", "modules"} <= set(data) else None
-    if path.suffix == ".safetensors":
-        from ..stats import FORMAT
-
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # not a safetensors file at all: not ours
-            return None
-        return "stats" if meta.get("format") == FORMAT else None
-    return None
 
 
 # -- may it be written? ---------------------------------------------------------------------------
-def check_output(output: str | os.PathLike, overwrite: bool, kind: str = "run") -> Path:
-    """``output`` as a Path once it may be written: FileExistsError when it holds something that
-    must not be replaced, PermissionError when it cannot be written (checked by creating and
-    removing a staging entry where it would go). For a file output, dead writers' temporary
-    files are swept (``OutputFolder`` does it for folders)."""
-    out = Path(output)
+def check_output(
+    output: str | os.PathLike, overwrite: bool, kind: str = "run", nbytes: int | None = None
+) -> Path:
+    """``output``, resolved (``guards.output.resolve``), once it may be written.
+
+    FileExistsError when it holds something that must not be replaced: another kind of output,
+    the same kind without ``overwrite``, a file its kind did not write anywhere inside it (named),
+    or when it lies inside another entrolora output (a run's ``peft/``); PermissionError when it
+    cannot be written (checked by creating and removing a staging entry where it would go);
+    ``OutputError`` when ``nbytes`` are known and do not fit. For a file output, dead writers'
+    temporary files are swept (``OutputFolder`` does it for folders). Messages name the path as
+    typed."""
+    shown = os.fspath(output)
+    out = resolve(output)
     want = KIND_NAMES[kind]
     folder = kind in FOLDER_KINDS
     if folder and out.is_file():
-        raise FileExistsError(f"output {str(out)!r} is a file; choose a folder with --output")
+        raise FileExistsError(f"output {shown!r} is a file; choose a folder with --output")
     if not folder and out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} is a folder; choose a file with --output")
+        raise FileExistsError(f"output {shown!r} is a folder; choose a file with --output")
+    owner = enclosing_output(out)
+    if owner is not None:
+        raise FileExistsError(
+            f"output {shown!r} is inside {str(owner[0])!r}, which is {KIND_NAMES[owner[1]]}; "
+            f"entrolora never writes into an output it did not make: choose a --output outside it"
+        )
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         if output_kind(out) != kind:
             raise FileExistsError(
-                f"output {str(out)!r} holds {describe(out)}, not {want}; choose another "
+                f"output {shown!r} holds {describe(out)}, not {want}; choose another "
                 f"--output (--overwrite only replaces {want})"
             )
         if not overwrite:
             raise FileExistsError(
-                f"output {str(out)!r} already holds {want}; pass --overwrite to replace it or "
+                f"output {shown!r} already holds {want}; pass --overwrite to replace it or "
                 "choose another --output"
             )
-    check_writable(out)
+        foreign = foreign_files(out, kind) if folder else []
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise FileExistsError(
+                f"output {shown!r} holds {foreign[0]!r}{more}, which entrolora did not write; "
+                "--overwrite would delete it: move it out, or choose another --output"
+            )
+    check_writable(out, shown)
+    if nbytes is not None:
+        check_room(out, nbytes, shown)
     if not folder:  # a file is written by its own save (atomic_write): sweep for it here
         sweep_orphans(out)
     return out
-
-
-def check_writable(out: Path) -> None:
-    """PermissionError naming ``out`` when its folder (or the nearest existing ancestor, where
-    the missing folders would be made) does not let us create an entry."""
-    anc = out.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    try:
-        probe = tempfile.mkdtemp(prefix=staging_prefix(out.name), suffix=".tmp", dir=anc)
-    except OSError as e:
-        raise PermissionError(
-            f"cannot write output {str(out)!r}: folder {str(anc)!r} is not writable "
-            f"({e.strerror or e}); choose another --output"
-        ) from None
-    os.rmdir(probe)
 
 
 def sweep_orphans(output: Path) -> list[Path]:
@@ -247,17 +164,21 @@ class OutputFolder:
     """A folder output written whole: ``with OutputFolder(out, "run", overwrite) as f:`` checks
     ``out`` (``check_output``), sweeps orphans and creates the staging folder ``f.path``; write
     into it, then ``f.publish()`` renames it onto ``out`` (replacing an allowed old one). Leaving
-    the block without publishing (error, Ctrl-C, SIGTERM) removes the staging folder."""
+    the block without publishing (error, Ctrl-C, SIGTERM) removes the staging folder; a write
+    that fails once the work is done goes through ``f.failed(e)``, which keeps what was written
+    under a visible name and says where."""
 
     def __init__(self, output: str | os.PathLike, kind: str = "run", overwrite: bool = False):
         if kind not in FOLDER_KINDS:
             raise ValueError(f"unknown folder kind {kind!r}; one of {', '.join(FOLDER_KINDS)}")
-        self.output, self.kind, self.overwrite = Path(output), kind, overwrite
+        self.shown, self.kind, self.overwrite = os.fspath(output), kind, overwrite
+        self.output = Path(output)
         self.path: Path | None = None
         self._signals: contextlib.ExitStack | None = None
 
     def __enter__(self) -> OutputFolder:
-        out = check_output(self.output, self.overwrite, self.kind)
+        self.output = check_output(self.shown, self.overwrite, self.kind)  # resolved
+        out = self.output
         sweep_orphans(out)
         self._signals = contextlib.ExitStack()
         self._signals.enter_context(terminate_as_exit())
@@ -271,25 +192,79 @@ class OutputFolder:
         return self
 
     def publish(self) -> Path:
-        """Rename the staging folder onto the output (modes as ``mkdir`` would give)."""
+        """Rename the staging folder onto the output (modes as ``mkdir`` would give); the marker
+        lists every file, so that a later overwrite knows what it may delete."""
         if self.path is None:
             raise RuntimeError("OutputFolder.publish() outside its with-block")
-        check_output(self.output, self.overwrite, self.kind)  # it may have changed meanwhile
+        check_output(self.shown, self.overwrite, self.kind)  # it may have changed meanwhile
         entries = sorted(p.name for p in self.path.iterdir())
-        marker = {"kind": self.kind, "entries": entries, "host": socket.gethostname()}
+        marker = {"kind": self.kind, "entries": entries, "files": files_under(self.path),
+                  "host": socket.gethostname()}  # fmt: skip
         (self.path / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         publish_mode(self.path, folder=True)
+        try:
+            if _holds_cwd(self.output):
+                self._publish_in_place()
+            else:
+                self._publish_by_rename()
+        except OSError as e:
+            raise self.failed(e) from None
+        self.path = None
+        fsync_dir(self.output.parent)
+        return self.output
+
+    def _publish_by_rename(self) -> None:
         old = None
         if self.output.exists():  # empty, or an output of this kind we may replace
             prefix = staging_prefix(self.output.name)
             old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old.tmp", dir=self.output.parent))
             os.replace(self.output, old)
-        os.replace(self.path, self.output)
-        self.path = None
-        fsync_dir(self.output.parent)
+        try:
+            os.replace(self.path, self.output)
+        except OSError:
+            if old is not None:  # put the old output back
+                os.replace(old, self.output)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return self.output
+
+    def _publish_in_place(self) -> None:
+        """The output is (or holds) the working folder (``--output .``): renaming it away would
+        leave the shell in a deleted folder, so its old files (all this kind's, checked) are
+        removed and the new entries moved in, the marker last."""
+        for p in self.output.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        for p in sorted(self.path.iterdir(), key=lambda q: q.name == MARKER):
+            os.replace(p, self.output / p.name)
+        os.rmdir(self.path)
+
+    def failed(self, e: BaseException) -> BaseException:
+        """The error to raise when writing or publishing failed after the work: the staging
+        folder is kept under a visible name next to the output and the message names both.
+        Nothing written yet (a guard refused up front): ``e`` itself."""
+        if self.path is None or not self.path.exists() or not any(self.path.iterdir()):
+            return e
+        err = getattr(e, "errno", None) or 0
+        what = getattr(e, "strerror", None) or str(e)
+        at = f" at {e.filename!r}" if getattr(e, "filename", None) else ""
+        kept = ""
+        if self.path is not None and self.path.exists():
+            keep = self.output.with_name(f"{self.output.name}.unfinished-{os.getpid()}")
+            try:
+                os.replace(self.path, keep)
+                self.path = None
+                kept = f"; what was written is kept in {str(keep)!r}"
+            except OSError:
+                kept = f"; what was written is kept in {str(self.path)!r}"
+                self.path = None
+        return OutputError(
+            err,
+            f"writing {KIND_NAMES[self.kind]} to {self.shown!r} failed ({what}{at}){kept}; "
+            "free some space or fix the folder, then move it into place or run again",
+        )
 
     def __exit__(self, *exc: Any) -> None:
         try:
@@ -299,3 +274,11 @@ class OutputFolder:
         finally:
             if self._signals is not None:
                 self._signals.close()
+
+
+def _holds_cwd(folder: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    return cwd == folder or folder in cwd.parents

@@ -112,3 +112,22 @@ def run_metrics(
         "target_modules": sorted(plan.modules) if plan is not None else job.targets,
         "config": asdict(cfg),
     }
+
+
+def run_bytes(a: Adapted, keep_gradients: bool = False) -> int:
+    """About the bytes the run folder will take (known once the adapters exist, before training):
+    the adapter and head, the peft export at its padded rank, the head again in the export, the
+    kept gradients, and 4 MiB for JSON and figures."""
+    from ..export.io import adapter_state
+
+    head = 4 * a.params[1]
+    if a.plan is None:  # a peft baseline: peft's own checkpoint of the trainable tensors
+        return 4 * a.params[0] + 2 * head + 4 * 2**20
+    adapter = sum(t.numel() * t.element_size() for t in adapter_state(a.model).values())
+    rank = a.plan.max_rank
+    export = sum(4 * (m.d_in + m.d_out) * max(rank, m.capacity or 0)
+                 for m in a.plan.modules.values())  # fmt: skip
+    grads = 0
+    if keep_gradients and a.stats is not None and a.stats.gradients:
+        grads = 2 * sum(4 * g.numel() for g in a.stats.gradients.values())  # gradients + noise
+    return adapter + 2 * head + export + grads + 4 * 2**20

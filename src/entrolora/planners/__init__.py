@@ -7,10 +7,15 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
+from ..guards.api import got
 from ..plans import AdaptationPlan
+from ..stats import GradientStats
 from .basic import plan_flexlora, plan_lora, plan_sharelora
 from .e2lora import plan_e2dora, plan_e2lora, plan_e2lori, plan_e2sharelora, plan_e2vera
 from .ralora import plan_lora_gid, plan_ls_lora, plan_ralora, plan_ralora_pro
@@ -40,7 +45,10 @@ __all__ = [
 
 def _planner(method: str) -> tuple[str, Callable[..., AdaptationPlan]]:
     if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}")
+        raise TypeError(
+            f"el.plan: method must be a string such as 'e2lora', got {type(method).__name__} "
+            f"{method!r:.60}"
+        )
     key = method.strip().lower().replace("-", "_")
     if key not in PLANNERS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(PLANNERS)}")
@@ -60,6 +68,7 @@ def plan(method: str, stats_or_model: Any, **options: Any) -> AdaptationPlan:
     Unknown option names raise ValueError listing the accepted ones.
     """
     _, fn = _planner(method)
+    need_stats_or_model(stats_or_model, f"el.plan({method!r}, ...)")
     known = planner_options(method)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -68,3 +77,15 @@ def plan(method: str, stats_or_model: Any, **options: Any) -> AdaptationPlan:
             f"accepted: {', '.join(known)}"
         )
     return fn(stats_or_model, **options)
+
+
+def need_stats_or_model(value: Any, call: str, arg: str = "stats_or_model") -> None:
+    """TypeError unless ``value`` is ``GradientStats`` or a torch module."""
+    if isinstance(value, (GradientStats, nn.Module)):
+        return
+    hint = ""
+    if isinstance(value, (str, os.PathLike)):
+        hint = f"; read a statistics file with el.GradientStats.load({os.fspath(value)!r})"
+    raise TypeError(
+        f"{call}: {arg} must be GradientStats or a torch nn.Module, got {got(value)}{hint}"
+    )

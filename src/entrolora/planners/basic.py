@@ -228,20 +228,33 @@ def plan_flexlora(
     if init not in INITS:
         raise ValueError(f"FlexLoRA init must be one of {', '.join(INITS)}, got {init!r}")
     r = check_int("r", r)
+    given = capacity
     capacity = 2 * r if capacity is None else check_int("capacity", capacity)
-    if capacity < r:
-        raise ValueError(f"capacity must be ≥ r={r} (default 2·r), got {capacity}")
+    sites = [s for group in sites_of(stats_or_model, target_modules).values() for s in group]
+    top = min((min(s.d_in, s.d_out) for s in sites), default=capacity)
+    if given is not None and not r <= capacity <= top:
+        raise ValueError(
+            f"FlexLoRA capacity={capacity} is out of range: allowed r..min(d_in, d_out) = "
+            f"{r}..{top} (a capacity above min(d_in, d_out) holds directions that cannot exist)"
+        )
+    if r > top:
+        raise ValueError(f"FlexLoRA r={r} is above min(d_in, d_out) = {top}; allowed r: 1..{top}")
     alpha = resolve_alpha(lora_alpha, r)
+    # the default 2·r stops at each layer's min(d_in, d_out), recorded per module in the plan
     modules = {
         s.name: ModulePlan(
-            r, s.d_in, s.d_out, s.module_type, s.layer, kind="flex", capacity=capacity
+            r, s.d_in, s.d_out, s.module_type, s.layer, kind="flex",
+            capacity=capacity if given is not None else min(capacity, s.d_in, s.d_out),
         )
-        for sites in sites_of(stats_or_model, target_modules).values()
         for s in sites
-    }
+    }  # fmt: skip
     options = {
         "r": r,
-        "capacity": capacity,
+        # what the modules use: one value, or None when the default 2·r stopped at some
+        # layer's min(d_in, d_out) (each module records its own)
+        "capacity": caps.pop()
+        if len(caps := {m.capacity for m in modules.values()}) == 1
+        else None,
         "target_modules": targets_option(target_modules),
         "lora_alpha": alpha,
         "init": init,

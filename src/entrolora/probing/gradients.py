@@ -23,6 +23,7 @@ transformers, so a checkpointed probe is a probe in train mode.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -230,6 +231,15 @@ def probe(
     probe before wrapping). Parameters' ``requires_grad`` and ``.grad`` and modules'
     train/eval mode are restored, also on error; the mode is not changed (eval: no dropout).
     """
+    from ..guards.api import need_model
+
+    need_model(model, "el.probe")
+    if isinstance(batches, (str, bytes, os.PathLike)) or not hasattr(batches, "__iter__"):
+        raise TypeError(
+            f"el.probe: batches must be an iterable of batches (dicts of tensors, or what "
+            f"loss_fn takes), got {type(batches).__name__} {str(batches)[:60]!r}; read and "
+            "tokenize the data first"
+        )
     _check_args(steps, offload, loss_fn)
     net = unwrap(model)
     targets = find_targets(net, target_modules)

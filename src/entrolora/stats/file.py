@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ..files import atomic_write
+from ..guards.output import STATS_FORMAT
 from .module import ModuleStats
 
-FORMAT = "entrolora.stats"
+FORMAT = STATS_FORMAT
 FORMAT_VERSION = 2  # 2: noise estimate and signal statistics; version 1 files still load
 READABLE_VERSIONS = ("1", "2")
 NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
@@ -51,6 +52,9 @@ def write(
         "meta": json.dumps(meta),
         "modules": json.dumps([asdict(m) for m in modules]),
     }
+    from ..guards.output import guard_file, tensor_bytes
+
+    path = guard_file(path, "GradientStats.save", tensor_bytes(tensors) + len(meta["modules"]))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -78,10 +82,27 @@ def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]
             f"entrolora reads versions {', '.join(READABLE_VERSIONS)}. Probe again with this "
             "version."
         )
+    from ..guards.values import check_stats_module
+
+    fix = "probe again (`entrolora probe`)"
+    where = f"statistics file {str(path)!r}"
+    try:
+        entries, steps, extra = json.loads(meta["modules"]), int(meta["steps"]), meta.get("meta")
+        extra = json.loads(extra) if extra else {}
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{where} has a damaged header ({e}); {fix}") from None
+    if not isinstance(entries, list) or not entries or steps < 1:
+        raise ValueError(f"{where} holds no module statistics or no probe steps; {fix}")
     modules = {}
-    for d in json.loads(meta["modules"]):
+    for d in entries:
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} has a module entry that is not an object; {fix}")
+        check_stats_module(d, f"{where}, module {d.get('name')!r}", fix)
         d["shape"] = tuple(d["shape"])
         modules[d["name"]] = d
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: tensor {k!r} holds NaN or infinite values; {fix}")
     noise = {k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)}
     grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
-    return modules, grads or None, int(meta["steps"]), json.loads(meta["meta"]), noise or None
+    return modules, grads or None, steps, extra, noise or None
