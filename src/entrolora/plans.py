@@ -32,7 +32,7 @@ from torch import nn
 
 from .files import atomic_write_text
 from .reading import read_json
-from .targets import get_module, is_linear, linear_dims, split_module_name
+from .targets import get_module, is_all_linear, is_linear, linear_dims, split_module_name
 
 FORMAT = "entrolora.plan"
 FORMAT_VERSION = 1
@@ -227,11 +227,14 @@ class AdaptationPlan:
     def targeted(self, model: nn.Module) -> dict[str, tuple[str, int]]:
         """``{name: (module type, layer)}`` of the modules of ``model`` this plan should cover.
 
-        Those its recorded ``options["target_modules"]`` select (suffixes or full names, or one
-        regular expression, as ``find_targets``), else every linear module of a planned type.
+        Those its recorded ``options["target_modules"]`` select (suffixes or full names, one
+        regular expression or ``"all-linear"``, as ``find_targets``), else every linear module
+        of a planned type.
         """
         linear = _layer_linears(model)
         patterns = self.options.get("target_modules") if isinstance(self.options, Mapping) else None
+        if is_all_linear(patterns):
+            return linear
         if isinstance(patterns, str):
             try:
                 regex = re.compile(patterns)

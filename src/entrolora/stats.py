@@ -27,16 +27,22 @@ from .moments import (
     rmi_matrix,
     signal_fields,
 )
-from .spectral import effective_ranks, raw_and_signal_eranks
+from .spectral import spectra_and_eranks
 from .targets import split_module_name
 
 FORMAT = "entrolora.stats"
-FORMAT_VERSION = 2  # 2: noise estimate and signal statistics; version 1 files still load
-READABLE_VERSIONS = ("1", "2")
+# 2: noise estimate and signal statistics; 3: singular values (spectrum, signal_spectrum).
+# Versions 1 and 2 still load, without what they lack.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 SIMILARITY_KINDS = ("rmi", "cosine", "l1", "l2", "kl")
 RMI_SCALES = ("reference", "raw")
 STATISTICS = ("signal", "raw")
 NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
+# Singular values kept per module (raw and signal): the ``auto`` planner prices rank units with
+# them (METHODS.md §7). Twice its default r_max, so that r_max up to 128 can be tried from one
+# probe, while an 8B model's 224 modules still add only ~1 MB of JSON to the statistics file.
+SPECTRUM_KEEP = 128
 __all__ = ["HALF_LOG_2PI_PLUS_HALF", "REFERENCE_SIGMA", "GradientStats", "ModuleStats"]
 __all__ += ["proxy_entropy"]
 Tensors = Mapping[str, torch.Tensor]
@@ -54,6 +60,12 @@ class ModuleStats:
     the clipped signal variance ``max(var G − var D, 2·var D/√n)``, ``signal_entropy`` its proxy
     entropy and ``signal_erank`` the effective rank of the clipped eigenvalues of ``GGᵀ − DDᵀ``
     (None when no signal is left). All six are None without a noise estimate.
+
+    ``spectrum``: the top ``SPECTRUM_KEEP`` singular values of ``G``, descending (None for a
+    degenerate module, or where the raw effective rank was estimated on a large matrix);
+    ``signal_spectrum``: those of the signal, square roots of the clipped eigenvalues of
+    ``GGᵀ − DDᵀ`` (None without a noise estimate). Statistics saved before they existed load
+    with both None.
     """
 
     name: str
@@ -72,6 +84,14 @@ class ModuleStats:
     signal_std: float | None = None
     signal_entropy: float | None = None
     signal_erank: float | None = None
+    spectrum: tuple[float, ...] | None = None
+    signal_spectrum: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("spectrum", "signal_spectrum"):  # lists from JSON: tuples compare equal
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @property
     def degenerate(self) -> bool:
@@ -89,6 +109,10 @@ class ModuleStats:
     def erank_of(self, statistics: str) -> float | None:
         """Effective rank of ``G`` (``"raw"``) or of the signal (``"signal"``)."""
         return self.signal_erank if statistics == "signal" else self.erank
+
+    def spectrum_of(self, statistics: str) -> tuple[float, ...] | None:
+        """Top singular values of ``G`` (``"raw"``) or of the signal (``"signal"``)."""
+        return self.signal_spectrum if statistics == "signal" else self.spectrum
 
     @property
     def d_out(self) -> int:
@@ -140,6 +164,7 @@ def _module_stats(
     erank: float | None,
     sensitivity: float | None,
     signal: dict,
+    spectra: tuple[list[float] | None, list[float] | None],
 ) -> ModuleStats:
     mean, std = moments_g
     return ModuleStats(
@@ -154,6 +179,8 @@ def _module_stats(
         erank=erank,
         sensitivity=sensitivity,
         **signal,
+        spectrum=None if spectra[0] is None else tuple(spectra[0]),
+        signal_spectrum=None if spectra[1] is None else tuple(spectra[1]),
     )
 
 
@@ -230,19 +257,24 @@ class GradientStats:
 
         found, noise_moments, sens = _elementwise(grads, weights, noise, order, device)
         live = [n for n in order if found[n][1] > 0]
-        live_grads = [grads[n] for n in live]
-        signal_eranks = {}
-        if noise:  # both statistics from one float64 stack and one eigvalsh per shape group
-            raw, signal = raw_and_signal_eranks(live_grads, [noise[n] for n in live], device=device)
-            signal_eranks = dict(zip(live, signal))
-        else:
-            raw = effective_ranks(live_grads, device=device)
-        eranks = dict(zip(live, raw))
+        # one float64 stack and one eigvalsh per shape group: eranks and spectra together
+        found_sp = spectra_and_eranks(
+            [grads[n] for n in live],
+            [noise[n] for n in live] if noise else None,
+            SPECTRUM_KEEP,
+            device=device,
+        )
+        eranks = dict(zip(live, found_sp.raw_erank))
+        signal_eranks = dict(zip(live, found_sp.signal_erank or []))
+        spectra = dict(zip(live, zip(found_sp.raw_sv, found_sp.signal_sv)))
         modules = {}
         for n in order:
             g = grads[n]
             signal = signal_fields(g.numel(), found[n], noise_moments.get(n), signal_eranks.get(n))
-            modules[n] = _module_stats(n, located[n], g, found[n], eranks.get(n), sens[n], signal)
+            modules[n] = _module_stats(
+                n, located[n], g, found[n], eranks.get(n), sens[n], signal,
+                spectra.get(n, (None, None)),
+            )  # fmt: skip
         kept = kept_noise = None
         if keep_gradients:
             kept = {n: grads[n].detach().to(device="cpu", dtype=torch.float32) for n in order}

@@ -2,7 +2,8 @@
 statistics as JSON metadata, the kept gradients and noise estimates as tensors.
 
 Format 2 adds the noise estimate's fields per module (``noise_mean`` … ``signal_erank``) and the
-noise tensors (``noise/<name>``); format-1 files still load, without a noise estimate.
+noise tensors (``noise/<name>``); format 3 the top singular values (``spectrum``,
+``signal_spectrum``). Older files still load, without what they lack.
 """
 
 from __future__ import annotations
