@@ -137,3 +137,27 @@ def test_gradient_init_bad_inputs():
     blocky = replace(plan, modules={name: replace(plan.modules[name], blocks=2)})
     with pytest.raises(ValueError, match=r"init='gradient' sets A of plain low-rank modules"):
         el.apply(one_layer(6, 8), blocky, stats=stats)
+
+
+def _dist_worker(rank: int, world_size: int) -> dict:
+    model = tiny_llama(layers=2)  # same seed: same weights on every rank
+    batches = lm_batches(4, seed=10)[rank::world_size]
+    stats = el.probe(model, batches, "all-linear", steps=2, progress=False)
+    plan = el.plan("auto", stats, budget=0.05, init="gradient")
+    el.apply(model, plan, stats=stats)
+    return {n: w.adapter.A.detach().clone() for n, w in el.adapted_modules(model).items()}
+
+
+def test_gradient_init_is_the_same_on_every_process():
+    from dist_utils import run_distributed
+
+    a, b = run_distributed(_dist_worker, 2)
+    assert a.keys() == b.keys() and a
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    # ... and the same as one process probing all the batches
+    model = tiny_llama(layers=2)
+    stats = el.probe(model, lm_batches(4, seed=10), "all-linear", steps=4, progress=False)
+    el.apply(model, el.plan("auto", stats, budget=0.05, init="gradient"), stats=stats)
+    for n, w in el.adapted_modules(model).items():
+        torch.testing.assert_close(w.adapter.A.detach(), a[n], atol=1e-5, rtol=1e-4)
