@@ -29,7 +29,7 @@ def module(name: str, t: str, layer: int, d_out: int, d_in: int, sv, raw=None) -
         entropy=-5.0 if live else None, erank=2.0 if live else None, sensitivity=None,
         noise_mean=0.0, noise_std=1e-4, snr=1.0, signal_std=1e-3 if live else 0.0,
         signal_entropy=-5.0 if live else None, signal_erank=2.0 if live else None,
-        spectrum=(raw if raw is not None else sv) if live else None,
+        spectrum=tuple(raw if raw is not None else sv) if live else None,
         signal_spectrum=tuple(sv) if live else None,
     )  # fmt: skip
 

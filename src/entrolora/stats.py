@@ -31,17 +31,14 @@ from .spectral import spectra_and_eranks
 from .targets import split_module_name
 
 FORMAT = "entrolora.stats"
-# 2: noise estimate and signal statistics; 3: singular values (spectrum, signal_spectrum).
-# Versions 1 and 2 still load, without what they lack.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 3  # 2: noise estimate, signal statistics; 3: spectra. Older files still load
 READABLE_VERSIONS = ("1", "2", "3")
 SIMILARITY_KINDS = ("rmi", "cosine", "l1", "l2", "kl")
 RMI_SCALES = ("reference", "raw")
 STATISTICS = ("signal", "raw")
 NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
-# Singular values kept per module (raw and signal): the ``auto`` planner prices rank units with
-# them (METHODS.md §7). Twice its default r_max, so that r_max up to 128 can be tried from one
-# probe, while an 8B model's 224 modules still add only ~1 MB of JSON to the statistics file.
+# Singular values kept per module (raw, signal): auto's prices (METHODS.md §7). Twice its default
+# r_max; an 8B model's 224 modules add ~1 MB of JSON to the statistics file.
 SPECTRUM_KEEP = 128
 __all__ = ["HALF_LOG_2PI_PLUS_HALF", "REFERENCE_SIGMA", "GradientStats", "ModuleStats"]
 __all__ += ["proxy_entropy"]
@@ -86,12 +83,6 @@ class ModuleStats:
     signal_erank: float | None = None
     spectrum: tuple[float, ...] | None = None
     signal_spectrum: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("spectrum", "signal_spectrum"):  # lists from JSON: tuples compare equal
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @property
     def degenerate(self) -> bool:
@@ -258,11 +249,9 @@ class GradientStats:
         found, noise_moments, sens = _elementwise(grads, weights, noise, order, device)
         live = [n for n in order if found[n][1] > 0]
         # one float64 stack and one eigvalsh per shape group: eranks and spectra together
+        live_noise = [noise[n] for n in live] if noise else None
         found_sp = spectra_and_eranks(
-            [grads[n] for n in live],
-            [noise[n] for n in live] if noise else None,
-            SPECTRUM_KEEP,
-            device=device,
+            [grads[n] for n in live], live_noise, SPECTRUM_KEEP, device=device
         )
         eranks = dict(zip(live, found_sp.raw_erank))
         signal_eranks = dict(zip(live, found_sp.signal_erank or []))

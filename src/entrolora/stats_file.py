@@ -70,6 +70,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]
     modules = {}
     for d in json.loads(meta["modules"]):
         d["shape"] = tuple(d["shape"])
+        for key in ("spectrum", "signal_spectrum"):  # JSON lists: tuples, as computed
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         modules[d["name"]] = d
     noise = {k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)}
     grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
