@@ -384,3 +384,30 @@ def test_probe_head_option(assets, tmp_path):
     one_line_error(invoke("train", "--model", assets["bert"], "--data", assets["csv"],
                           "--probe-head", "x", "--output", tmp_path / "run", *FAST),
                    "--probe-head must be one of centroid, model, got 'x'")  # fmt: skip
+
+
+def test_probe_all_linear_then_plan_auto(assets, tmp_path):
+    stats = tmp_path / "all.safetensors"
+    r = invoke("probe", "--model", assets["bert"], "--data", assets["csv"], "--target-modules",
+               "all-linear", "--probe-steps", "2", "--batch-size", "8", "--quiet",
+               "--output", stats)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    import entrolora as el
+
+    assert len(el.GradientStats.load(stats)) == 18  # 3 layers × 6 linears: the MLP too
+    plan = tmp_path / "plan.json"
+    r = invoke("plan", stats, "--method", "auto", "--budget", "like-lora=2", "--output", plan)
+    assert r.exit_code == 0, r.output
+    saved = json.loads(plan.read_text())
+    assert saved["method"] == "auto" and saved["options"]["budget"] == 2 * 3 * 4 * 64
+    assert "marginal value of the last unit" in r.stdout and "spent" in r.stdout
+    r = invoke("plan", stats, "--method", "auto", "--budget", "1000", "--output",
+               tmp_path / "p2.json")  # fmt: skip
+    assert (
+        r.exit_code == 0
+        and json.loads((tmp_path / "p2.json").read_text())["options"]["budget"] == 1000
+    )
+    r = invoke("plan", stats, "--method", "ralora", "--budget", "9", "--output", tmp_path / "p3")
+    one_line_error(r, "--budget applies to --method auto only")
+    one_line_error(invoke("plan", stats, "--method", "auto", "--budget", "10", "--output",
+                          tmp_path / "p4.json"), "the smallest useful budget is 64")  # fmt: skip

@@ -418,6 +418,7 @@ def test_keep_gradients_false_and_meta():
         "halves": [1, 0],
         "world_size": 1,
         "dtype": "float32",
+        "model_params": sum(p.numel() for p in model.parameters()),
     }
     with pytest.raises(ValueError, match="needs the accumulated gradients"):
         stats.similarity("transformer.h.*.attn.c_attn", kind="cosine")

@@ -142,3 +142,18 @@ def test_gather_rejects_unknown_file(tmp_path):
 def test_gather_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         R.gather([tmp_path / "missing.json"])
+
+
+def test_budget_png_and_auto_report(tmp_path):
+    import entrolora as el
+
+    stats = _stats()
+    plan = el.plan_auto(stats, budget=3 * 28, statistics="raw")
+    assert 0 < len(plan.modules) < len(stats)  # some modules left at rank 0
+    _png(R.plot_budget(plan, tmp_path / "b.png", stats))
+    _png(R.plot_budget(plan, tmp_path / "b2.png"))  # adapted modules only
+    html = R.write_report(tmp_path / "out", R.ReportInputs(stats=stats, plan=plan)).read_text()
+    _png(tmp_path / "out" / "budget.png")
+    assert "src='budget.png'" in html and "marginal value of the last unit" in html
+    R.write_report(tmp_path / "e2", R.ReportInputs(plan=_plan()))
+    assert not (tmp_path / "e2" / "budget.png").exists()  # only auto plans spend a budget

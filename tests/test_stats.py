@@ -209,9 +209,9 @@ def test_other_format_version(tmp_path):
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    meta["format_version"] = "3"
+    meta["format_version"] = "4"
     save_file(load_file(str(path)), str(path), metadata=meta)
-    with pytest.raises(ValueError, match=r"format version 3; this entrolora reads versions 1, 2"):
+    with pytest.raises(ValueError, match=r"version 4; this entrolora reads versions 1, 2, 3"):
         GradientStats.load(path)
 
 
@@ -449,3 +449,64 @@ def test_signal_statistics_round_trip_and_old_files_load(tmp_path):
     old = GradientStats.load(path)
     assert not old.has_noise and old.snr_by_type() == {}
     assert all(m.snr is None and m.signal_erank is None for m in old.modules.values())
+
+
+# -- singular values (the auto planner's prices, METHODS.md §7) ---------------------------------
+def numpy_signal_sv(g: np.ndarray, d: np.ndarray | None) -> np.ndarray:
+    """Independent reference: descending square roots of the clipped eigenvalues of the
+    smaller-side ``GGᵀ − DDᵀ`` (``GGᵀ`` without D), float64."""
+    wide = g.shape[0] <= g.shape[1]
+    gram = g @ g.T if wide else g.T @ g
+    if d is not None:
+        gram = gram - (d @ d.T if wide else d.T @ d)
+    return np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))[::-1]
+
+
+def test_spectra_match_numpy_raw_and_signal():
+    _, first, second = signal_plus_noise(seed=3, shape=(40, 24))
+    stats = GradientStats.from_halves(first, second, counts=(8, 8))
+    for n, s in stats.modules.items():
+        g, d = stats.gradients[n].double().numpy(), stats.noise[n].double().numpy()
+        assert len(s.spectrum) == len(s.signal_spectrum) == 24
+        scale = s.spectrum[0]
+        np.testing.assert_allclose(s.spectrum, np.linalg.svd(g, compute_uv=False), rtol=1e-6)
+        np.testing.assert_allclose(s.signal_spectrum, numpy_signal_sv(g, d), atol=1e-6 * scale)
+        assert list(s.signal_spectrum) == sorted(s.signal_spectrum, reverse=True)
+    # without a noise estimate: the raw singular values, and no signal spectrum
+    raw = GradientStats.from_gradients(synthetic(seed=4), keep_gradients=False)
+    for n, g in synthetic(seed=4).items():
+        want = np.linalg.svd(g.numpy(), compute_uv=False)
+        np.testing.assert_allclose(raw[n].spectrum, want, rtol=1e-6)
+        assert raw[n].signal_spectrum is None and raw[n].spectrum_of("raw") == raw[n].spectrum
+
+
+def test_spectra_keep_the_top_values_and_skip_degenerate_modules(monkeypatch):
+    import entrolora.stats.gradient_stats as st  # where from_gradients reads it
+
+    monkeypatch.setattr(st, "SPECTRUM_KEEP", 3)
+    stats = GradientStats.from_gradients(synthetic(zero=(1,)))
+    live = stats["model.layers.0.self_attn.q_proj"]
+    g = synthetic()["model.layers.0.self_attn.q_proj"].numpy()
+    np.testing.assert_allclose(live.spectrum, np.linalg.svd(g, compute_uv=False)[:3], rtol=1e-6)
+    assert stats["model.layers.1.self_attn.q_proj"].spectrum is None
+
+
+def test_spectra_round_trip_and_version_2_files_load_without_them(tmp_path):
+    _, first, second = signal_plus_noise(seed=5)
+    stats = GradientStats.from_halves(first, second, counts=(8, 8))
+    back = GradientStats.load(stats.save(tmp_path / "s.safetensors"))
+    assert back.modules == stats.modules
+    from safetensors import safe_open
+
+    path = tmp_path / "v2.safetensors"
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    mods = json.loads(meta["modules"])
+    for m in mods:
+        del m["spectrum"], m["signal_spectrum"]
+    meta.update(format_version="2", modules=json.dumps(mods))
+    save_file({}, str(path), metadata=meta)
+    old = GradientStats.load(path)
+    assert old.has_noise
+    assert all(m.spectrum is None and m.signal_spectrum is None for m in old.modules.values())

@@ -143,3 +143,20 @@ def test_get_module(llama):
     )
     with pytest.raises(ValueError, match=r"no module 'model.layers.9.q'.*another model"):
         get_module(llama, "model.layers.9.q")
+
+
+def test_all_linear_picks_every_linear_of_the_layer_stack(llama):
+    leaves = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for spec in ("all-linear", ["all-linear"]):
+        targets = find_targets(llama, spec)
+        part = {p: "self_attn" if p[0] in "qkvo" else "mlp" for p in leaves}
+        want = [f"model.layers.{i}.{part[p]}.{p}" for p in leaves for i in range(3)]
+        assert sorted(targets) == sorted(want)
+    bert = tiny_bert(layers=2)  # the pooler and the classifier sit outside the stack
+    names = find_targets(bert, "all-linear")
+    assert len(names) == 12 and not any("pooler" in n or "classifier" in n for n in names)
+
+
+def test_all_linear_without_a_layer_stack():
+    with pytest.raises(ValueError, match="'all-linear' found no linear layer inside a layer stack"):
+        find_targets(nn.ModuleDict({"head": nn.Linear(2, 2)}), "all-linear")

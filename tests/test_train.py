@@ -272,3 +272,28 @@ def test_e2lori_masks_from_the_probe_through_the_job(assets, tmp_path):
         cfg(assets, tmp_path / "d", method="e2lori", stats=stats, options={"mask": "random"})
     )
     assert json.loads((d.output / "plan.json").read_text())["options"]["mask"] == "random"
+
+
+def test_auto_through_the_job(assets, tmp_path):
+    """auto probes every linear layer of the stack, spends LoRA r=--r's parameters on the
+    default targets, and init=gradient reads the probe's gradients (a reused plan probes for
+    them; statistics saved without gradients are refused)."""
+    from entrolora.plans import AdaptationPlan
+
+    a = T.train_run(cfg(assets, tmp_path / "a", method="auto", options={"init": "gradient"}))
+    plan = AdaptationPlan.load(a.output / "plan.json")
+    stats = a.stats
+    assert len(stats) == 18  # 3 layers × (q, k, v, attention output, intermediate, output)
+    like = stats.meta["like_lora"]  # LoRA on q, k, v, attention output: 3 × 4 × (32 + 32)
+    assert like["targets"][0] == "attention.self.query" and like["params_per_rank"] == 768
+    assert plan.options["budget"] == 2 * 768 >= plan.num_trainable_params() > 0
+    assert plan.options["init"] == "gradient" and a.metrics["trainable_params"] > 0
+    b = T.train_run(cfg(assets, tmp_path / "b", method="auto", plan=str(a.output / "plan.json")))
+    assert b.metrics["probe_s"] > 0 and b.metrics["accuracy"] == a.metrics["accuracy"]
+    saved = str(a.output / "stats.safetensors")
+    with pytest.raises(ValueError, match="init=gradient needs the probed gradients, which"):
+        T.train_run(cfg(assets, tmp_path / "c", method="auto", stats=saved,
+                        options={"init": "gradient"}))  # fmt: skip
+    c = T.train_run(cfg(assets, tmp_path / "c", method="auto", stats=saved,
+                        options={"budget": 3000}))  # fmt: skip
+    assert c.plan.options["budget"] == 3000

@@ -33,6 +33,7 @@ _EXPORTS = {
     "plan_ls_lora": "planners",
     "plan_lora_gid": "planners",
     "plan_flexlora": "planners",
+    "plan_auto": "planners",
     "apply": "adapters.inject",
     "merge": "adapters.inject",
     "unmerge": "adapters.inject",

@@ -34,7 +34,7 @@ from torch import nn
 from .data.reading import read_json
 from .files import atomic_write_text
 from .guards.api import got
-from .targets import get_module, is_linear, linear_dims, split_module_name
+from .targets import get_module, is_all_linear, is_linear, linear_dims, split_module_name
 
 FORMAT = "entrolora.plan"
 FORMAT_VERSION = 1
@@ -270,11 +270,14 @@ class AdaptationPlan:
     def targeted(self, model: nn.Module) -> dict[str, tuple[str, int]]:
         """``{name: (module type, layer)}`` of the modules of ``model`` this plan should cover.
 
-        Those its recorded ``options["target_modules"]`` select (suffixes or full names, or one
-        regular expression, as ``find_targets``), else every linear module of a planned type.
+        Those its recorded ``options["target_modules"]`` select (suffixes or full names, one
+        regular expression or ``"all-linear"``, as ``find_targets``), else every linear module
+        of a planned type.
         """
         linear = _layer_linears(model)
         patterns = self.options.get("target_modules") if isinstance(self.options, Mapping) else None
+        if is_all_linear(patterns):
+            return linear
         if isinstance(patterns, str):
             try:
                 regex = re.compile(patterns)
@@ -311,7 +314,7 @@ class AdaptationPlan:
             lines.append(
                 f"{t:<{width}} | " + " ".join(f"{row.get(layer, '-'):>{colw}}" for layer in layers)
             )
-        return "\n".join(lines)
+        return "\n".join(lines + _budget_lines(self, by_type, layers, width))
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -387,6 +390,33 @@ class AdaptationPlan:
             return cls.from_dict(d)
         except ValueError as e:
             raise ValueError(f"plan file {str(path)!r}: {e}") from None
+
+
+def _budget_lines(
+    plan: AdaptationPlan, by_type: dict[str, dict[int, ModulePlan]], layers: list[int], width: int
+) -> list[str]:
+    """For a plan that spent a budget (auto, METHODS.md §7): the budget line and the marginal
+    value (of the last rank unit bought) per module type and layer; nothing otherwise."""
+    o = plan.options
+    marginal = o.get("marginal")
+    if not isinstance(marginal, Mapping) or "budget" not in o:
+        return []
+    spent, budget = o.get("spent", plan.num_trainable_params()), o["budget"]
+    out = [
+        f"budget {budget:,} parameters, spent {spent:,} ({spent / max(budget, 1):.1%}); "
+        f"power {o.get('power')}, init {o.get('init')}, {len(plan.modules)} of "
+        f"{o.get('candidate_count', len(plan.modules))} candidate modules adapted",
+        "marginal value of the last unit bought (s^power):",
+    ]
+    cells: dict[str, dict[int, str]] = {t: {} for t in by_type}
+    for name, m in plan.modules.items():
+        if name in marginal:
+            cells[m.module_type][m.layer] = f"{marginal[name]:.2e}"
+    colw = max(8, *(len(c) for row in cells.values() for c in row.values()))
+    out.append(" " * width + " | " + " ".join(f"{layer:>{colw}}" for layer in layers))
+    for t, row in cells.items():
+        out.append(f"{t:<{width}} | " + " ".join(f"{row.get(x, '-'):>{colw}}" for x in layers))
+    return out
 
 
 def _cell(m: ModulePlan) -> str:

@@ -6,6 +6,8 @@ Figures (PNG, matplotlib Agg, imported lazily):
   next to per-layer proxy entropy bars (eq. 1) — E²LoRA Figure 1;
 - ``erank.png``: gradient effective rank (RaLoRA eq. 3), layer × module type — RaLoRA Figure 3;
 - ``plan.png``: rank per layer and module type, coloured by shared group, block count marked;
+- ``budget.png``: where an ``auto`` plan's budget went (METHODS.md §7): rank bought, module type
+  × layer, each cell annotated with its rank and the marginal value of its last unit;
 - ``rank_evolution.png``: FlexLoRA active ranks over training (``entrolora.flex``);
 - ``accuracy_vs_params.png``: accuracy against trainable parameters for several runs.
 
@@ -200,6 +202,55 @@ def plot_plan(plan: AdaptationPlan, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_budget(
+    plan: AdaptationPlan, path: str | os.PathLike, stats: GradientStats | None = None
+) -> Path:
+    """Heatmap of an auto plan (METHODS.md §7): module type (rows) × layer (columns), colour =
+    rank bought, each cell annotated with the rank and the marginal value ``s^p`` of its last
+    unit. ``stats``: the probe's statistics, whose modules the plan left at rank 0 show as 0
+    (without them only the adapted modules' types and layers appear)."""
+    plt = _plt()
+    import numpy as np
+
+    marginal = plan.options.get("marginal") or {}
+    cells = {n: (m.module_type, m.layer) for n, m in plan.modules.items()}
+    if stats is not None:
+        cells.update({n: (stats[n].module_type, stats[n].layer) for n in stats})
+    types = sorted({t for t, _ in cells.values()})
+    layers = sorted({layer for _, layer in cells.values()})
+    row, col = {t: i for i, t in enumerate(types)}, {x: j for j, x in enumerate(layers)}
+    grid = np.full((len(types), len(layers)), np.nan)
+    for n, (t, layer) in cells.items():
+        grid[row[t], col[layer]] = plan.modules[n].rank if n in plan.modules else 0
+    fig, ax = plt.subplots(
+        figsize=(max(8, 0.75 * len(layers) + 3), max(2.5, 0.65 * len(types) + 1.8))
+    )
+    im = ax.imshow(grid, cmap="Blues", aspect="auto", interpolation="nearest", vmin=0)
+    ax.set_yticks(range(len(types)), [short_type(t) for t in types])
+    _layer_ticks(ax, layers, "x")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("module type")
+    if grid.size <= 400:
+        top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+        for n, (t, layer) in cells.items():
+            i, j = row[t], col[layer]
+            text = f"{int(grid[i, j])}"
+            if n in marginal and grid.size <= 120:
+                text += f"\n{marginal[n]:.1e}"
+            color = "white" if grid[i, j] > 0.6 * top else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color=color)
+    o = plan.options
+    spent, budget = o.get("spent", plan.num_trainable_params()), o.get("budget")
+    spend = f"{spent:,} of {budget:,} parameters" if budget else f"{spent:,} parameters"
+    ax.set_title(
+        f"{plan.method}: ranks bought ({spend}, power {o.get('power', '?')}); cell: rank and "
+        "marginal value of its last unit",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, label="rank")
+    return _save(fig, path)
+
+
 # -- runs ---------------------------------------------------------------------------------------
 def plot_accuracy_vs_params(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Scatter of accuracy (%) against trainable parameters (log scale), one labelled point a run.
@@ -297,6 +348,14 @@ def gather(paths: Sequence[str | os.PathLike]) -> ReportInputs:
     return out
 
 
+def _candidates(inputs: ReportInputs) -> GradientStats | None:
+    """The statistics when they hold every module of the plan (its probe), else None."""
+    stats, plan = inputs.stats, inputs.plan
+    if stats is None or plan is None or not all(n in stats for n in plan.modules):
+        return None
+    return stats
+
+
 # -- HTML ---------------------------------------------------------------------------------------
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
@@ -334,6 +393,9 @@ def write_report(
     if inputs.plan is not None:
         plot_plan(inputs.plan, out_dir / "plan.png")
         figures.append(("plan.png", "Rank / group / block allocation"))
+        if inputs.plan.options.get("marginal"):  # auto: where the budget went (METHODS.md §7)
+            plot_budget(inputs.plan, out_dir / "budget.png", _candidates(inputs))
+            figures.append(("budget.png", "Where the parameter budget went (auto)"))
     if inputs.history:
         plot_rank_evolution(inputs.history, out_dir / "rank_evolution.png")
         figures.append(("rank_evolution.png", "FlexLoRA rank evolution"))

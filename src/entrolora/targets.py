@@ -69,17 +69,39 @@ def _close(pattern: str, names: Sequence[str]) -> list[str]:
     return found or leaves[:10]
 
 
+# Every linear layer inside the layer stack (attention and MLP): the candidates of the ``auto``
+# planner (METHODS.md §7). peft's selector of the same name also skips the output layer.
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(target_modules: object) -> bool:
+    """True for ``"all-linear"`` or ``["all-linear"]``."""
+    if isinstance(target_modules, str):
+        return target_modules == ALL_LINEAR
+    return isinstance(target_modules, (list, tuple)) and list(target_modules) == [ALL_LINEAR]
+
+
 def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, Target]:
     """The target linear layers of ``model``, keyed by qualified name, ordered by type then layer.
 
     ``target_modules`` is a list of suffixes (``"q_proj"``) or full names, each of which must
     match at least one module, or one string taken as a regular expression matched against the
-    whole qualified name (as peft does). Every matched module must be linear and sit inside a
-    layer stack; anything else raises ``ValueError`` naming the pattern and close candidates.
+    whole qualified name (as peft does), or ``"all-linear"``: every linear layer inside the layer
+    stack (heads, poolers and embeddings sit outside it). Every matched module must be linear and
+    sit inside a layer stack; anything else raises ``ValueError`` naming the pattern and close
+    candidates.
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     names = [n for n, _ in named]
-    if isinstance(target_modules, str):
+    if is_all_linear(target_modules):
+        picked = [(n, m) for n, m in named if is_linear(m) and _in_stack(n)]
+        if not picked:
+            raise ValueError(
+                "target_modules 'all-linear' found no linear layer inside a layer stack (a "
+                "module path with a layer index); name the target modules instead"
+            )
+        by_pattern = {ALL_LINEAR: picked}
+    elif isinstance(target_modules, str):
         try:
             regex = re.compile(target_modules)
         except re.error as e:
@@ -125,6 +147,10 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[
             d_in, d_out = linear_dims(module)
             targets[name] = Target(name, module_type, layer, d_in, d_out, is_conv1d(module))
     return dict(sorted(targets.items(), key=lambda kv: _order_key(kv[1])))
+
+
+def _in_stack(name: str) -> bool:
+    return any(part.isdigit() for part in name.split(".")) and not name.endswith(".base_layer")
 
 
 def _order_key(t: Target) -> tuple[str, int]:

@@ -17,6 +17,7 @@ from torch import nn
 from ..plans import AdaptationPlan, ModulePlan, lori_kept
 from ..targets import get_module
 from .base import AdaptedLinear, kaiming_uniform
+from .gradient_init import gradient_factors
 from .lowrank import BlockDiagonalAdapter, LowRankAdapter
 from .variants import DoRAAdapter, LoRIAdapter, VeRAAdapter, calibrate_lori_masks
 
@@ -114,8 +115,10 @@ def apply(
 
     E²LoRI's masks come from ``stats`` (``GradientStats`` holding the probe's gradients, as
     ``el.probe`` returns them): B's calibration magnitudes ``|G·Aᵀ|``; ``plan.options["mask"] =
-    "random"`` draws them instead. ``for_loading`` (``el.load``) leaves them empty for the saved
-    ones to be copied in.
+    "random"`` draws them instead. ``plan.options["init"] = "gradient"`` (the auto planner's
+    option, METHODS.md §7) takes each A from the same ``stats``: the top right singular
+    directions of the signal gradient (``adapters/gradient_init.py``). ``for_loading``
+    (``el.load``) leaves masks and A as drawn for the saved ones to be copied in.
     """
     from ..guards.api import need_model
     from ..plans import need_plan
@@ -138,6 +141,8 @@ def apply(
         plan, first.weight.device, resolve_adapter_dtype(adapter_dtype, first.weight.dtype)
     )
     gradients = None if for_loading else _lori_gradients(plan, stats)
+    devices = {n: get_module(target, n).weight.device for n in plan.modules}
+    inits = None if for_loading else gradient_factors(plan, stats, devices)
 
     generator = torch.Generator().manual_seed(int(seed))
     cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -147,7 +152,8 @@ def apply(
         base = get_module(target, name)
         dtype = resolve_adapter_dtype(adapter_dtype, base.weight.dtype)
         factory = _Factory(plan, m, cache, generator, dtype, base.weight.device)
-        wrappers[name] = AdaptedLinear(base, factory.adapter(base, name), dropout)
+        init_a = None if inits is None else inits[name]
+        wrappers[name] = AdaptedLinear(base, factory.adapter(base, name, init_a), dropout)
     if gradients is not None:
         lori = {n: w.adapter for n, w in wrappers.items() if isinstance(w.adapter, LoRIAdapter)}
         calibrate_lori_masks(lori, gradients, lambda n, numel: _lori_kept(plan, n, numel))
@@ -304,7 +310,8 @@ class _Factory:
             self.cache[(gid, factor)] = t
         return t
 
-    def adapter(self, base: nn.Module, name: str) -> nn.Module:
+    def adapter(self, base: nn.Module, name: str, init_a: torch.Tensor | None = None) -> nn.Module:
+        """The module's adapter; ``init_a``: its A instead of a Kaiming draw (init='gradient')."""
         m, g = self.m, self.g
         scale = self.plan.lora_alpha / m.rank  # METHODS.md §3: α / r with the adapter's own rank
         shared = dict(m.shared)
@@ -326,7 +333,8 @@ class _Factory:
                 f"module {name!r}: blocks={n} is only supported for kind 'lora', not {m.kind!r}"
             )
         if m.kind in ("lora", "dora"):
-            A = self.get("A", lambda r: kaiming_uniform((r, d_in), d_in, g), True)
+            draw = lambda r: kaiming_uniform((r, d_in), d_in, g)  # noqa: E731
+            A = self.get("A", draw if init_a is None else lambda r: init_a, True)
             B = self.get("B", lambda r: torch.zeros(d_out, r), True)
             if m.kind == "lora":
                 return LowRankAdapter(A, B, m.rank, scale, shared)

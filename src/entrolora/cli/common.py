@@ -56,7 +56,8 @@ MethodOpt = Annotated[
     typer.Option(
         "--method",
         help="lora, sharelora, e2lora, e2sharelora, e2dora, e2vera, e2lori, ralora, ralora-pro, "
-        "ls-lora, lora-gid, flexlora; peft baselines: peft-lora, dora, adalora, vera, lora-plus.",
+        "ls-lora, lora-gid, flexlora, auto; peft baselines: peft-lora, dora, adalora, vera, "
+        "lora-plus.",
     ),
 ]
 ROpt = Annotated[int, typer.Option("--r", help="LoRA rank (r_ref for ralora-pro).")]
@@ -68,8 +69,9 @@ TargetsOpt = Annotated[
     str | None,
     typer.Option(
         "--target-modules",
-        help="Comma-separated module suffixes; default by model family (BERT: "
-        "attention.self.query/key/value, attention.output.dense; Llama: q,k,v,o_proj).",
+        help="Comma-separated module suffixes, or all-linear (every linear layer of the layer "
+        "stack); default by model family (BERT: attention.self.query/key/value, "
+        "attention.output.dense; Llama: q,k,v,o_proj), all-linear for --method auto.",
     ),
 ]
 ProbeSteps = Annotated[int, typer.Option("--probe-steps", help="Calibration batches to probe.")]
@@ -91,6 +93,15 @@ Limit = Annotated[
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace an output that already exists.")
+]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="auto: trainable parameters, as a count (300000), a fraction of the model (0.01) "
+        "or like-lora=R, LoRA at rank R on the family's default targets (default: "
+        "like-lora=<--r>).",
+    ),
 ]
 KeepGradients = Annotated[
     bool,
@@ -142,6 +153,19 @@ def target_list(text: str | None) -> list[str] | None:
     if not names:
         raise ValueError("--target-modules is empty; name modules, e.g. q_proj,v_proj")
     return names
+
+
+def with_budget(options: dict, budget: str | None, method: str) -> dict:
+    """``options`` with ``--budget`` as the auto planner's ``budget`` option."""
+    if budget is None:
+        return options
+    if method.strip().lower() != "auto":
+        raise ValueError(f"--budget applies to --method auto only, not {method}; drop it")
+    if "budget" in options:
+        raise ValueError("pass the budget once: --budget or -o budget=..., not both")
+    from ..job import parse_value
+
+    return {**options, "budget": parse_value(budget)}
 
 
 def console():

@@ -9,6 +9,7 @@ import typer
 
 from .common import (
     BatchSize,
+    BudgetOpt,
     DataOpt,
     Debug,
     Device,
@@ -33,6 +34,7 @@ from .common import (
     console,
     guarded,
     target_list,
+    with_budget,
 )  # fmt: skip
 
 
@@ -130,7 +132,9 @@ def _stats_table(stats: Any):
     epilog="Examples:\n\n"
     "  entrolora plan stats.safetensors --method e2lora --r 8 --output plan.json\n\n"
     "  entrolora plan stats.safetensors --method ralora -o n_max=16\n\n"
-    "  entrolora plan --model ./my-llama --method lora --target-modules q_proj,v_proj"
+    "  entrolora plan --model ./my-llama --method lora --target-modules q_proj,v_proj\n\n"
+    "  entrolora probe --target-modules all-linear --output all.safetensors && "
+    "entrolora plan all.safetensors --method auto --budget like-lora=8"
 )
 @guarded
 def plan(
@@ -149,6 +153,7 @@ def plan(
     method: MethodOpt = "e2lora",
     r: ROpt = 8,
     option: OptionOpt = None,
+    budget: BudgetOpt = None,
     target_modules: TargetsOpt = None,
     task: Task = "classify",
     output: Annotated[str, typer.Option("--output", help="Plan file to write.")] = "plan.json",
@@ -168,7 +173,7 @@ def plan(
     meth = normalize_method(method)
     if meth in PEFT_METHODS:
         raise ValueError(f"{meth} is a peft baseline without a plan; use `entrolora train`")
-    opts = parse_options(option or [])
+    opts = with_budget(parse_options(option or []), budget, meth)
     check_options(meth, opts)
     out = check_output(output, overwrite, "plan")
     cfg = TrainConfig(method=meth, r=r, options=opts, task=task)

@@ -9,6 +9,7 @@ import typer
 
 from .common import (
     BatchSize,
+    BudgetOpt,
     DataOpt,
     Debug,
     Device,
@@ -34,6 +35,7 @@ from .common import (
     guarded,
     metrics_table,
     target_list,
+    with_budget,
 )
 
 StatsFile = Annotated[
@@ -73,7 +75,8 @@ AdapterDtype = Annotated[
     "  entrolora train --method ralora --r 8 --limit 2000 --output runs/ralora\n\n"
     "  entrolora train --model ./my-bert --data reviews.csv --text-column review "
     "--label-column stars --method e2lora -o threshold=0.85\n\n"
-    "  entrolora train --model smollm2 --task causal-lm --method flexlora --max-steps 50"
+    "  entrolora train --model smollm2 --task causal-lm --method flexlora --max-steps 50\n\n"
+    "  entrolora train --method auto --budget like-lora=8   # ranks bought across all layers"
 )
 @guarded
 def train(
@@ -86,6 +89,7 @@ def train(
     method: MethodOpt = "e2lora",
     r: ROpt = 8,
     option: OptionOpt = None,
+    budget: BudgetOpt = None,
     target_modules: TargetsOpt = None,
     probe_steps: ProbeSteps = 64,
     probe_head: ProbeHead = "centroid",
@@ -113,7 +117,7 @@ def train(
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
         merge_labels=merge_labels, method=method, r=r,
-        options=parse_options(option or []),
+        options=with_budget(parse_options(option or []), budget, method),
         target_modules=target_list(target_modules), probe_steps=probe_steps,
         probe_head=probe_head, stats=stats,
         keep_gradients=keep_gradients, plan=plan, epochs=epochs, max_steps=max_steps, lr=lr,

@@ -16,7 +16,7 @@ from ..data import datasets as D
 
 ENTROLORA_METHODS = (
     "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
-    "ralora", "ralora-pro", "ls-lora", "lora-gid", "flexlora",
+    "ralora", "ralora-pro", "ls-lora", "lora-gid", "flexlora", "auto",
 )  # fmt: skip
 PROBE_HEADS = ("centroid", "model")  # job.probe.centroid_head; "model": the head as loaded
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")  # = inject.ADAPTER_DTYPES' names

@@ -40,6 +40,20 @@ def default_targets(model: nn.Module) -> list[str]:
     return list(DEFAULT_TARGETS[family])
 
 
+def like_lora_meta(model: nn.Module) -> dict[str, Any] | None:
+    """What LoRA on the family's default targets costs per rank (``{"targets": [...],
+    "params_per_rank": Σ d_in + d_out}``), recorded with the statistics for the auto planner's
+    ``like-lora=R`` budget (METHODS.md §7); None for a family without default targets."""
+    from ..targets import find_targets
+
+    try:
+        targets = default_targets(model)
+    except ValueError:
+        return None
+    found = find_targets(model, targets).values()
+    return {"targets": targets, "params_per_rank": sum(t.d_in + t.d_out for t in found)}
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ValueError for an unusable device."""
     if device == "auto":

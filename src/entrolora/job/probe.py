@@ -16,7 +16,7 @@ from .. import distributed as eld
 from ..data import datasets as D
 from .config import TrainConfig, planner_name
 from .model_checks import check_max_length, model_name
-from .models import head_modules
+from .models import head_modules, like_lora_meta
 
 
 def calibration_batches(
@@ -71,6 +71,9 @@ def run_probe(
         )
     if cfg.task == "classify":
         stats.meta["probe_head"] = "centroid" if used else "model"
+    like_lora = like_lora_meta(model)
+    if like_lora:  # the auto planner's default budget reads it (METHODS.md §7)
+        stats.meta["like_lora"] = like_lora
     if report and eld.is_main_process():
         summary, *warning = snr_report(stats)
         for line in ([summary] if cfg.progress else []) + warning:
@@ -184,7 +187,8 @@ def snr_report(stats: Any) -> list[str]:
 def make_plan(
     method: str, stats: Any, model: nn.Module | None, targets: list[str], cfg: TrainConfig
 ):
-    """Call ``entrolora.plan`` with the rank under the planner's own name (``r`` or ``r_ref``).
+    """Call ``entrolora.plan`` with the rank under the planner's own name (``r`` or ``r_ref``;
+    auto: the default budget ``like-lora=r``, METHODS.md §7).
 
     ``stats`` None: the planner plans from ``model`` and ``targets`` (lora, sharelora, flexlora).
     """
@@ -198,6 +202,8 @@ def make_plan(
         if key in known and key not in opts:
             opts[key] = cfg.r
             break
+    if name == "auto" and "budget" not in opts:  # the same parameters as LoRA at --r
+        opts["budget"] = f"like-lora={cfg.r}"
     if stats is None:
         return plan_by_name(name, model, target_modules=targets, **opts)
     plan = plan_by_name(name, stats, **opts)

@@ -26,6 +26,7 @@ from torch import nn
 from .. import distributed as eld
 from ..data import datasets as D
 from ..progress import progress_bar
+from ..targets import ALL_LINEAR
 from .baselines import build_peft
 from .config import (
     FLEX_CONTROLLER_OPTIONS,
@@ -127,7 +128,9 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    targets = cfg.target_modules or default_targets(model)
+    # auto chooses among every linear layer of the stack (METHODS.md §7)
+    default = [ALL_LINEAR] if method == "auto" else None
+    targets = cfg.target_modules or default or default_targets(model)
     return Job(cfg, method, device, train_ds, test_ds, model, tokenizer, family, targets,
                steps_per_epoch, total)  # fmt: skip
 
@@ -191,21 +194,24 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
 
 
 def _calibration(job: Job, plan: Any, stats: Any) -> Any:
-    """``stats``, or statistics probed now when E²LoRI's magnitude masks need gradients that a
-    reused plan came without (``-o mask=random`` needs none)."""
-    if not any(m.kind == "lori" for m in plan.modules.values()):
-        return stats
-    # recorded in plan.json, so that the run says how its masks were made
-    plan.options["mask"] = job.cfg.options.get("mask", plan.options.get("mask", "magnitude"))
-    if plan.options["mask"] != "magnitude":
-        return stats
-    if stats is not None and stats.gradients is not None:
+    """``stats``, or statistics probed now when what ``apply`` builds from the probe's gradients
+    needs gradients that a reused plan came without: E²LoRI's magnitude masks (``-o
+    mask=random`` needs none) and auto's ``init=gradient`` (METHODS.md §7)."""
+    lori = any(m.kind == "lori" for m in plan.modules.values())
+    if lori:  # recorded in plan.json, so that the run says how its masks were made
+        plan.options["mask"] = job.cfg.options.get("mask", plan.options.get("mask", "magnitude"))
+    what = None
+    if lori and plan.options["mask"] == "magnitude":
+        what = "E²LoRI's magnitude mask"
+    elif plan.options.get("init") == "gradient":
+        what = "init=gradient"
+    if what is None or (stats is not None and stats.gradients is not None):
         return stats
     if job.cfg.stats:
+        fix = "pass -o mask=random" if lori else "plan with -o init=lora"
         raise ValueError(
-            f"E²LoRI's magnitude mask needs the probed gradients, which statistics file "
-            f"{job.cfg.stats!r} does not hold; write it with --keep-gradients, or pass "
-            "-o mask=random"
+            f"{what} needs the probed gradients, which statistics file {job.cfg.stats!r} does "
+            f"not hold; write it with --keep-gradients, or {fix}"
         )
     t0 = time.perf_counter()
     names = sorted(plan.modules)

@@ -1,4 +1,4 @@
-"""Planners: gradient statistics in, ``AdaptationPlan`` out (METHODS.md §3–4). Pure functions.
+"""Planners: gradient statistics in, ``AdaptationPlan`` out (METHODS.md §3–4, §7). Pure functions.
 
 ``plan(method, stats_or_model, **options)`` dispatches by name (``"-"`` may stand for ``"_"``);
 ``planner_options(method)`` lists a planner's options with their defaults, for the CLI.
@@ -16,6 +16,7 @@ from torch import nn
 from ..guards.api import got
 from ..plans import AdaptationPlan
 from ..stats import GradientStats
+from .auto import plan_auto
 from .basic import plan_flexlora, plan_lora, plan_sharelora
 from .e2lora import plan_e2dora, plan_e2lora, plan_e2lori, plan_e2sharelora, plan_e2vera
 from .ralora import plan_lora_gid, plan_ls_lora, plan_ralora, plan_ralora_pro
@@ -33,6 +34,7 @@ PLANNERS: dict[str, Callable[..., AdaptationPlan]] = {
     "ls_lora": plan_ls_lora,
     "lora_gid": plan_lora_gid,
     "flexlora": plan_flexlora,
+    "auto": plan_auto,
 }
 
 __all__ = [

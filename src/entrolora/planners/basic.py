@@ -18,6 +18,7 @@ from typing import Any
 from ..plans import FLEX_INITS as INITS
 from ..plans import AdaptationPlan, GroupPlan, ModulePlan
 from ..stats import STATISTICS, GradientStats
+from ..targets import is_all_linear
 
 TypeTargets = dict[str, list["Site"]]
 
@@ -84,8 +85,11 @@ def require_stats(stats: Any, method: str) -> GradientStats:
 
 
 def _select(names: list[str], target_modules: str | Sequence[str]) -> list[str]:
-    """Names matching ``target_modules`` (suffixes / full names, or one regex as peft does)."""
-    if isinstance(target_modules, str):
+    """Names matching ``target_modules`` (suffixes / full names, one regex as peft does, or
+    ``"all-linear"``: all of them, since statistics hold layer-stack modules only)."""
+    if is_all_linear(target_modules):
+        picked = list(names)
+    elif isinstance(target_modules, str):
         picked = [n for n in names if re.fullmatch(target_modules, n)]
     else:
         picked = [n for n in names if any(n == p or n.endswith("." + p) for p in target_modules)]

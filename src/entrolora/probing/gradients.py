@@ -269,6 +269,9 @@ def probe(
         "halves": list(counts),
         "world_size": _dist_rank_world()[1],
         "dtype": str(params[0].dtype).removeprefix("torch."),
+        # the whole model's parameters (each shared one once): a budget given as a fraction of
+        # the model (the auto planner, METHODS.md §7) reads it
+        "model_params": sum(p.numel() for p in net.parameters()),
     }
     by_name = {name: slot_of[name] for name in targets}
     return _statistics(targets, modules, by_name, means, noises, meta, keep_gradients)

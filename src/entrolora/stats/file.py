@@ -2,7 +2,8 @@
 statistics as JSON metadata, the kept gradients and noise estimates as tensors.
 
 Format 2 adds the noise estimate's fields per module (``noise_mean`` … ``signal_erank``) and the
-noise tensors (``noise/<name>``); format-1 files still load, without a noise estimate.
+noise tensors (``noise/<name>``); format 3 the top singular values (``spectrum``,
+``signal_spectrum``). Older files still load, without what they lack.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ..guards.output import STATS_FORMAT
 from .module import ModuleStats
 
 FORMAT = STATS_FORMAT
-FORMAT_VERSION = 2  # 2: noise estimate and signal statistics; version 1 files still load
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3  # 2: noise estimate, signal statistics; 3: spectra. Older files still load
+READABLE_VERSIONS = ("1", "2", "3")
 NOISE_PREFIX = "noise/"  # saved noise estimates: module names never hold a slash
 
 
@@ -99,6 +100,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]
             raise ValueError(f"{where} has a module entry that is not an object; {fix}")
         check_stats_module(d, f"{where}, module {d.get('name')!r}", fix)
         d["shape"] = tuple(d["shape"])
+        for key in ("spectrum", "signal_spectrum"):  # JSON lists: tuples, as computed
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         modules[d["name"]] = d
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -19,7 +19,7 @@ import torch
 
 from ..targets import split_module_name
 from .file import read, write
-from .module import ModuleStats
+from .module import SPECTRUM_KEEP, ModuleStats
 from .moments import (
     HALF_LOG_2PI_PLUS_HALF,
     REFERENCE_SIGMA,
@@ -30,7 +30,7 @@ from .moments import (
     rmi_matrix,
     signal_fields,
 )
-from .spectral import effective_ranks, raw_and_signal_eranks
+from .spectral import spectra_and_eranks
 
 SIMILARITY_KINDS = ("rmi", "cosine", "l1", "l2", "kl")
 RMI_SCALES = ("reference", "raw")
@@ -81,6 +81,7 @@ def _module_stats(
     erank: float | None,
     sensitivity: float | None,
     signal: dict,
+    spectra: tuple[list[float] | None, list[float] | None],
 ) -> ModuleStats:
     mean, std = moments_g
     return ModuleStats(
@@ -95,6 +96,8 @@ def _module_stats(
         erank=erank,
         sensitivity=sensitivity,
         **signal,
+        spectrum=None if spectra[0] is None else tuple(spectra[0]),
+        signal_spectrum=None if spectra[1] is None else tuple(spectra[1]),
     )
 
 
@@ -171,19 +174,22 @@ class GradientStats:
 
         found, noise_moments, sens = _elementwise(grads, weights, noise, order, device)
         live = [n for n in order if found[n][1] > 0]
-        live_grads = [grads[n] for n in live]
-        signal_eranks = {}
-        if noise:  # both statistics from one float64 stack and one eigvalsh per shape group
-            raw, signal = raw_and_signal_eranks(live_grads, [noise[n] for n in live], device=device)
-            signal_eranks = dict(zip(live, signal))
-        else:
-            raw = effective_ranks(live_grads, device=device)
-        eranks = dict(zip(live, raw))
+        # one float64 stack and one eigvalsh per shape group: eranks and spectra together
+        live_noise = [noise[n] for n in live] if noise else None
+        found_sp = spectra_and_eranks(
+            [grads[n] for n in live], live_noise, SPECTRUM_KEEP, device=device
+        )
+        eranks = dict(zip(live, found_sp.raw_erank))
+        signal_eranks = dict(zip(live, found_sp.signal_erank or []))
+        spectra = dict(zip(live, zip(found_sp.raw_sv, found_sp.signal_sv)))
         modules = {}
         for n in order:
             g = grads[n]
             signal = signal_fields(g.numel(), found[n], noise_moments.get(n), signal_eranks.get(n))
-            modules[n] = _module_stats(n, located[n], g, found[n], eranks.get(n), sens[n], signal)
+            modules[n] = _module_stats(
+                n, located[n], g, found[n], eranks.get(n), sens[n], signal,
+                spectra.get(n, (None, None)),
+            )  # fmt: skip
         kept = kept_noise = None
         if keep_gradients:
             kept = {n: grads[n].detach().to(device="cpu", dtype=torch.float32) for n in order}

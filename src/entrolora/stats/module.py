@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Singular values kept per module (raw, signal): auto's prices (METHODS.md §7). Twice its default
+# r_max; an 8B model's 224 modules add ~1 MB of JSON to the statistics file.
+SPECTRUM_KEEP = 128
+
 
 @dataclass(frozen=True)
 class ModuleStats:
@@ -21,6 +25,12 @@ class ModuleStats:
     the clipped signal variance ``max(var G − var D, 2·var D/√n)``, ``signal_entropy`` its proxy
     entropy and ``signal_erank`` the effective rank of the clipped eigenvalues of ``GGᵀ − DDᵀ``
     (None when no signal is left). All six are None without a noise estimate.
+
+    ``spectrum``: the top ``SPECTRUM_KEEP`` singular values of ``G``, descending (None for a
+    degenerate module, or where the raw effective rank was estimated on a large matrix);
+    ``signal_spectrum``: those of the signal, square roots of the clipped eigenvalues of
+    ``GGᵀ − DDᵀ`` (None without a noise estimate). Statistics saved before they existed load
+    with both None.
     """
 
     name: str
@@ -39,6 +49,8 @@ class ModuleStats:
     signal_std: float | None = None
     signal_entropy: float | None = None
     signal_erank: float | None = None
+    spectrum: tuple[float, ...] | None = None
+    signal_spectrum: tuple[float, ...] | None = None
 
     @property
     def degenerate(self) -> bool:
@@ -56,6 +68,10 @@ class ModuleStats:
     def erank_of(self, statistics: str) -> float | None:
         """Effective rank of ``G`` (``"raw"``) or of the signal (``"signal"``)."""
         return self.signal_erank if statistics == "signal" else self.erank
+
+    def spectrum_of(self, statistics: str) -> tuple[float, ...] | None:
+        """Top singular values of ``G`` (``"raw"``) or of the signal (``"signal"``)."""
+        return self.signal_spectrum if statistics == "signal" else self.spectrum
 
     @property
     def d_out(self) -> int:

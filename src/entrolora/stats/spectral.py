@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -110,22 +111,71 @@ def raw_and_signal_eranks(
     both. Where the raw statistic is estimated (smaller side ≥ ``fast_min_side``), only the
     signal's eigenvalues are computed exactly.
     """
+    found = spectra_and_eranks(
+        grads, noises, 0, max_batch_bytes, device, fast_min_side=fast_min_side, seed=seed
+    )
+    return found.raw_erank, found.signal_erank
+
+
+@dataclass
+class Spectra:
+    """Per gradient, in input order: effective ranks (raw, and of the signal when noise was
+    given, NaN where none is left) and the top singular values, descending, float64 (raw: None
+    where the raw statistic was estimated; signal: None without noise)."""
+
+    raw_erank: list[float]
+    signal_erank: list[float] | None
+    raw_sv: list[list[float] | None]
+    signal_sv: list[list[float] | None]
+
+
+def spectra_and_eranks(
+    grads: Sequence[torch.Tensor],
+    noises: Sequence[torch.Tensor] | None,
+    keep: int = 0,
+    max_batch_bytes: int = 2**30,
+    device: torch.device | str | None = None,
+    *,
+    fast_min_side: int = FAST_MIN_SIDE,
+    seed: int = 0,
+) -> Spectra:
+    """Effective ranks as ``raw_and_signal_eranks`` (``effective_ranks`` without ``noises``) and
+    the top ``keep`` singular values of each G and of its signal (METHODS.md §2: square roots of
+    the clipped eigenvalues of ``G Gᵀ − D Dᵀ``), all from the same eigenvalues: nothing is
+    computed twice. Raw singular values are missing where the raw statistic is estimated."""
     _check(grads, noises)
-    raw: list[float] = [float("nan")] * len(grads)
-    signal: list[float] = [float("nan")] * len(grads)
+    n = len(grads)
+    raw: list[float] = [float("nan")] * n
+    signal: list[float] | None = None if noises is None else [float("nan")] * n
+    raw_sv: list[list[float] | None] = [None] * n
+    signal_sv: list[list[float] | None] = [None] * n
+    copies, grams = (1, 1) if noises is None else (2, 4)  # G, D; A, DDᵀ, M, both
     for (shape, dev), idx in _shape_groups(grads, device).items():
         fast = min(shape) >= fast_min_side
-        for part in _chunks(idx, shape, 2, 4, max_batch_bytes):  # G, D; A, DDᵀ, M, both
+        for part in _chunks(idx, shape, copies, grams, max_batch_bytes):
+            if fast and noises is None:  # the raw statistic alone, estimated: no eigenvalues
+                for i in part:
+                    raw[i] = slq.erank_estimate(grads[i].to(dev), seed=seed)
+                continue
             g, d = _stack64(grads, part, dev), _stack64(noises, part, dev)
             a = gram(g)  # (b, k, k)
-            m = a - gram(d)
-            sv = sqrt_eig(m if fast else torch.cat([a, m]))  # (b or 2b, k)
+            if d is None:
+                sv = sqrt_eig(a)
+            else:
+                m = a - gram(d)
+                sv = sqrt_eig(m if fast else torch.cat([a, m]))  # (b or 2b, k)
+                del m
+            del g, d, a
             eranks = erank_from_singular_values(sv).tolist()
-            del g, d, a, m
+            top = sv[:, :keep].tolist() if keep else [None] * len(sv)
             for j, i in enumerate(part):
-                signal[i] = eranks[j - len(part)]
-                raw[i] = slq.erank_estimate(grads[i].to(dev), seed=seed) if fast else eranks[j]
-    return raw, signal
+                if signal is not None:
+                    signal[i], signal_sv[i] = eranks[j - len(part)], top[j - len(part)]
+                if fast:
+                    raw[i] = slq.erank_estimate(grads[i].to(dev), seed=seed)
+                else:
+                    raw[i], raw_sv[i] = eranks[j], top[j]
+    return Spectra(raw, signal, raw_sv, signal_sv)
 
 
 def _shape_groups(
