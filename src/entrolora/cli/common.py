@@ -48,7 +48,8 @@ MethodOpt = Annotated[
     typer.Option(
         "--method",
         help="lora, sharelora, e2lora, e2sharelora, e2dora, e2vera, e2lori, ralora, ralora-pro, "
-        "ls-lora, lora-gid, flexlora; peft baselines: peft-lora, dora, adalora, vera, lora-plus.",
+        "ls-lora, lora-gid, flexlora; peft baselines: peft-lora, dora, adalora, vera, lora-plus, "
+        "eva, lora-ga, pissa.",
     ),
 ]
 ROpt = Annotated[int, typer.Option("--r", help="LoRA rank (r_ref for ralora-pro).")]
