@@ -76,10 +76,21 @@ def grid_tasks(setup: Any, cells: Sequence[Any], sweep: bool = False) -> list[Ta
         task
         for c in cells
         for task in (
-            *(Task(c, setup.select_seed, "select", lr) for lr in setup.lrs),
+            *(Task(c, setup.select_seed, "select", lr) for lr in setup.lrs if selects(c)),
             *(Task(c, s) for s in seeds),
         )
     ]
+
+
+def source_of(cell: Any) -> str | None:
+    """The cell whose trained runs ``cell`` reuses instead of training (the truncation control
+    evaluates LoRA r=16's adapter): it has no learning rate of its own and runs at the source's."""
+    return cell.options.get("source") if cell.method == "truncate" else None
+
+
+def selects(cell: Any) -> bool:
+    """Whether ``cell`` chooses its own learning rate (validation runs)."""
+    return source_of(cell) is None
 
 
 def _pid_alive(pid: int) -> bool:

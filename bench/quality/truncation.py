@@ -94,7 +94,12 @@ def evaluate_truncated(source: Path, r: int, output: Path) -> dict[str, Any]:
     from entrolora.job.state import Adapted
 
     recorded = json.loads((source / "metrics.json").read_text(encoding="utf-8"))
-    cfg = TrainConfig(**{**recorded["config"], "output": str(output), "progress": False})
+    conf = {**recorded["config"], "output": str(output), "progress": False}
+    if isinstance(conf.get("sft"), dict):  # --task sft (issue 30): its options' dataclass
+        from entrolora.sft_data import SFTOptions
+
+        conf["sft"] = SFTOptions(**conf["sft"])
+    cfg = TrainConfig(**conf)
     job = prepare(cfg, "lora", torch.device("cpu"))
     head_file = source / "adapter" / "head.safetensors"
     if head_file.is_file():
