@@ -393,7 +393,8 @@ def smoke_frontier(setup: Setup) -> Setup:
     """A frontier configuration's smoke: tiny model, 1 seed, 2 steps, a few of its cells (the
     LoRA ranks, a peer at each budget, the truncation control at both)."""
     cells = tuple(k for k in SMOKE_FRONTIER if k in setup.cells)
-    return Setup(f"smoke-{setup.name}", None, None, (0,), epochs=1, limit=None, max_length=16,
+    length = 96 if setup.task == "sft" else 16  # the math set's chat-template rows need 88
+    return Setup(f"smoke-{setup.name}", None, None, (0,), epochs=1, limit=None, max_length=length,
                  batch_size=8, eval_batch_size=8, probe_steps=2, max_steps=2, lrs=(2e-3, 5e-3),
                  cells=cells, isolate=False, edge_steps=0, task=setup.task,
                  frontier=True)  # fmt: skip
