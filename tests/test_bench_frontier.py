@@ -135,3 +135,12 @@ def test_math_cpu_smoke_end_to_end(tmp_path):
                            "--quiet"])  # fmt: skip
     text = (folder / "frontier.md").read_text()
     assert "exact match %" in text and "answer loss" in text
+
+
+def test_auto_never_shares_the_other_planners_statistics():
+    grid = load_script("bench/quality/quality_grid.py")
+    auto = quality.Cell("auto-at-r2", "auto", "auto", 16, {"budget": "like-lora=2"}, "c", 2)
+    e2 = quality.Cell("e2lora-at-r2", "E²LoRA", "e2lora", 4, {}, "c", 2)
+    assert grid.Task(e2, 1).stats_key == "seed1"
+    assert grid.Task(auto, 1).stats_key == "seed1-all-linear"
+    assert grid.Task(auto, 0, "select", 1e-3).stats_key == "seed0-select-all-linear"

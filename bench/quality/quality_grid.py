@@ -51,7 +51,10 @@ class Task:
     def stats_key(self) -> str:
         """Runs that train on the same rows (a seed's training split, with or without its
         validation slice) share their probe statistics."""
-        return f"seed{self.seed}" + ("-select" if self.phase != "test" else "")
+        key = f"seed{self.seed}" + ("-select" if self.phase != "test" else "")
+        # auto probes every linear layer (issue 32), the other planners their default targets:
+        # a statistics file fixes the modules a reusing run adapts, so the two never share one
+        return key + ("-all-linear" if self.cell.method == "auto" else "")
 
 
 def row_key(row: Mapping[str, str]) -> tuple:
