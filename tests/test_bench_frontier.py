@@ -144,3 +144,18 @@ def test_auto_never_shares_the_other_planners_statistics():
     assert grid.Task(e2, 1).stats_key == "seed1"
     assert grid.Task(auto, 1).stats_key == "seed1-all-linear"
     assert grid.Task(auto, 0, "select", 1e-3).stats_key == "seed0-select-all-linear"
+
+
+def test_probe_cost_is_the_seeds_probe_for_planners_and_their_own_for_peers():
+    def row(cell, method, seed, probe):
+        return {"cell": cell, "method": method, "seed": str(seed), "phase": "test",
+                "probe_s": str(probe)}  # fmt: skip
+
+    rows = [row("e2lora-at-r2", "e2lora", 0, 30.0), row("ralora-at-r2", "ralora", 0, 0.0),
+            row("e2lora-at-r2", "e2lora", 1, 0.0), row("ralora-at-r2", "ralora", 1, 50.0),
+            row("eva-at-r2", "eva", 0, 7.0), row("lora-r2", "lora", 0, 0.0)]  # fmt: skip
+    cells = {c.key: c for c in quality.CELLS}
+    assert fr.probe_cost(rows, cells["ralora-at-r2"]) == pytest.approx(40.0)  # (30 + 50) / 2
+    assert fr.probe_cost(rows, cells["e2lora-at-r2"]) == pytest.approx(40.0)
+    assert fr.probe_cost(rows, cells["eva-at-r2"]) == 7.0
+    assert fr.probe_cost(rows, cells["lora-r2"]) == 0.0

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from quality_lr import test_rows
+from quality_run import PROBE_FREE
 from quality_summary import row_params, verdict
 
 import common
@@ -148,6 +149,23 @@ def frontier_rows(
     return out
 
 
+def probe_cost(rows: Sequence[Row], cell: Any) -> float:
+    """The probe's seconds a contender's run depends on, mean over its seeds: for a planner
+    that reads statistics, the probe of its seed (run once by the seed's first such cell and
+    reused by the others, so their own ``probe_s`` is 0); else its own (EVA's and LoRA-GA's
+    calibration pass; 0 for the rest)."""
+    tests = test_rows(rows)
+    own = [r for r in tests if r["cell"] == cell.key]
+    if cell.method in PROBE_FREE:
+        return max((float(r.get("probe_s") or 0) for r in own), default=0.0)
+    per_seed = []
+    for r in own:
+        seed_probes = [float(x.get("probe_s") or 0) for x in tests if x["seed"] == r["seed"]
+                       and x.get("method") not in PROBE_FREE]  # fmt: skip
+        per_seed.append(max(seed_probes, default=0.0))
+    return sum(per_seed) / len(per_seed) if per_seed else 0.0
+
+
 def contender_rows(
     rows: Sequence[Row], contenders: Sequence[Any], lora: Sequence[str], metrics: Sequence[Metric]
 ) -> list[dict[str, str]]:
@@ -163,7 +181,7 @@ def contender_rows(
                "trainable params": f"{min(params):,}" + (
                    f"–{max(params):,}" if max(params) != min(params) else ""),
                "lr": ", ".join(sorted({r["lr"] for r in runs})),
-               "probe s": f"{max(float(r.get('probe_s') or 0) for r in runs):.1f}",
+               "probe s": f"{probe_cost(rows, cell):.1f}",
                "train s": f"{sum(float(r['train_s'] or 0) for r in runs) / len(runs):.0f}",
                }  # fmt: skip
         for m in metrics:
@@ -241,9 +259,9 @@ def write_frontier(folder: Path, setup: Any, cells: Sequence[Any], rows: Sequenc
         "seeds ± the standard error of the per-seed differences. `above`/`below`: the "
         "frontier is cleared by more than 2 SE (for the answer loss lower is better); "
         "`(within noise)` otherwise or with one seed. `probe s` is the probe, or the peer's "
-        "own calibration pass (EVA, LoRA-GA), of the run that made it (later cells of a seed "
-        "reuse the probe's statistics); the truncation control's `train s` is its LoRA r=16 "
-        "run's.\n\n"
+        "own calibration pass (EVA, LoRA-GA): for a planner the probe of its seed, computed "
+        "once and reused by the seed's other planners, mean over seeds; the truncation "
+        "control's `train s` is its LoRA r=16 run's.\n\n"
         + common.markdown_table(frontier_rows(rows, lora, metrics),
                                 ("LoRA rank", "trainable params", *(m.name for m in metrics),
                                  "seeds", "lr", "train s"))
