@@ -228,11 +228,11 @@ CONFIGS = {
     # Issue 31 on the shipped math set (--task sft), SmolLM2-135M: lr chosen on the set's
     # validation split, scored on its test split (exact match; answer loss second). Sized for
     # ~12 h of this 2-core machine with --jobs 2 --threads 1 (docs/benchmarks.md, "The capacity
-    # frontier", Sizing): two seeds, two learning rates a cell (+ one beyond an edge), 80 steps
-    # of 16 (a step ≈ 7.5 CPU-s, a test-split evaluation ≈ 265 CPU-s): ≈ 10.3 h, 11.2 h with
+    # frontier", Sizing): two seeds, two learning rates a cell (+ one beyond an edge), 72 steps
+    # of 16 (a step ≈ 8.1 CPU-s, a test-split evaluation ≈ 265 CPU-s): ≈ 10.1 h, 11.1 h with
     # the auto cells.
     "math-cpu": Setup("math-cpu", "smollm2", None, (0, 1), epochs=1, limit=None, max_length=96,
-                      batch_size=16, eval_batch_size=32, max_steps=80, lrs=(1e-3, 4e-3),
+                      batch_size=16, eval_batch_size=32, max_steps=72, lrs=(1e-3, 4e-3),
                       edge_steps=1, probe_steps=8, cells=MATH_FRONTIER, task="sft",
                       frontier=True),
 }  # fmt: skip
