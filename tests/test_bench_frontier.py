@@ -159,3 +159,23 @@ def test_probe_cost_is_the_seeds_probe_for_planners_and_their_own_for_peers():
     assert fr.probe_cost(rows, cells["e2lora-at-r2"]) == pytest.approx(40.0)
     assert fr.probe_cost(rows, cells["eva-at-r2"]) == 7.0
     assert fr.probe_cost(rows, cells["lora-r2"]) == 0.0
+
+
+def test_e2lora_rank_is_matched_to_the_budget_on_the_statistics(tmp_path):
+    from entrolora import train as T
+    from entrolora.planners import plan
+    from entrolora.stats import GradientStats
+    from test_data import save_tiny_model, write_csv
+
+    qr = load_script("bench/quality/quality_run.py")
+    cfg = T.TrainConfig(model=str(save_tiny_model(tmp_path, "bert")), method="ralora", r=2,
+                        data=str(write_csv(tmp_path / "d.csv", 40)), epochs=1, batch_size=8,
+                        probe_steps=2, output=str(tmp_path / "run"), progress=False,
+                        report=False)  # fmt: skip
+    stats_file = str(T.train_run(cfg).output / "stats.safetensors")
+    stats = GradientStats.load(stats_file)
+    # LoRA r=2 on the probed modules of the tiny BERT (hidden 32): 2 · (32 + 32) each
+    target = 2 * 64 * len(list(stats))
+    got = qr.matched_rank(stats_file, "e2lora", {}, 2)
+    gaps = {r: abs(plan("e2lora", stats, r=r).num_trainable_params() - target) for r in range(1, 9)}
+    assert gaps[got] == min(gaps.values()) and got == min(r for r in gaps if gaps[r] == gaps[got])

@@ -57,6 +57,7 @@ import quality_lr as ql  # noqa: E402
 import quality_summary as qs  # noqa: E402
 from quality_grid import Grid, Hooks, Task, grid_tasks, selects, source_of  # noqa: E402
 from quality_run import (  # noqa: E402
+    MATCHED,
     PROBE_FREE,
     flex_ranks_moved,
     probes,
@@ -124,11 +125,11 @@ def frontier_cells() -> tuple[Cell, ...]:
     counts of LoRA r=2 and r=8. Budget matching (docs/benchmarks.md, "Capacity frontier"):
     RaLoRA, FlexLoRA, EVA, LoRA-GA and PiSSA count r·(d_in + d_out) a module like LoRA, so they
     run at the budget's r; peft AdaLoRA's count is its initial rank's, so it starts at the
-    budget's r (init_r) and prunes to two thirds of it; E²LoRA shares factors: its r=8 plans
-    hold 0.50–0.58 of LoRA r=8's parameters on MiniLM (bench/results/cpu) and 0.39–0.45 on
-    SmolLM2 (cpu-quick-smollm2), so it runs at 2r on MiniLM and 2.5r on SmolLM2 (the keys say
-    which); auto takes the budget itself (like-lora=r); the truncation control cuts the LoRA
-    r=16 run to the count. Every run records its actual count."""
+    budget's r (init_r) and prunes to two thirds of it; E²LoRA shares factors, so its rank is
+    the one whose plan on the seed's statistics comes nearest the count
+    (``quality_run.matched_rank``; 2r, about right on MiniLM, if it has to probe itself);
+    auto takes the budget itself (like-lora=r); the truncation control cuts the LoRA r=16 run
+    to the count. Every run records its rank and its actual count."""
     lora = {4: "lora-r4", 8: "lora-r8"}  # already cells of the cpu grid
     cells = [
         Cell(f"lora-r{r}", f"LoRA r={r}", "lora", r, {}, "frontier")
@@ -139,10 +140,9 @@ def frontier_cells() -> tuple[Cell, ...]:
 
     for b in BUDGETS:
         cells += [
-            Cell(f"e2lora-at-r{b}", f"E²LoRA r={2 * b}", "e2lora", 2 * b, {}, "contender", b),
-            Cell(f"e2lora-r{5 * b // 2}-at-r{b}", f"E²LoRA r={5 * b // 2}", "e2lora", 5 * b // 2,
-                 {}, "contender", b),
+            # RaLoRA first: it probes the seed, and E²LoRA's rank is matched on those statistics
             Cell(f"ralora-at-r{b}", f"RaLoRA r={b}", "ralora", b, {}, "contender", b),
+            Cell(f"e2lora-at-r{b}", "E²LoRA (r matched)", "e2lora", 2 * b, {}, "contender", b),
             Cell(f"flexlora-at-r{b}", f"FlexLoRA r={b}", "flexlora", b, {}, "contender", b),
             Cell(f"adalora-at-r{b}", f"peft AdaLoRA {b}→{max(1, 2 * b // 3)}", "adalora",
                  max(1, 2 * b // 3), {"init_r": b}, "peft", b),
@@ -166,10 +166,10 @@ SMOKE_CELLS = ("lora-r8", "e2lora-r8", "peft-lora-r8")
 LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
 FRONTIER_KEYS = tuple(f"lora-r{r}" for r in FRONTIER_RANKS)
 CONTENDERS = tuple(c.key for c in CELLS if c.budget)
-RT_FRONTIER = (*FRONTIER_KEYS[:5], *(k for k in CONTENDERS if not k.startswith("e2lora-r")))
-MATH_FRONTIER = (*FRONTIER_KEYS, *(k for k in CONTENDERS if not k.startswith("e2lora-at")))
-SMOKE_FRONTIER = ("lora-r1", "lora-r2", "lora-r4", "lora-r16", "e2lora-at-r2", "eva-at-r2",
-                  "truncate-at-r2", "pissa-at-r8", "truncate-at-r8")  # fmt: skip
+RT_FRONTIER = (*FRONTIER_KEYS[:5], *CONTENDERS)  # r = 1…16
+MATH_FRONTIER = (*FRONTIER_KEYS, *CONTENDERS)  # r = 1…32
+SMOKE_FRONTIER = ("lora-r1", "lora-r2", "lora-r4", "lora-r16", "ralora-at-r2", "e2lora-at-r2",
+                  "eva-at-r2", "truncate-at-r2", "pissa-at-r8", "truncate-at-r8")  # fmt: skip
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 2e-3, 5e-3)
 
 
@@ -263,7 +263,8 @@ def run_cell(setup: Setup, task: Task, lr: float, work: Path, stats: str | None)
                    sft={"eval_split": "test" if task.phase == "test" else "validation",
                         "eval_limit": None})  # fmt: skip
         validation = None
-    payload = json.dumps({"config": cfg, "validation": validation})
+    match = cell.budget if cell.method in MATCHED else None  # E²LoRA's r, from the statistics
+    payload = json.dumps({"config": cfg, "validation": validation, "match": match})
     if source_of(cell):  # the truncation control: the source's run on this seed, cut, scored
         source = work / Task(replace(cell, key=source_of(cell)), seed).name
         payload = json.dumps({"truncate": {"source": str(source), "r": cell.r, "output": str(out)}})
@@ -293,7 +294,7 @@ def run_cell(setup: Setup, task: Task, lr: float, work: Path, stats: str | None)
         "label": cell.label,
         "group": cell.group,
         "method": cell.method,
-        "r": cell.r,
+        "r": m.get("config", {}).get("r", cell.r),  # E²LoRA's matched rank may differ
         "options": json.dumps(cfg["options"], sort_keys=True),
         "phase": task.phase,
         "lr": ql.lr_text(lr),

@@ -92,6 +92,26 @@ def held_out(validation: float | None) -> Iterator[list[dict]]:
         D.split = original
 
 
+MATCHED = ("e2lora",)  # planners whose count is not r·(d_in + d_out): their r is matched
+
+
+def matched_rank(stats_path: str, method: str, options: dict, budget_r: int) -> int:
+    """The rank whose plan from these statistics holds the parameter count nearest to uniform
+    LoRA at ``budget_r`` on the same modules (ties: the smaller rank); searched over 1…4·r."""
+    from entrolora.job.config import planner_name
+    from entrolora.planners import plan as plan_by_name
+    from entrolora.stats import GradientStats
+
+    stats = GradientStats.load(stats_path)
+    target = budget_r * sum(stats[n].d_in + stats[n].d_out for n in stats)
+
+    def gap(r: int) -> tuple[int, int]:
+        plan = plan_by_name(planner_name(method), stats, **{**options, "r": r})
+        return abs(plan.num_trainable_params() - target), r
+
+    return min(range(1, 4 * budget_r + 1), key=gap)
+
+
 def worker(payload_json: str, threads: int | None = None) -> None:
     """Subprocess entry: train one run; its metrics land in the run folder's metrics.json and
     the split it evaluated on in bench.json."""
@@ -105,6 +125,10 @@ def worker(payload_json: str, threads: int | None = None) -> None:
     if "truncate" in payload:  # the truncation control: no training, the source run cut
         _truncate(payload["truncate"])
         return
+    match = payload.get("match")
+    if match and payload["config"]["stats"]:  # the seed's statistics exist: match the count
+        c = payload["config"]
+        c["r"] = matched_rank(c["stats"], c["method"], c["options"], int(match))
     if payload["config"].get("task") == "sft":
         _sft(payload["config"])
         return
