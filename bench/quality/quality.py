@@ -7,6 +7,14 @@ method at its own learning rate, chosen on data the test never sees.
     python bench/quality/quality.py --config cpu-quick --jobs 2 --threads 1  # 2,000-snippet grid
     python bench/quality/quality.py --config cpu-quick --model smollm2  # SmolLM2-135M, not MiniLM
     python bench/quality/quality.py --smoke                   # tiny random BERT + tiny CSV, CI
+    python bench/quality/quality.py --config rt-lowbudget --jobs 2 --threads 1  # the frontier
+    python bench/quality/quality.py --config math-cpu --jobs 2 --threads 1  # it on --task sft
+    python bench/quality/quality.py --smoke --config rt-lowbudget  # (or math-cpu): tiny models
+
+The frontier configurations (issue 31; ``Setup.frontier``) add frontier.md and frontier.png
+(``frontier.py``): LoRA at every rank and each contender's distance to it at its own parameter
+count. Their truncation cells (``truncate-at-r2/8``) train nothing: each cuts the LoRA r=16
+test run of its seed (``truncation.py``) and runs once that run is recorded, at its lr.
 
 Every cell is a method with its options (``CELLS``); all cells of a configuration share the
 data (Rotten Tomatoes snippets, split by film), seeds, steps, batch size and length, so the
@@ -47,8 +55,9 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import quality_lr as ql  # noqa: E402
 import quality_summary as qs  # noqa: E402
-from quality_grid import Grid, Hooks, Task, grid_tasks  # noqa: E402
+from quality_grid import Grid, Hooks, Task, grid_tasks, selects, source_of  # noqa: E402
 from quality_run import (  # noqa: E402
+    MATCHED,
     PROBE_FREE,
     flex_ranks_moved,
     probes,
@@ -74,6 +83,7 @@ class Cell:
     r: int = 8
     options: Mapping[str, Any] = field(default_factory=dict)
     group: str = "methods"
+    budget: int | None = None  # frontier contenders: the LoRA rank whose parameter count they match
 
 
 CELLS: tuple[Cell, ...] = (
@@ -106,10 +116,60 @@ CELLS: tuple[Cell, ...] = (
     # E²LoRA Table 5 (parameter-matched): e2lora-r8 vs lora-r4 above, and r=16 vs lora-r8.
     Cell("e2lora-r16", "E²LoRA r=16", "e2lora", 16, {}, "table5"),
 )  # fmt: skip
+FRONTIER_RANKS = (1, 2, 4, 8, 16, 32)
+BUDGETS = (2, 8)
+
+
+def frontier_cells() -> tuple[Cell, ...]:
+    """Issue 31: uniform LoRA at every rank (the frontier) and the contenders at the parameter
+    counts of LoRA r=2 and r=8. Budget matching (docs/benchmarks.md, "Capacity frontier"):
+    RaLoRA, FlexLoRA, EVA, LoRA-GA and PiSSA count r·(d_in + d_out) a module like LoRA, so they
+    run at the budget's r; peft AdaLoRA's count is its initial rank's, so it starts at the
+    budget's r (init_r) and prunes to two thirds of it; E²LoRA shares factors, so its rank is
+    the one whose plan on the seed's statistics comes nearest the count
+    (``quality_run.matched_rank``; 2r, about right on MiniLM, if it has to probe itself);
+    auto takes the budget itself (like-lora=r); the truncation control cuts the LoRA r=16 run
+    to the count. Every run records its rank and its actual count."""
+    lora = {4: "lora-r4", 8: "lora-r8"}  # already cells of the cpu grid
+    cells = [
+        Cell(f"lora-r{r}", f"LoRA r={r}", "lora", r, {}, "frontier")
+        for r in FRONTIER_RANKS
+        if r not in lora
+    ]
+    from entrolora.job.config import METHODS
+
+    for b in BUDGETS:
+        cells += [
+            # RaLoRA first: it probes the seed, and E²LoRA's rank is matched on those statistics
+            Cell(f"ralora-at-r{b}", f"RaLoRA r={b}", "ralora", b, {}, "contender", b),
+            Cell(f"e2lora-at-r{b}", "E²LoRA (r matched)", "e2lora", 2 * b, {}, "contender", b),
+            Cell(f"flexlora-at-r{b}", f"FlexLoRA r={b}", "flexlora", b, {}, "contender", b),
+            Cell(f"adalora-at-r{b}", f"peft AdaLoRA {b}→{max(1, 2 * b // 3)}", "adalora",
+                 max(1, 2 * b // 3), {"init_r": b}, "peft", b),
+            Cell(f"eva-at-r{b}", f"peft EVA r={b}", "eva", b, {}, "peft", b),
+            Cell(f"lora-ga-at-r{b}", f"peft LoRA-GA r={b}", "lora-ga", b, {}, "peft", b),
+            Cell(f"pissa-at-r{b}", f"peft PiSSA r={b}", "pissa", b, {}, "peft", b),
+            Cell(f"truncate-at-r{b}", f"LoRA r=16 cut to r={b}'s count", "truncate", b,
+                 {"source": "lora-r16"}, "control", b),
+        ]  # fmt: skip
+        if "auto" in METHODS:  # issue 32's planner, once merged
+            cells.append(Cell(f"auto-at-r{b}", f"auto like-lora={b}", "auto", 16,
+                              {"budget": f"like-lora={b}"}, "contender", b))  # fmt: skip
+    return tuple(cells)
+
+
+BASE_CELLS = CELLS  # the grids before issue 31 (cpu, cpu-quick, gpu)
+CELLS = BASE_CELLS + frontier_cells()
 MAIN_CELLS = tuple(c.key for c in CELLS[:12])  # the issue-15 grid: main claims + issue 14
-QUICK_CELLS = tuple(c.key for c in CELLS if not c.key.endswith("-raw"))  # the grid before LR
+QUICK_CELLS = tuple(c.key for c in BASE_CELLS if not c.key.endswith("-raw"))  # the grid before LR
 SMOKE_CELLS = ("lora-r8", "e2lora-r8", "peft-lora-r8")
 LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
+FRONTIER_KEYS = tuple(f"lora-r{r}" for r in FRONTIER_RANKS)
+CONTENDERS = tuple(c.key for c in CELLS if c.budget)
+RT_FRONTIER = (*FRONTIER_KEYS[:5], *CONTENDERS)  # r = 1…16
+MATH_FRONTIER = (*FRONTIER_KEYS, *CONTENDERS)  # r = 1…32
+SMOKE_FRONTIER = ("lora-r1", "lora-r2", "lora-r4", "lora-r16", "ralora-at-r2", "e2lora-at-r2",
+                  "eva-at-r2", "truncate-at-r2", "pissa-at-r8", "truncate-at-r8")  # fmt: skip
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 2e-3, 5e-3)
 
 
@@ -132,13 +192,16 @@ class Setup:
     validation_fraction: float = 0.15  # of the training split, by film
     probe_steps: int = 64
     max_steps: int | None = None
-    cells: tuple[str, ...] = tuple(c.key for c in CELLS)
+    cells: tuple[str, ...] = tuple(c.key for c in BASE_CELLS)
     sweep_lrs: tuple[float, ...] = SWEEP_LRS  # --lr-sweep
     sweep_steps: int | None = None  # the sweep's max_steps (None: ``max_steps``)
     sweep_cells: tuple[str, ...] = ("lora-r8", "ralora-r8")
     isolate: bool = True  # one process per run, so that a CPU peak RSS is that run's own
     threads: int | None = None  # torch CPU threads per run (None: torch's default)
     only_seeds: tuple[int, ...] | None = None  # run just these now (tables still count ``seeds``)
+    task: str = "classify"  # "sft": the shipped math set, validation/test splits of its own
+    eval_batch_size: int = 64
+    frontier: bool = False  # the capacity-frontier summary (frontier.py) beside the tables
 
 
 CONFIGS = {
@@ -157,6 +220,21 @@ CONFIGS = {
                        probe_steps=16, cells=QUICK_CELLS),
     "gpu": Setup("gpu", None, None, (0, 1, 2), epochs=3, limit=None, max_length=80,
                  lrs=LR_GRID),
+    # Issue 31: the capacity frontier on Rotten Tomatoes, `cpu`'s data, steps and lr grid; LoRA
+    # r = 1…16 and every contender at LoRA r=2's and r=8's parameter counts.
+    "rt-lowbudget": Setup("rt-lowbudget", None, None, (0, 1, 2), epochs=2, limit=None,
+                          max_length=80, batch_size=16, max_steps=200, lrs=LR_GRID,
+                          cells=RT_FRONTIER, frontier=True),
+    # Issue 31 on the shipped math set (--task sft), SmolLM2-135M: lr chosen on the set's
+    # validation split, scored on its test split (exact match; answer loss second). Sized for
+    # ~12 h of this 2-core machine with --jobs 2 --threads 1 (docs/benchmarks.md, "The capacity
+    # frontier", Sizing): two seeds, two learning rates a cell (+ one beyond an edge), 72 steps
+    # of 16 (a step ≈ 8.1 CPU-s, a test-split evaluation ≈ 265 CPU-s): ≈ 10.1 h, 11.1 h with
+    # the auto cells.
+    "math-cpu": Setup("math-cpu", "smollm2", None, (0, 1), epochs=1, limit=None, max_length=96,
+                      batch_size=16, eval_batch_size=32, max_steps=72, lrs=(1e-3, 4e-3),
+                      edge_steps=1, probe_steps=8, cells=MATH_FRONTIER, task="sft",
+                      frontier=True),
 }  # fmt: skip
 
 RUN_FIELDS = (
@@ -180,7 +258,16 @@ def run_cell(setup: Setup, task: Task, lr: float, work: Path, stats: str | None)
         setup = replace(setup, max_steps=setup.sweep_steps or setup.max_steps)
     cfg = train_config(setup, cell, seed, lr, out, stats)
     validation = setup.validation_fraction if task.phase != "test" else None
-    payload = json.dumps({"config": cfg, "validation": validation})
+    if setup.task == "sft":  # the math set has its own validation and test splits
+        cfg.update(task="sft", eval_batch_size=setup.eval_batch_size,
+                   sft={"eval_split": "test" if task.phase == "test" else "validation",
+                        "eval_limit": None})  # fmt: skip
+        validation = None
+    match = cell.budget if cell.method in MATCHED else None  # E²LoRA's r, from the statistics
+    payload = json.dumps({"config": cfg, "validation": validation, "match": match})
+    if source_of(cell):  # the truncation control: the source's run on this seed, cut, scored
+        source = work / Task(replace(cell, key=source_of(cell)), seed).name
+        payload = json.dumps({"truncate": {"source": str(source), "r": cell.r, "output": str(out)}})
     if setup.isolate:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
         threads = ["--threads", str(setup.threads)] if setup.threads else []
@@ -207,7 +294,7 @@ def run_cell(setup: Setup, task: Task, lr: float, work: Path, stats: str | None)
         "label": cell.label,
         "group": cell.group,
         "method": cell.method,
-        "r": cell.r,
+        "r": m.get("config", {}).get("r", cell.r),  # E²LoRA's matched rank may differ
         "options": json.dumps(cfg["options"], sort_keys=True),
         "phase": task.phase,
         "lr": ql.lr_text(lr),
@@ -257,6 +344,10 @@ def run_grid(
     def lr_for(rows: Sequence[Mapping[str, str]], task: Task) -> float | None:
         if task.phase != "test":
             return task.lr
+        if source_of(task.cell):  # waits for the source's test run on the same seed
+            src, seed = source_of(task.cell), task.seed
+            done = [r for r in ql.test_rows(rows) if r["cell"] == src and int(r["seed"]) == seed]
+            return float(done[0]["lr"]) if done else None
         if not setup.lrs:
             return setup.lr
         return ql.chosen_lr(rows, task.cell.key, setup.lrs, setup.select_seed, setup.edge_steps)
@@ -267,6 +358,7 @@ def run_grid(
         return [
             Task(c, setup.select_seed, "select", lr)
             for c in cells
+            if selects(c)
             for lr in ql.needed_lrs(rows, c.key, setup.lrs, setup.select_seed, setup.edge_steps)
             if lr not in setup.lrs
         ]
@@ -278,10 +370,17 @@ def run_grid(
         needs_stats=lambda task: task.cell.method not in PROBE_FREE,
         lr_for=lr_for,
         extra=extra,
-        current=lambda rows: ql.current_rows(rows, setup.lrs, setup.select_seed, setup.edge_steps),
+        current=lambda rows: ql.current_rows(
+            rows, setup.lrs, setup.select_seed, setup.edge_steps, aliases(cells)
+        ),
     )
     Grid(folder, work, grid_tasks(setup, cells, sweep), hooks).run(jobs, progress)
     return common.read_rows(folder / "runs.csv")
+
+
+def aliases(cells: Sequence[Cell]) -> dict[str, str]:
+    """``{cell: source cell}`` of the cells that run at another cell's learning rate."""
+    return {c.key: source_of(c) for c in cells if source_of(c)}
 
 
 def summarize_grid(folder: Path, setup: Setup, header: str, failed: Sequence[str] = ()) -> None:
@@ -291,10 +390,32 @@ def summarize_grid(folder: Path, setup: Setup, header: str, failed: Sequence[str
     qs.write_summary(folder, setup, cells, header, failed, sweep)
 
 
+def smoke_frontier(setup: Setup) -> Setup:
+    """A frontier configuration's smoke: tiny model, 1 seed, 2 steps, a few of its cells (the
+    LoRA ranks, a peer at each budget, the truncation control at both)."""
+    cells = tuple(k for k in SMOKE_FRONTIER if k in setup.cells)
+    length = 96 if setup.task == "sft" else 16  # the math set's chat-template rows need 88
+    return Setup(f"smoke-{setup.name}", None, None, (0,), epochs=1, limit=None, max_length=length,
+                 batch_size=8, eval_batch_size=8, probe_steps=2, max_steps=2, lrs=(2e-3, 5e-3),
+                 cells=cells, isolate=False, edge_steps=0, task=setup.task,
+                 frontier=True)  # fmt: skip
+
+
+def check_sources(setup: Setup) -> None:
+    """ValueError when a truncation cell's source (LoRA r=16) is not a cell of the grid."""
+    for c in CELLS:
+        if c.key in setup.cells and source_of(c) and source_of(c) not in setup.cells:
+            raise ValueError(
+                f"cell {c.key} cuts the runs of {source_of(c)}, which is not in --cells; add it"
+            )
+
+
 def setup_from_args(args: argparse.Namespace) -> Setup:
     """The configuration the arguments ask for (the smoke one still without model and data)."""
     keys = {c.key for c in CELLS}
-    if args.smoke:
+    if args.smoke and CONFIGS[args.config].frontier:
+        setup = smoke_frontier(CONFIGS[args.config])
+    elif args.smoke:
         setup = Setup("smoke", None, None, (0,), epochs=1, limit=None, max_length=16,
                       batch_size=8, probe_steps=2, max_steps=2, lrs=(2e-3, 5e-3),
                       cells=SMOKE_CELLS, sweep_lrs=(1e-3, 2e-3, 5e-3), sweep_steps=3,
@@ -310,6 +431,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         if unknown:
             raise ValueError(f"unknown cell(s) {unknown}; choose from {', '.join(sorted(keys))}")
         setup = replace(setup, **{"sweep_cells" if args.lr_sweep else "cells": chosen})
+    check_sources(setup)
     if args.lr is not None:
         if not args.lr > 0:
             raise ValueError(f"--lr must be a positive number, got {args.lr}")
@@ -335,7 +457,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
 def command_line(args: argparse.Namespace) -> str:
     """The command that regenerates (resumes) what ``args`` runs, for the tables' headers."""
     cmd = "python bench/quality/quality.py " + (
-        "--smoke"
+        "--smoke" + (f" --config {args.config}" if CONFIGS[args.config].frontier else "")
         if args.smoke
         else f"--config {args.config}" + (f" --model {args.model}" if args.model else "")
     )
@@ -396,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     tmp = None
     if args.smoke:
         tmp = Path(tempfile.mkdtemp(prefix="entrolora-bench-smoke-"))
-        model, data = smoke_assets(tmp)
+        model, data = smoke_assets(tmp, setup.task)
         setup = replace(setup, model=model, data=data)
     folder = Path(args.results) / setup.name
     work = Path(args.work) if args.work else (tmp or WORK) / setup.name
@@ -413,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("lr_sweep.md",) if args.lr_sweep else ("table.md", "claims.md"):
+    shown = ("table.md", "frontier.md" if setup.frontier else "claims.md")
+    for name in ("lr_sweep.md",) if args.lr_sweep else shown:
         if (folder / name).is_file():
             print((folder / name).read_text(encoding="utf-8"))
     return folder

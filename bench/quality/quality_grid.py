@@ -51,7 +51,10 @@ class Task:
     def stats_key(self) -> str:
         """Runs that train on the same rows (a seed's training split, with or without its
         validation slice) share their probe statistics."""
-        return f"seed{self.seed}" + ("-select" if self.phase != "test" else "")
+        key = f"seed{self.seed}" + ("-select" if self.phase != "test" else "")
+        # auto probes every linear layer (issue 32), the other planners their default targets:
+        # a statistics file fixes the modules a reusing run adapts, so the two never share one
+        return key + ("-all-linear" if self.cell.method == "auto" else "")
 
 
 def row_key(row: Mapping[str, str]) -> tuple:
@@ -76,10 +79,21 @@ def grid_tasks(setup: Any, cells: Sequence[Any], sweep: bool = False) -> list[Ta
         task
         for c in cells
         for task in (
-            *(Task(c, setup.select_seed, "select", lr) for lr in setup.lrs),
+            *(Task(c, setup.select_seed, "select", lr) for lr in setup.lrs if selects(c)),
             *(Task(c, s) for s in seeds),
         )
     ]
+
+
+def source_of(cell: Any) -> str | None:
+    """The cell whose trained runs ``cell`` reuses instead of training (the truncation control
+    evaluates LoRA r=16's adapter): it has no learning rate of its own and runs at the source's."""
+    return cell.options.get("source") if cell.method == "truncate" else None
+
+
+def selects(cell: Any) -> bool:
+    """Whether ``cell`` chooses its own learning rate (validation runs)."""
+    return source_of(cell) is None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -114,14 +114,19 @@ def chosen_lr(
 
 
 def current_rows(
-    rows: Sequence[Row], lrs: Sequence[float], seed: int, edge: int = EDGE_STEPS
+    rows: Sequence[Row],
+    lrs: Sequence[float],
+    seed: int,
+    edge: int = EDGE_STEPS,
+    alias: Mapping[str, str] | None = None,
 ) -> list[Row]:
     """``rows`` without the test runs made at a learning rate their cell does not choose now.
 
     A cell's choice can move after its test runs (a validation run beyond the grid's edge came
     in later): those runs stay in runs.csv as history and are run again at the new rate. While
     the choice waits for a validation run, the cell has no current test run. Grids without a
-    learning-rate grid (``lrs`` empty) keep every row."""
+    learning-rate grid (``lrs`` empty) keep every row. ``alias``: ``{cell: the cell whose
+    learning rate it runs at}`` (the truncation control reuses LoRA r=16's runs)."""
     if not lrs:
         return list(rows)
     chosen: dict[str, float | None] = {}
@@ -131,7 +136,7 @@ def current_rows(
             return True
         cell = row["cell"]
         if cell not in chosen:
-            chosen[cell] = chosen_lr(rows, cell, lrs, seed, edge)
+            chosen[cell] = chosen_lr(rows, (alias or {}).get(cell, cell), lrs, seed, edge)
         return chosen[cell] is not None and float(row["lr"]) == chosen[cell]
 
     return [r for r in rows if current(r)]

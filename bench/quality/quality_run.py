@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-PROBE_FREE = ("lora", "sharelora", "flexlora", "peft-lora", "dora", "adalora", "vera", "lora-plus")
+PROBE_FREE = ("lora", "sharelora", "flexlora", "peft-lora", "dora", "adalora", "vera", "lora-plus",
+              "eva", "lora-ga", "pissa", "truncate")  # fmt: skip
 
 
 def adalora_schedule(total: int) -> dict[str, int]:
@@ -91,6 +92,26 @@ def held_out(validation: float | None) -> Iterator[list[dict]]:
         D.split = original
 
 
+MATCHED = ("e2lora",)  # planners whose count is not r·(d_in + d_out): their r is matched
+
+
+def matched_rank(stats_path: str, method: str, options: dict, budget_r: int) -> int:
+    """The rank whose plan from these statistics holds the parameter count nearest to uniform
+    LoRA at ``budget_r`` on the same modules (ties: the smaller rank); searched over 1…4·r."""
+    from entrolora.job.config import planner_name
+    from entrolora.planners import plan as plan_by_name
+    from entrolora.stats import GradientStats
+
+    stats = GradientStats.load(stats_path)
+    target = budget_r * sum(stats[n].d_in + stats[n].d_out for n in stats)
+
+    def gap(r: int) -> tuple[int, int]:
+        plan = plan_by_name(planner_name(method), stats, **{**options, "r": r})
+        return abs(plan.num_trainable_params() - target), r
+
+    return min(range(1, 4 * budget_r + 1), key=gap)
+
+
 def worker(payload_json: str, threads: int | None = None) -> None:
     """Subprocess entry: train one run; its metrics land in the run folder's metrics.json and
     the split it evaluated on in bench.json."""
@@ -101,6 +122,16 @@ def worker(payload_json: str, threads: int | None = None) -> None:
     from entrolora.train import TrainConfig, train_run
 
     payload = json.loads(payload_json)
+    if "truncate" in payload:  # the truncation control: no training, the source run cut
+        _truncate(payload["truncate"])
+        return
+    match = payload.get("match")
+    if match and payload["config"]["stats"]:  # the seed's statistics exist: match the count
+        c = payload["config"]
+        c["r"] = matched_rank(c["stats"], c["method"], c["options"], int(match))
+    if payload["config"].get("task") == "sft":
+        _sft(payload["config"])
+        return
     # A run that finished but was never recorded (its runner was killed) is run again; its old
     # bench.json is ours, not the job's, and would make the job refuse to replace the folder.
     (Path(payload["config"]["output"]) / "bench.json").unlink(missing_ok=True)
@@ -113,6 +144,35 @@ def worker(payload_json: str, threads: int | None = None) -> None:
             "bench/quality/quality.py"
         )
     (result.output / "bench.json").write_text(json.dumps(seen[0]) + "\n", encoding="utf-8")
+
+
+def _truncate(job: dict) -> None:
+    """Evaluate the source run cut to the budget (``truncation.evaluate_truncated``) on the
+    split the source run was scored on; bench.json as a trained run's."""
+    from truncation import evaluate_truncated
+
+    out = Path(job["output"])
+    with held_out(None) as seen:
+        m = evaluate_truncated(Path(job["source"]), int(job["r"]), out)
+    if m["config"].get("task") == "sft":  # the math set's own split: nothing was patched
+        seen = [{"fit": None, "held_out": m["test_examples"], "majority": None}]
+    elif len(seen) != 1 or m.get("eval_examples") != seen[0]["held_out"]:
+        raise RuntimeError("the truncation control did not evaluate on the source run's split")
+    (out / "bench.json").write_text(json.dumps(seen[0]) + "\n", encoding="utf-8")
+
+
+def _sft(config: dict) -> None:
+    """A ``--task sft`` run: the math set's own validation or test split is held out (the
+    ``eval_split`` of its options), so no split is patched."""
+    from entrolora.sft_data import SFTOptions
+
+    from entrolora.train import TrainConfig, train_run
+
+    (Path(config["output"]) / "bench.json").unlink(missing_ok=True)
+    result = train_run(TrainConfig(**{**config, "sft": SFTOptions(**config["sft"])}))
+    m = result.metrics
+    split = {"fit": m["train_examples"], "held_out": m["test_examples"], "majority": None}
+    (result.output / "bench.json").write_text(json.dumps(split) + "\n", encoding="utf-8")
 
 
 def flex_ranks_moved(folder: Path, r0: int) -> str:
@@ -133,8 +193,11 @@ def probes(cell: Any, stats: str | None) -> bool:
 
 
 # -- the smoke configuration ------------------------------------------------------------------
-def smoke_assets(root: Path) -> tuple[str, str]:
-    """A tiny random BERT classifier with a word-level tokenizer, and a learnable CSV."""
+def smoke_assets(root: Path, task: str = "classify") -> tuple[str, str | None]:
+    """A tiny random BERT classifier with a word-level tokenizer, and a learnable CSV; for
+    ``task`` sft a tiny random Llama with SmolLM2's tokenizer, on the shipped math set."""
+    if task == "sft":
+        return smoke_sft_model(root), None
     import random
 
     import torch
@@ -168,3 +231,22 @@ def smoke_assets(root: Path) -> tuple[str, str]:
     data = root / "tiny.csv"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(model_dir), str(data)
+
+
+def smoke_sft_model(root: Path) -> str:
+    """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from entrolora.job.models import load_model
+
+    _, tokenizer, _ = load_model("smollm2", "causal-lm")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    path = root / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quality_grid import selects, source_of
 from quality_lr import (
     current_rows,
     lr_selection_rows,
@@ -313,8 +314,9 @@ def write_summary(
 
     ``failed`` names the runs of this invocation that failed (they are retried on resume).
     """
+    alias = {c.key: source_of(c) for c in cells if source_of(c)}
     rows = current_rows(common.read_rows(folder / "runs.csv"), setup.lrs, setup.select_seed,
-                        setup.edge_steps)  # fmt: skip
+                        setup.edge_steps, alias)  # fmt: skip
     summary = summarize(rows, cells, setup.lr)
     trows = table_rows(summary, len(setup.seeds))
     done = sum(s["n"] for s in summary)
@@ -363,7 +365,8 @@ def write_summary(
         "below.\n\n" + common.markdown_table(claims_rows(rows, cells), CLAIM_COLUMNS),
     )
     if setup.lrs:
-        lrows = lr_selection_rows(rows, cells, setup.lrs, setup.select_seed, setup.edge_steps)
+        own = [c for c in cells if selects(c)]
+        lrows = lr_selection_rows(rows, own, setup.lrs, setup.select_seed, setup.edge_steps)
         cols = ("method", *(lr_text(x) for x in setup.lrs), "beyond the grid", "chosen lr")
         atomic_write_text(
             folder / "lr_selection.md",
@@ -375,6 +378,10 @@ def write_summary(
         )
     if sweep_cells:
         write_sweep(folder, setup, rows, sweep_cells)
+    if getattr(setup, "frontier", False):
+        import frontier
+
+        frontier.write_frontier(folder, setup, cells, rows)
     if summary:
         try:
             from entrolora.report import plot_accuracy_vs_params

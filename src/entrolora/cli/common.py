@@ -57,7 +57,7 @@ MethodOpt = Annotated[
         "--method",
         help="lora, sharelora, e2lora, e2sharelora, e2dora, e2vera, e2lori, ralora, ralora-pro, "
         "ls-lora, lora-gid, flexlora, auto; peft baselines: peft-lora, dora, adalora, vera, "
-        "lora-plus.",
+        "lora-plus, eva, lora-ga, pissa.",
     ),
 ]
 ROpt = Annotated[int, typer.Option("--r", help="LoRA rank (r_ref for ralora-pro).")]

@@ -20,7 +20,11 @@ ENTROLORA_METHODS = (
 )  # fmt: skip
 PROBE_HEADS = ("centroid", "model")  # job.probe.centroid_head; "model": the head as loaded
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")  # = inject.ADAPTER_DTYPES' names
-PEFT_METHODS = ("peft-lora", "dora", "adalora", "vera", "lora-plus")
+PEFT_METHODS = ("peft-lora", "dora", "adalora", "vera", "lora-plus", "eva", "lora-ga", "pissa")
+# peft initialisations that read calibration batches (EVA: activations; LoRA-GA: gradients)
+PEFT_CALIBRATED = ("eva", "lora-ga")
+# peft initialisations that change the base weights (W − B₀A₀): their export is converted
+PEFT_RESIDUAL = ("pissa", "lora-ga")
 METHODS = ENTROLORA_METHODS + PEFT_METHODS
 MODEL_PLANNERS = ("lora", "sharelora", "flexlora")  # plan from the model, no probe needed
 FLEX_CONTROLLER_OPTIONS = {
@@ -35,6 +39,12 @@ PEFT_OPTIONS: dict[str, dict[str, Any]] = {
     "adalora": {"lora_alpha": 16, "init_r": None, "tinit": None, "tfinal": None, "deltaT": None},
     "vera": {"d_initial": 0.1},
     "lora-plus": {"lora_alpha": 16, "loraplus_lr_ratio": 16.0},
+    # peft's EvaConfig (rho: a module's rank at most rho·r; tau: SVD convergence threshold)
+    "eva": {"lora_alpha": 16, "rho": 2.0, "tau": 0.99},
+    # peft's LoraGAConfig; the gradients come from --probe-steps training batches
+    "lora-ga": {"lora_alpha": 16, "direction": "ArB2r", "scale": "stable", "stable_gamma": 16},
+    # niter None: exact SVD ("pissa"); an integer N: peft's "pissa_niter_N" (randomised SVD)
+    "pissa": {"lora_alpha": 16, "niter": None},
 }
 
 

@@ -6,7 +6,8 @@ evaluate on the held-out split → write the run folder (``write.py`` lists its 
 
 Classification trains the classifier head too (peft's ``modules_to_save`` semantics): after
 ``apply`` froze the base model, the head (``classifier`` / ``score``) is made trainable. The
-peft baselines (peft-lora, dora, adalora, vera, lora-plus) are built with peft itself.
+peft baselines (peft-lora, dora, adalora, vera, lora-plus, eva, lora-ga, pissa) are built with
+peft itself.
 
 Everything is written into a staging folder next to the output and renamed at the end, so an
 interrupted run leaves nothing half-written.
@@ -31,6 +32,7 @@ from .baselines import build_peft
 from .config import (
     FLEX_CONTROLLER_OPTIONS,
     MODEL_PLANNERS,
+    PEFT_CALIBRATED,
     PEFT_METHODS,
     RunResult,
     TrainConfig,
@@ -46,7 +48,7 @@ from .loop import (
     train_steps,
 )  # fmt: skip
 from .models import default_targets, head_modules, load_model, resolve_device
-from .probe import make_plan, run_probe
+from .probe import calibration_batches, make_plan, run_probe
 from .runfolder import OutputFolder, check_output, check_room, resolve
 from .state import Adapted, Job
 from .write import run_bytes, write_run
@@ -145,7 +147,14 @@ def adapt(job: Job) -> Adapted:
         names = list(find_targets(job.model, job.targets))
         if cfg.init_seed is not None:  # peft draws its factors from the global RNG
             torch.manual_seed(cfg.init_seed)
-        model, opts = build_peft(job.model, job.method, names, cfg, job.total)
+
+        def batches() -> list[dict[str, torch.Tensor]]:  # EVA's and LoRA-GA's calibration
+            return calibration_batches(job.tokenizer, job.train_ds, cfg, job.device)
+
+        t0 = time.perf_counter()
+        model, opts = build_peft(job.model, job.method, names, cfg, job.total, batches)
+        if job.method in PEFT_CALIBRATED:  # their data pass is the probe's counterpart
+            job.times["probe_s"] = time.perf_counter() - t0
         model.to(job.device)
         a = Adapted(model, opts, heads, ("modules_to_save", "original_module", *heads))
     else:

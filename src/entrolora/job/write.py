@@ -23,6 +23,7 @@ import torch
 
 from ..adapters import inject
 from ..files import atomic_write_text
+from .baselines import save_peft
 from .config import PEFT_METHODS
 from .export import head_state, save_head
 from .loop import mean_tail
@@ -37,7 +38,7 @@ def write_run(
     history = [[s, r] for s, r in a.flex.history] if a.flex is not None else None
     max_rank = None
     if job.method in PEFT_METHODS:
-        a.model.save_pretrained(str(out / "peft"))
+        save_peft(a.model, out / "peft")
     else:
         max_rank = _write_adapter(out, job, a, history, scores)
     atomic_write_text(out / "train_loss.json", json.dumps(losses) + "\n")
