@@ -25,6 +25,7 @@ from .export_card import consumers_and_notes, model_card
 from .files import atomic_write, atomic_write_text
 from .inject import adapted_modules, get_plan, merge, unwrap
 from .plans import AdaptationPlan
+from .progress import progress_bar
 from .targets import is_conv1d
 
 LAYOUTS = ("uniform", "compact")
@@ -32,6 +33,8 @@ LAYOUTS = ("uniform", "compact")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: Heads peft itself puts in ``modules_to_save`` for SEQ_CLS (peft's own list).
 HEAD_NAMES = ("classifier", "score")
+# a progress bar for exports of models at least this large (parameters), unless told otherwise
+LARGE_MODEL_PARAMS = 10**9
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -170,6 +173,7 @@ def export_peft(
     base_model: str | None = None,
     modules_to_save: Sequence[str] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> PeftExport:
     """Write a stock peft LoRA checkpoint of ``model``'s adapters (METHODS.md §6).
 
@@ -182,6 +186,7 @@ def export_peft(
     trained). ``task_type`` defaults to the model class's, ``base_model`` to a portable form of
     ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
     Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
+    ``progress``: a bar over the modules; default: for models of ``LARGE_MODEL_PARAMS`` or more.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown export layout {layout!r}; choose 'uniform' or 'compact'")
@@ -194,7 +199,9 @@ def export_peft(
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     base_model = portable_base_name(base_model or name_or_path)
 
-    tensors, ranks = _adapter_tensors(wrappers, layout, use_dora)
+    show = is_large(base) if progress is None else progress
+    with progress_bar(len(wrappers), "export", show, unit="module") as bar:
+        tensors, ranks = _adapter_tensors(wrappers, layout, use_dora, bar)
     tensors.update(_head_tensors(base, modules_to_save))
     rank = max(1, *ranks.values())
     pattern = {} if layout == "uniform" else {n: max(1, r) for n, r in ranks.items()}
@@ -249,12 +256,22 @@ def _exportable(model: nn.Module) -> tuple[dict[str, Any], bool]:
     return wrappers, dora.pop()
 
 
+def is_large(model: nn.Module) -> bool:
+    """Whether ``model`` holds ``LARGE_MODEL_PARAMS`` parameters or more (its export shows a bar)."""
+    return sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
+
+
 def _adapter_tensors(
-    wrappers: Mapping[str, Any], layout: str, use_dora: bool
+    wrappers: Mapping[str, Any], layout: str, use_dora: bool, bar: Any = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """peft's ``lora_A``/``lora_B`` (and DoRA magnitude) tensors, and each module's own rank."""
+    """peft's ``lora_A``/``lora_B`` (and DoRA magnitude) tensors, and each module's own rank;
+    ``bar`` advances once a module."""
+    factors = {}
     with torch.no_grad():
-        factors = {n: _module_factors(w) for n, w in wrappers.items()}
+        for n, w in wrappers.items():
+            factors[n] = _module_factors(w)
+            if bar is not None:
+                bar.update(1)
     ranks = {n: int(f[0].shape[0]) for n, f in factors.items()}
     # peft and llama.cpp need r ≥ 1: a FlexLoRA module with no active direction exports as one
     # zero direction (exact: it contributes nothing).
@@ -340,6 +357,7 @@ def export_merged(
     tokenizer: Any = None,
     *,
     merge_adapters: bool = True,
+    progress: bool | None = None,
 ) -> Path:
     """Write a full Hugging Face model folder (safetensors + config, tokenizer when given).
 
@@ -347,6 +365,8 @@ def export_merged(
     given model keeps its adapters); ``False`` writes the base model without them — the
     HF-format base that vLLM and llama.cpp load an adapter export onto. Plain
     ``AutoModelFor….from_pretrained(directory)`` loads the result. Returns the directory.
+    ``progress``: a bar over its stages (copy, merge, save); default: for models of
+    ``LARGE_MODEL_PARAMS`` or more.
     """
     base = unwrap(model)
     if not hasattr(base, "save_pretrained"):
@@ -356,19 +376,25 @@ def export_merged(
         )
     if any(w.merged for w in adapted_modules(base).values()):
         raise ValueError("the adapters are merged into the base weights; el.unmerge(model) first")
-    out = copy.deepcopy(base)
-    if adapted_modules(out):
-        if merge_adapters:
-            merge(out)
-        else:
-            from .inject import remove_adapters
+    show = is_large(base) if progress is None else progress
+    with progress_bar(3, "export merged" if merge_adapters else "export base", show,
+                      unit="stage") as bar:  # fmt: skip
+        out = copy.deepcopy(base)
+        bar.update(1)
+        if adapted_modules(out):
+            if merge_adapters:
+                merge(out)
+            else:
+                from .inject import remove_adapters
 
-            remove_adapters(out)
-    clear_quantization_markers(out)
-    directory = Path(directory)
-    out.save_pretrained(str(directory), safe_serialization=True)
-    if tokenizer is not None:
-        _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))
+                remove_adapters(out)
+        clear_quantization_markers(out)
+        bar.update(1)
+        directory = Path(directory)
+        out.save_pretrained(str(directory), safe_serialization=True)
+        if tokenizer is not None:
+            _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))
+        bar.update(1)
     return directory
 
 

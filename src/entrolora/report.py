@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write, atomic_write_text
+from .plan_figure import plot_plan
 from .plans import AdaptationPlan
 from .reading import read_json
 from .stats import GradientStats
@@ -157,49 +158,6 @@ def plot_erank(stats: GradientStats, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-# -- plans --------------------------------------------------------------------------------------
-def plot_plan(plan: AdaptationPlan, path: str | os.PathLike) -> Path:
-    """Rank per layer for each module type; bar colour = shared group, ``×n`` = block count."""
-    plt = _plt()
-    by_type: dict[str, list] = {}
-    for m in plan.modules.values():
-        by_type.setdefault(m.module_type, []).append(m)
-    fig, axes = plt.subplots(
-        len(by_type),
-        1,
-        figsize=(
-            max(6, 0.45 * max(len(v) for v in by_type.values()) + 3),
-            2.4 * len(by_type) + 0.6,
-        ),
-        squeeze=False,
-    )
-    cmap = plt.get_cmap("tab20")
-    for ax, (mtype, mods) in zip(axes[:, 0], by_type.items()):
-        mods = sorted(mods, key=lambda m: m.layer)
-        groups = list(dict.fromkeys(m.group for m in mods if m.group is not None))
-        colors = [
-            cmap(groups.index(m.group) % 20) if m.group is not None else "tab:blue" for m in mods
-        ]
-        xs = range(len(mods))
-        ax.bar(xs, [m.rank for m in mods], color=colors, edgecolor="black", linewidth=0.5)
-        for x, m in zip(xs, mods):
-            if m.blocks > 1:
-                ax.text(x, m.rank, f"×{m.blocks}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(list(xs), [str(m.layer) for m in mods])
-        ax.set_xlabel("layer")
-        ax.set_ylabel("rank")
-        note = f", {len(groups)} shared groups (colour)" if groups else ""
-        ax.set_title(f"{short_type(mtype)}{note}", fontsize=10)
-        ax.set_ylim(0, max(m.rank for m in mods) * 1.25 + 0.5)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(
-        f"{plan.method}: rank per layer ({plan.num_trainable_params():,} adapter params)\n"
-        "bar colour = shared group, ×n = block-diagonal blocks",
-        fontsize=10,
-    )
-    return _save(fig, path)
-
-
 # -- runs ---------------------------------------------------------------------------------------
 def plot_accuracy_vs_params(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Scatter of accuracy (%) against trainable parameters (log scale), one labelled point a run.
@@ -240,14 +198,30 @@ def plot_rank_evolution(history: Sequence, path: str | os.PathLike) -> Path:
 
 # -- loading what a report shows ----------------------------------------------------------------
 @dataclass
+class RunReport:
+    """One run folder of a report: its label (the folder's name), where it is, what it trained."""
+
+    label: str
+    folder: Path
+    metrics: dict
+    plan: AdaptationPlan | None = None
+    history: list | None = None
+    stats: GradientStats | None = None
+
+
+@dataclass
 class ReportInputs:
-    """What one report shows; every part optional."""
+    """What one report shows; every part optional. ``folders``: the run folders compared (each
+    with its own plan figure and a link to its report); ``label``: the one run's name, shown in
+    the plan figure's title."""
 
     stats: GradientStats | None = None
     plan: AdaptationPlan | None = None
     metrics: dict | None = None
     history: list | None = None
     runs: list[dict] = field(default_factory=list)
+    folders: list[RunReport] = field(default_factory=list)
+    label: str | None = None
 
 
 def load_run(folder: str | os.PathLike) -> ReportInputs:
@@ -269,18 +243,24 @@ def load_run(folder: str | os.PathLike) -> ReportInputs:
     return out
 
 
+def _labelled(folders: Sequence[Path]) -> list[str]:
+    """Each folder's name, or its whole path where two folders share a name."""
+    names = [f.resolve().name or str(f) for f in folders]
+    return [n if names.count(n) == 1 else str(f) for n, f in zip(names, folders)]
+
+
 def gather(paths: Sequence[str | os.PathLike]) -> ReportInputs:
-    """Combine stats files, plan files and run folders; several runs → a comparison."""
+    """Combine stats files, plan files and run folders; several runs → a comparison, each run
+    with its own plan (and FlexLoRA history) in ``folders``."""
     if not paths:
         raise ValueError("nothing to report: pass a stats file, a plan file or run folder(s)")
     out = ReportInputs()
+    dirs: list[Path] = []
+    loaded: list[ReportInputs] = []
     for p in map(Path, paths):
         if p.is_dir():
-            run = load_run(p)
-            out.runs.append(run.metrics)
-            for name in ("stats", "plan", "history", "metrics"):
-                if getattr(out, name) is None:
-                    setattr(out, name, getattr(run, name))
+            dirs.append(p)
+            loaded.append(load_run(p))
         elif not p.exists():
             raise FileNotFoundError(f"{str(p)!r} does not exist")
         elif p.suffix == ".safetensors":
@@ -292,14 +272,27 @@ def gather(paths: Sequence[str | os.PathLike]) -> ReportInputs:
                 f"cannot report on {p.name!r}: expected a .safetensors statistics file, a plan "
                 ".json or a run folder"
             )
-    if len(out.runs) > 1:
-        out.metrics = None  # a comparison: the table lists every run instead
+    out.folders = [RunReport(label, d, r.metrics, r.plan, r.history, r.stats)
+                   for label, d, r in zip(_labelled(dirs), dirs, loaded)]  # fmt: skip
+    out.runs = [r.metrics for r in loaded]
+    if out.stats is None:
+        out.stats = next((r.stats for r in loaded if r.stats is not None), None)
+    if len(loaded) == 1:
+        one = loaded[0]
+        out.label, out.metrics, out.history = out.folders[0].label, one.metrics, one.history
+        out.plan = out.plan or one.plan
     return out
 
 
 # -- HTML ---------------------------------------------------------------------------------------
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    def fmt(v: Any) -> str:
+def _table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], raw: Sequence[str] = ()
+) -> str:
+    """An HTML table; the ``raw`` columns hold HTML already (links), the rest is escaped."""
+
+    def fmt(c: str, v: Any) -> str:
+        if c in raw:
+            return str(v)
         if isinstance(v, float):
             return f"{v:.4g}"
         if isinstance(v, int):
@@ -308,48 +301,113 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows
+        "<tr>" + "".join(f"<td>{fmt(c, r.get(c, ''))}</td>" for c in columns) + "</tr>"
+        for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-RUN_COLUMNS = ("method", "accuracy", "eval_loss", "trainable_params", "train_s", "total_s")
+RUN_COLUMNS = ("run", "method", "accuracy", "eval_loss", "trainable_params", "train_s", "total_s")
+STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "img{max-width:100%;border:1px solid #eee}pre{background:#f6f6f6;padding:8px;"
+    "overflow-x:auto}.runs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));"
+    "gap:1em}figure{margin:0}figcaption{font-weight:bold;margin-bottom:4px}"
+)
+
+
+def _run_link(run: RunReport, link_from: Path) -> str:
+    """The run's label, linked to its own report.html when it has one."""
+    label = html.escape(run.label)
+    page = run.folder / "report.html"
+    if not page.is_file():
+        return label
+    href = Path(os.path.relpath(page.resolve(), link_from.resolve())).as_posix()
+    return f"<a href='{html.escape(href, quote=True)}'>{label}</a>"
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _compare_runs(out_dir: Path, runs: Sequence[RunReport], link_from: Path) -> list[str]:
+    """The runs side by side: the table (run names linking to their reports), each run's plan
+    figure titled with the run, and FlexLoRA runs' rank evolution."""
+    links = [_run_link(r, link_from) for r in runs]
+    rows = [{**r.metrics, "run": link} for r, link in zip(runs, links)]
+    parts = ["<h2>Runs</h2>", _table(rows, RUN_COLUMNS, raw=("run",))]
+    cells = []
+    for i, (run, link) in enumerate(zip(runs, links)):
+        if run.plan is None:
+            continue
+        method = str(run.metrics.get("method") or run.plan.method)
+        same = run.label == method
+        name = f"plan-{i + 1}-{_safe(run.label)}.png"
+        plot_plan(run.plan, out_dir / name, run.history,
+                  title=run.label if same else f"{run.label} ({method})")  # fmt: skip
+        caption = link if same else f"{link} ({html.escape(method)})"
+        cells.append(_figure(name, caption, run.label))
+        if run.history:
+            name = f"rank_evolution-{i + 1}-{_safe(run.label)}.png"
+            plot_rank_evolution(run.history, out_dir / name)
+            cells.append(_figure(name, f"{link}: FlexLoRA rank evolution", run.label))
+    if cells:
+        parts += ["<h2>Plans: effective rank trained, per run</h2>", "<div class='runs'>"]
+        parts += cells + ["</div>"]
+    return parts
+
+
+def _figure(src: str, caption_html: str, alt: str) -> str:
+    alt = html.escape(alt, quote=True)
+    return f"<figure><figcaption>{caption_html}</figcaption><img src='{src}' alt='{alt}'></figure>"
 
 
 def write_report(
-    out_dir: str | os.PathLike, inputs: ReportInputs, title: str = "entrolora report"
+    out_dir: str | os.PathLike,
+    inputs: ReportInputs,
+    title: str = "entrolora report",
+    link_from: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the figures ``inputs`` allow and ``report.html`` into ``out_dir``; returns the HTML."""
+    """Write the figures ``inputs`` allow and ``report.html`` into ``out_dir``; returns the HTML.
+
+    Several run folders (``inputs.folders``) are compared side by side, each run's plan titled
+    with its name and linked to its own report.html, relative to ``link_from`` (the folder the
+    report ends up in, when ``out_dir`` is a staging folder; default ``out_dir``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    link_from = Path(link_from) if link_from is not None else out_dir
+    compare = len(inputs.folders) > 1
     figures: list[tuple[str, str]] = []
     if inputs.stats is not None and len(inputs.stats):
+        which = f" (statistics of {inputs.folders[0].label})" if compare else ""
         plot_similarity_entropy(inputs.stats, out_dir / "similarity_entropy.png")
-        figures.append(("similarity_entropy.png", "Gradient similarity and entropy per layer"))
+        figures.append(("similarity_entropy.png", "Gradient similarity and entropy per layer"
+                        + which))  # fmt: skip
         if any(inputs.stats[n].erank is not None for n in inputs.stats):
             plot_erank(inputs.stats, out_dir / "erank.png")
-            figures.append(("erank.png", "Gradient effective rank"))
+            figures.append(("erank.png", "Gradient effective rank" + which))
     if inputs.plan is not None:
-        plot_plan(inputs.plan, out_dir / "plan.png")
-        figures.append(("plan.png", "Rank / group / block allocation"))
-    if inputs.history:
+        plot_plan(inputs.plan, out_dir / "plan.png", inputs.history, title=inputs.label)
+        figures.append(("plan.png", "Effective rank trained per module"))
+    if inputs.history and not compare:
         plot_rank_evolution(inputs.history, out_dir / "rank_evolution.png")
         figures.append(("rank_evolution.png", "FlexLoRA rank evolution"))
     runs = [r for r in inputs.runs if r]
     if len(runs) > 1 and any(r.get("accuracy") is not None for r in runs):
         plot_accuracy_vs_params(runs, out_dir / "accuracy_vs_params.png")
-        figures.append(("accuracy_vs_params.png", "Accuracy vs trainable parameters"))
+        figures.insert(0, ("accuracy_vs_params.png", "Accuracy vs trainable parameters"))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em;"
-        "max-width:1100px}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:3px 8px;text-align:right}img{max-width:100%;border:1px solid #eee}"
-        "pre{background:#f6f6f6;padding:8px;overflow-x:auto}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
-    if len(runs) > 1:
+    if compare:
+        parts += _compare_runs(out_dir, inputs.folders, link_from)
+    elif len(runs) > 1:
         parts += ["<h2>Runs</h2>", _table(runs, RUN_COLUMNS)]
-    if inputs.metrics:
+    if inputs.metrics and not compare:
         flat = {k: v for k, v in inputs.metrics.items() if not isinstance(v, (dict, list))}
         parts += [
             "<h2>Metrics</h2>",
@@ -358,7 +416,8 @@ def write_report(
     if inputs.plan is not None:
         parts += ["<h2>Plan</h2>", f"<pre>{html.escape(inputs.plan.summary())}</pre>"]
     for name, caption in figures:
-        parts += [f"<h2>{html.escape(caption)}</h2>", f"<img src='{name}' alt='{caption}'>"]
+        parts += [f"<h2>{html.escape(caption)}</h2>",
+                  f"<img src='{name}' alt='{html.escape(caption, quote=True)}'>"]  # fmt: skip
     if not figures and not inputs.metrics and len(runs) < 2:
         raise ValueError("nothing to report: the inputs hold no statistics, plan or metrics")
     parts.append("</body></html>")

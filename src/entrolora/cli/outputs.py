@@ -33,7 +33,7 @@ def report(
 
     inputs = gather(paths)
     with OutputFolder(output, "report", overwrite) as folder:  # never into a run's folder
-        name = write_report(folder.path, inputs).name
+        name = write_report(folder.path, inputs, link_from=output).name
         html = folder.publish() / name
     typer.echo(f"report written to {html}")
 
