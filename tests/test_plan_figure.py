@@ -34,8 +34,9 @@ def _block_plan(ranks_blocks: list[tuple[int, int]]) -> AdaptationPlan:
 
 def _flex_plan(layers: int = 4, rank: int = 4) -> AdaptationPlan:
     mods = {
-        _name(t, layer): ModulePlan(rank=rank, d_in=16, d_out=24, module_type=t, layer=layer,
-                                    kind="flex", capacity=12)  # fmt: skip
+        _name(t, layer): ModulePlan(
+            rank=rank, d_in=16, d_out=24, module_type=t, layer=layer, kind="flex", capacity=12
+        )  # fmt: skip
         for t in TYPES
         for layer in range(layers)
     }

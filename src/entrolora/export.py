@@ -257,7 +257,7 @@ def _exportable(model: nn.Module) -> tuple[dict[str, Any], bool]:
 
 
 def is_large(model: nn.Module) -> bool:
-    """Whether ``model`` holds ``LARGE_MODEL_PARAMS`` parameters or more (its export shows a bar)."""
+    """Whether ``model`` holds ``LARGE_MODEL_PARAMS`` parameters or more (export shows a bar)."""
     return sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
 
 

@@ -91,13 +91,20 @@ def _legend_handles(bars: Mapping[str, list[PlanBar]]) -> list[Any]:
     handles = [Patch(facecolor=OWN, edgecolor="black", label="own adapter (nothing shared)")]
     if any(b.group for b in flat):
         handles.append(
-            Patch(facecolor="tab:orange", edgecolor="black",
-                  label="shared group: one colour per group of layers sharing factors")  # fmt: skip
+            Patch(
+                facecolor="tab:orange",
+                edgecolor="black",
+                label="shared group: one colour per group of layers sharing factors",
+            )  # fmt: skip
         )
     if any(b.initial is not None for b in flat):
         handles.append(
-            Patch(facecolor="grey", alpha=INITIAL_ALPHA, edgecolor="black",
-                  label="initial rank (FlexLoRA), beside the final one")  # fmt: skip
+            Patch(
+                facecolor="grey",
+                alpha=INITIAL_ALPHA,
+                edgecolor="black",
+                label="initial rank (FlexLoRA), beside the final one",
+            )  # fmt: skip
         )
     if any(b.blocks > 1 for b in flat):
         handles.append(Patch(facecolor="none", edgecolor="none",
@@ -118,8 +125,15 @@ def _panel(ax: Any, mtype: str, bars: list[PlanBar], cmap: Any) -> None:
     flex = any(b.initial is not None for b in bars)
     width = 0.4 if flex else 0.8
     shift = width / 2 if flex else 0.0
-    ax.bar([x + shift for x in xs], [b.rank for b in bars], width=width,
-           color=_colours(bars, cmap), edgecolor="black", linewidth=0.5, label="trained")  # fmt: skip
+    ax.bar(
+        [x + shift for x in xs],
+        [b.rank for b in bars],
+        width=width,
+        color=_colours(bars, cmap),
+        edgecolor="black",
+        linewidth=0.5,
+        label="trained",
+    )
     if flex:
         ax.bar([x - shift for x in xs], [b.initial or 0 for b in bars], width=width,
                color="grey", alpha=INITIAL_ALPHA, edgecolor="black", linewidth=0.5,
@@ -150,8 +164,9 @@ def plan_figure(
     plt = _plt()
     bars = plan_bars(plan, history)
     widest = max(len(v) for v in bars.values())
-    fig, axes = plt.subplots(len(bars), 1, squeeze=False,
-                             figsize=(max(6, 0.45 * widest + 3), 2.4 * len(bars) + 1.4))  # fmt: skip
+    fig, axes = plt.subplots(
+        len(bars), 1, squeeze=False, figsize=(max(6, 0.45 * widest + 3), 2.4 * len(bars) + 1.4)
+    )
     cmap = plt.get_cmap("tab20")
     for ax, (mtype, type_bars) in zip(axes[:, 0], bars.items()):
         _panel(ax, mtype, type_bars, cmap)
