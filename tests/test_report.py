@@ -259,3 +259,14 @@ def test_single_run_report_titles_its_plan(tmp_path):
     page = _Page(tmp_path / "ralora" / "report.html")
     assert "plan.png" in page.images and "Effective rank trained per module" in page.text
     assert R.gather([tmp_path / "ralora"]).label == "ralora"
+
+
+@pytest.mark.parametrize("record", ["runs", "methods only"])
+def test_gather_demo_folder_stands_for_its_runs(tmp_path, record):
+    names = _synthetic_runs(tmp_path / "demo")
+    demo = {"methods": names, "runs": {n: n for n in names}}
+    if record == "methods only":  # a demo.json written before it recorded each run's folder
+        del demo["runs"]
+    (tmp_path / "demo" / "demo.json").write_text(json.dumps(demo))
+    inputs = R.gather([tmp_path / "demo"])
+    assert [f.label for f in inputs.folders] == names and inputs.metrics is None

@@ -249,15 +249,24 @@ def _labelled(folders: Sequence[Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(f) for n, f in zip(names, folders)]
 
 
+def _demo_runs(path: Path) -> list[Path]:
+    """A demo folder (it holds ``demo.json``, no ``metrics.json``) stands for its run folders."""
+    if not (path / "demo.json").is_file() or (path / "metrics.json").is_file():
+        return [path]
+    record = read_json(path / "demo.json", "demo record", "run the demo again")
+    runs = record.get("runs") or {m: m for m in record.get("methods", [])}
+    return [path / folder for folder in runs.values()]
+
+
 def gather(paths: Sequence[str | os.PathLike]) -> ReportInputs:
-    """Combine stats files, plan files and run folders; several runs → a comparison, each run
-    with its own plan (and FlexLoRA history) in ``folders``."""
+    """Combine stats files, plan files and run folders (a demo folder: its runs); several runs →
+    a comparison, each run with its own plan (and FlexLoRA history) in ``folders``."""
     if not paths:
         raise ValueError("nothing to report: pass a stats file, a plan file or run folder(s)")
     out = ReportInputs()
     dirs: list[Path] = []
     loaded: list[ReportInputs] = []
-    for p in map(Path, paths):
+    for p in [q for path in paths for q in _demo_runs(Path(path))]:
         if p.is_dir():
             dirs.append(p)
             loaded.append(load_run(p))
