@@ -146,3 +146,19 @@ def test_commands_join_continuations_and_drop_comments():
         (10, ["train", "--model", "./m", "--data", "d.csv", "--method", "e2lora"]),
         (13, ["demo"]),
     ]
+
+
+def test_model_card_commands_parse(tmp_path):
+    """The `entrolora` commands the export's model card quotes parse too (``--hf-base`` a flag)."""
+    import entrolora as el
+    from test_adapters import build
+
+    model, _ = build("plain")
+    el.export_peft(model, tmp_path)
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    quoted = re.findall(r"`(entrolora [^`]+)`", card)
+    assert any("--hf-base" in q for q in quoted), quoted
+    for q in quoted:
+        check(shlex.split(q)[1:])
+    assert "PeftModel.from_pretrained(base, 'ADAPTER')" in card
+    assert "from_pretrained('BASE_HF')" in card

@@ -115,7 +115,9 @@ def _how_to_load(info: PeftExport) -> list[str]:
         "",
         "`entrolora export RUN --output BASE_HF --hf-base` writes the base model the run trained "
         "on as a Hugging Face folder `BASE_HF` (`--hf-base` is a flag; the folder is "
-        "`--output`). Every consumer below loads the base from that folder, with no network:",
+        "`--output`; from Python: `el.export_merged(model, 'BASE_HF', tokenizer, "
+        "merge_adapters=False)`). Every consumer below loads the base from that folder, with no "
+        "network:",
         "",
         "peft:",
         "",
