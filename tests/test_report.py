@@ -224,6 +224,8 @@ def _synthetic_runs(root):
         (run / "metrics.json").write_text(json.dumps(metrics))
         if name == "flexlora":
             (run / R.HISTORY_FILE).write_text(json.dumps(history))
+        if name == "ralora":  # the only probed run: the comparison says whose statistics
+            _stats().save(run / "stats.safetensors")
         R.write_report(run, R.gather([run]), title=f"entrolora run: {name}")
     expected = {"lora": [4, 4, 4], "ralora": [4, 8, 16], "flexlora": [2, 4, 6]}
     for name, plan in plans.items():
@@ -249,6 +251,7 @@ def test_cli_report_compares_runs_side_by_side(tmp_path):
     assert len(plans) == 3 and "accuracy_vs_params.png" in page.images
     assert set(page.links) == {f"../runs/{n}/report.html" for n in names}
     assert any(src.startswith("rank_evolution-") for src in page.images)  # FlexLoRA's
+    assert "similarity_entropy.png" in page.images and "(statistics of ralora)" in page.text
     for n in names:  # each run's own report opens too, its plan titled with the run
         _check_page(tmp_path / "runs" / n / "report.html", [])
         assert (tmp_path / "runs" / n / "plan.png").is_file()

@@ -112,13 +112,19 @@ def _legend_handles(bars: Mapping[str, list[PlanBar]]) -> list[Any]:
     return handles
 
 
-def _colours(bars: Sequence[PlanBar], cmap: Any) -> list[Any]:
+# shared groups: tab10 without its blue (OWN) and grey (FlexLoRA's initial ranks)
+GROUP_COLOURS = tuple(f"C{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9))
+
+
+def _colours(bars: Sequence[PlanBar]) -> list[str]:
     groups = list(dict.fromkeys(b.group for b in bars if b.group is not None))
-    # tab20's first colour is OWN's blue: start shared groups at the second
-    return [OWN if b.group is None else cmap((groups.index(b.group) + 1) % 20) for b in bars]
+    return [
+        OWN if b.group is None else GROUP_COLOURS[groups.index(b.group) % len(GROUP_COLOURS)]
+        for b in bars
+    ]
 
 
-def _panel(ax: Any, mtype: str, bars: list[PlanBar], cmap: Any) -> None:
+def _panel(ax: Any, mtype: str, bars: list[PlanBar]) -> None:
     from .report import short_type
 
     xs = list(range(len(bars)))
@@ -129,7 +135,7 @@ def _panel(ax: Any, mtype: str, bars: list[PlanBar], cmap: Any) -> None:
         [x + shift for x in xs],
         [b.rank for b in bars],
         width=width,
-        color=_colours(bars, cmap),
+        color=_colours(bars),
         edgecolor="black",
         linewidth=0.5,
         label="trained",
@@ -167,15 +173,15 @@ def plan_figure(
     fig, axes = plt.subplots(
         len(bars), 1, squeeze=False, figsize=(max(6, 0.45 * widest + 3), 2.4 * len(bars) + 1.4)
     )
-    cmap = plt.get_cmap("tab20")
     for ax, (mtype, type_bars) in zip(axes[:, 0], bars.items()):
-        _panel(ax, mtype, type_bars, cmap)
-    what = "final rank per module" if history else "rank per module"
+        _panel(ax, mtype, type_bars)
+    flex = any(b.initial is not None for bs in bars.values() for b in bs)
+    what = "final rank per module" if flex else "rank per module"
+    height = ("height = final active rank (FlexLoRA), initial rank faint beside it" if flex
+              else "height = effective rank trained (blocks × block rank)")  # fmt: skip
     head = f"{title}: " if title else f"{plan.method}: "
     fig.suptitle(
-        f"{head}{what} ({trained_params(plan, history):,} adapter params)\n"
-        "height = effective rank trained (blocks × block rank)",
-        fontsize=10,
+        f"{head}{what} ({trained_params(plan, history):,} adapter params)\n{height}", fontsize=10
     )
     handles = _legend_handles(bars)
     fig.legend(handles=handles, loc="lower center", ncol=min(2, len(handles)), fontsize=8,

@@ -213,7 +213,7 @@ class RunReport:
 class ReportInputs:
     """What one report shows; every part optional. ``folders``: the run folders compared (each
     with its own plan figure and a link to its report); ``label``: the one run's name, shown in
-    the plan figure's title."""
+    the plan figure's title; ``stats_of``: the run the statistics come from."""
 
     stats: GradientStats | None = None
     plan: AdaptationPlan | None = None
@@ -222,6 +222,7 @@ class ReportInputs:
     runs: list[dict] = field(default_factory=list)
     folders: list[RunReport] = field(default_factory=list)
     label: str | None = None
+    stats_of: str | None = None  # the run whose statistics these are, in a comparison
 
 
 def load_run(folder: str | os.PathLike) -> ReportInputs:
@@ -285,7 +286,8 @@ def gather(paths: Sequence[str | os.PathLike]) -> ReportInputs:
                    for label, d, r in zip(_labelled(dirs), dirs, loaded)]  # fmt: skip
     out.runs = [r.metrics for r in loaded]
     if out.stats is None:
-        out.stats = next((r.stats for r in loaded if r.stats is not None), None)
+        probed = [(f.label, f.stats) for f in out.folders if f.stats is not None]
+        out.stats_of, out.stats = probed[0] if probed else (None, None)
     if len(loaded) == 1:
         one = loaded[0]
         out.label, out.metrics, out.history = out.folders[0].label, one.metrics, one.history
@@ -390,7 +392,7 @@ def write_report(
     compare = len(inputs.folders) > 1
     figures: list[tuple[str, str]] = []
     if inputs.stats is not None and len(inputs.stats):
-        which = f" (statistics of {inputs.folders[0].label})" if compare else ""
+        which = f" (statistics of {inputs.stats_of})" if compare and inputs.stats_of else ""
         plot_similarity_entropy(inputs.stats, out_dir / "similarity_entropy.png")
         figures.append(("similarity_entropy.png", "Gradient similarity and entropy per layer"
                         + which))  # fmt: skip
