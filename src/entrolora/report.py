@@ -5,12 +5,14 @@ Figures (PNG, matplotlib Agg, imported lazily):
 - ``similarity_entropy.png``: per module type, the RMI similarity heatmap (METHODS.md §2 eq. 3)
   next to per-layer proxy entropy bars (eq. 1) — E²LoRA Figure 1;
 - ``erank.png``: gradient effective rank (RaLoRA eq. 3), layer × module type — RaLoRA Figure 3;
-- ``plan.png``: rank per layer and module type, coloured by shared group, block count marked;
+- ``plan.png``: the effective rank each module trained with, per layer and module type
+  (``plan_figure``: blocks × block rank, FlexLoRA's final ranks, shared groups coloured);
 - ``rank_evolution.png``: FlexLoRA active ranks over training (``entrolora.flex``);
 - ``accuracy_vs_params.png``: accuracy against trainable parameters for several runs.
 
 ``write_report`` writes the figures it has data for and a ``report.html`` that shows them with
-the metrics table and the plan summary.
+the metrics table and the plan summary; for several runs, side by side: the table, each run's
+plan titled with the run, links to each run's own report.html.
 """
 
 from __future__ import annotations
