@@ -345,8 +345,49 @@ def test_demo_on_tiny_model(assets, tmp_path):
     assert (out / "lora" / "metrics.json").is_file() and (out / "e2lora" / "plan.json").is_file()
     m = json.loads((out / "e2lora" / "metrics.json").read_text())
     assert m["train_examples"] + m["test_examples"] == 48
+    record = json.loads((out / "demo.json").read_text())  # every method's run, none for all
+    assert record["methods"] == ["lora", "e2lora"]
+    assert record["runs"] == {"lora": "lora", "e2lora": "e2lora"}
+    assert "method" not in record["config"] and "output" not in record["config"]
+    from test_report import _check_page
+
+    page = _check_page(out / "report.html", ["lora", "e2lora"])  # images exist, runs named
+    assert set(page.links) == {"lora/report.html", "e2lora/report.html"}
+    assert len([s for s in page.images if s.startswith("plan-")]) == 2
     assert invoke(*args).exit_code == 0  # a previous demo is replaced
     no_leftovers(tmp_path, ".demo.")
+
+
+def test_demo_plans_match_exported_ranks(assets, tmp_path):
+    """The demo's plan figures draw the ranks each export holds: blocks × block rank for
+    RaLoRA, the final ranks for FlexLoRA (the padding rows of the uniform export are zero)."""
+    from safetensors.torch import load_file
+
+    from entrolora.plans import AdaptationPlan
+    from entrolora.report.plan_figure import plan_bars
+    from test_report import _check_page
+
+    out = tmp_path / "demo"
+    r = invoke("demo", "--model", assets["bert"], "--data", assets["csv"], "--method", "ralora",
+               "--method", "flexlora", "--r", "2", "--batch-size", "8", "--probe-steps", "2",
+               "--epochs", "3", "--quiet", "--output", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    _check_page(out / "report.html", ["ralora", "flexlora"])
+    for method in ("ralora", "flexlora"):
+        run = out / method
+        history = (
+            json.loads((run / "flex_history.json").read_text()) if method == "flexlora" else None
+        )
+        bars = plan_bars(AdaptationPlan.load(run / "plan.json"), history)
+        drawn = {b.name: b.rank for bs in bars.values() for b in bs}
+        tensors = load_file(run / "peft" / "adapter_model.safetensors")
+        exported = {k[len("base_model.model.") : -len(".lora_A.weight")]: int((a != 0).any(1).sum())
+                    for k, a in tensors.items() if k.endswith("lora_A.weight")}  # fmt: skip
+        assert drawn == exported, method
+        if method == "ralora":
+            assert any(b.blocks > 1 for bs in bars.values() for b in bs)
+        else:
+            assert any(b.rank != b.initial for bs in bars.values() for b in bs)
 
 
 def test_probe_keeps_gradients_when_asked(assets, tmp_path):

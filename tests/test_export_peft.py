@@ -136,3 +136,33 @@ def test_export_refuses_mixed_dora_and_lora(tmp_path):
     el.apply(model, AdaptationPlan("mixed", mods))
     with pytest.raises(ValueError, match="cannot hold DoRA and plain LoRA"):
         el.export_peft(model, tmp_path)
+
+
+def test_export_progress_bar_for_large_models(tmp_path, monkeypatch):
+    """A bar over the modules: shown when asked or for models of LARGE_MODEL_PARAMS or more."""
+    from entrolora.export import peft as E
+    from entrolora.export import record
+
+    shown = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled, unit):
+            shown.append([total, enabled, 0])
+
+        def update(self, n=1):
+            shown[-1][2] += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(E, "progress_bar", Bar)
+    model, plan = build("plain")
+    el.export_peft(model, tmp_path / "a")  # a tiny model: no bar
+    el.export_peft(model, tmp_path / "b", progress=True)
+    monkeypatch.setattr(record, "LARGE_MODEL_PARAMS", 1)
+    el.export_peft(model, tmp_path / "c")
+    n = len(plan.modules)
+    assert shown == [[n, False, n], [n, True, n], [n, True, n]]

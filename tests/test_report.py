@@ -157,3 +157,134 @@ def test_budget_png_and_auto_report(tmp_path):
     assert "src='budget.png'" in html and "marginal value of the last unit" in html
     R.write_report(tmp_path / "e2", R.ReportInputs(plan=_plan()))
     assert not (tmp_path / "e2" / "budget.png").exists()  # only auto plans spend a budget
+
+
+# -- the HTML a newcomer opens ------------------------------------------------------------------
+class _Page:
+    """The images, links and text of a report.html, read with the standard HTML parser."""
+
+    def __init__(self, path):
+        from html.parser import HTMLParser
+
+        page = self
+        self.images, self.links, self.text, self.captions = [], [], [], []
+
+        class P(HTMLParser):
+            in_caption = False
+
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if tag == "img":
+                    page.images.append(a["src"])
+                elif tag == "a":
+                    page.links.append(a["href"])
+                elif tag == "figcaption":
+                    P.in_caption = True
+                    page.captions.append("")
+
+            def handle_endtag(self, tag):
+                if tag == "figcaption":
+                    P.in_caption = False
+
+            def handle_data(self, data):
+                page.text.append(data)
+                if P.in_caption:
+                    page.captions[-1] += data
+
+        P().feed(path.read_text(encoding="utf-8"))
+        self.text = " ".join(self.text)
+
+
+def _check_page(html_path, runs):
+    """Every image the page shows exists (a PNG), every link reaches a file, every run is named
+    in the table and titles one plan figure; returns the page."""
+    page = _Page(html_path)
+    assert page.images, "the report shows no figure"
+    for src in page.images:
+        _png(html_path.parent / src)
+    for href in page.links:
+        assert (html_path.parent / href).is_file(), href
+    for run in runs:
+        assert run in page.text, run
+        assert any(c.startswith(run) for c in page.captions), (run, page.captions)
+    return page
+
+
+def _synthetic_runs(root):
+    """Three run folders as `entrolora train` writes them (their own report.html included):
+    plain LoRA, block-diagonal RaLoRA and FlexLoRA with a history."""
+    from entrolora.report.plan_figure import plan_bars
+
+    t = "model.layers.*.self_attn.q_proj"
+    plans = {
+        "lora": AdaptationPlan("lora", {f"model.layers.{i}.self_attn.q_proj":
+                                        ModulePlan(4, 16, 16, t, i) for i in range(3)}),
+        "ralora": AdaptationPlan("ralora", {f"model.layers.{i}.self_attn.q_proj":
+                                            ModulePlan(4, 16, 16, t, i, blocks=2 ** i)
+                                            for i in range(3)}),
+        "flexlora": AdaptationPlan("flexlora", {f"model.layers.{i}.self_attn.q_proj":
+                                                ModulePlan(4, 16, 16, t, i, kind="flex",
+                                                           capacity=8) for i in range(3)}),
+    }  # fmt: skip
+    history = [
+        [4, {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(3)}],
+        [8, {f"model.layers.{i}.self_attn.q_proj": 2 + 2 * i for i in range(3)}],
+    ]
+    for k, (name, plan) in enumerate(plans.items()):
+        run = root / name
+        run.mkdir(parents=True)
+        plan.save(run / "plan.json")
+        metrics = {"method": name, "accuracy": 0.7 + k / 100, "eval_loss": 0.5,
+                   "trainable_params": plan.num_trainable_params(), "train_s": 1.0}  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        if name == "flexlora":
+            (run / R.HISTORY_FILE).write_text(json.dumps(history))
+        if name == "ralora":  # the only probed run: the comparison says whose statistics
+            _stats().save(run / "stats.safetensors")
+        R.write_report(run, R.gather([run]), title=f"entrolora run: {name}")
+    expected = {"lora": [4, 4, 4], "ralora": [4, 8, 16], "flexlora": [2, 4, 6]}
+    for name, plan in plans.items():
+        h = history if name == "flexlora" else None
+        assert [b.rank for b in plan_bars(plan, h)[t]] == expected[name]
+    return list(plans)
+
+
+def test_cli_report_compares_runs_side_by_side(tmp_path):
+    """`entrolora report RUN…`: the table, one plan per run titled with it, links that work
+    from the published folder to each run's own report.html."""
+    from typer.testing import CliRunner
+
+    from entrolora.cli import app
+
+    names = _synthetic_runs(tmp_path / "runs")
+    out = tmp_path / "compare"
+    args = ["report", *(str(tmp_path / "runs" / n) for n in names), "--output", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    page = _check_page(out / "report.html", names)
+    plans = sorted(src for src in page.images if src.startswith("plan-"))
+    assert len(plans) == 3 and "accuracy_vs_params.png" in page.images
+    assert set(page.links) == {f"../runs/{n}/report.html" for n in names}
+    assert any(src.startswith("rank_evolution-") for src in page.images)  # FlexLoRA's
+    assert "similarity_entropy.png" in page.images and "(statistics of ralora)" in page.text
+    for n in names:  # each run's own report opens too, its plan titled with the run
+        _check_page(tmp_path / "runs" / n / "report.html", [])
+        assert (tmp_path / "runs" / n / "plan.png").is_file()
+
+
+def test_single_run_report_titles_its_plan(tmp_path):
+    _synthetic_runs(tmp_path)
+    page = _Page(tmp_path / "ralora" / "report.html")
+    assert "plan.png" in page.images and "Effective rank trained per module" in page.text
+    assert R.gather([tmp_path / "ralora"]).label == "ralora"
+
+
+@pytest.mark.parametrize("record", ["runs", "methods only"])
+def test_gather_demo_folder_stands_for_its_runs(tmp_path, record):
+    names = _synthetic_runs(tmp_path / "demo")
+    demo = {"methods": names, "runs": {n: n for n in names}}
+    if record == "methods only":  # a demo.json written before it recorded each run's folder
+        del demo["runs"]
+    (tmp_path / "demo" / "demo.json").write_text(json.dumps(demo))
+    inputs = R.gather([tmp_path / "demo"])
+    assert [f.label for f in inputs.folders] == names and inputs.metrics is None

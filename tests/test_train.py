@@ -126,6 +126,26 @@ def test_evaluate_classify_matches_numpy():
     assert out["accuracy"] == pytest.approx((ln.argmax(-1) == yn).mean())
 
 
+def test_evaluate_advances_the_bar_by_examples():
+    """The evaluation bar moves by each batch's examples and ends at the total."""
+    logits = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(10, dtype=torch.long)
+    batches = [
+        {"input_ids": torch.arange(0, 6)[:, None], "labels": labels[:6]},
+        {"input_ids": torch.arange(6, 10)[:, None], "labels": labels[6:]},
+    ]
+
+    class Bar:
+        steps: list[int] = []
+
+        def update(self, n=1):
+            self.steps.append(n)
+
+    bar = Bar()
+    T.evaluate(FixedLogits(logits), batches, "classify", torch.device("cpu"), bar)
+    assert bar.steps == [6, 4]
+
+
 def test_evaluate_causal_matches_numpy():
     g = torch.Generator().manual_seed(1)
     vocab, seq = 7, 5

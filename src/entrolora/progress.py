@@ -1,5 +1,6 @@
-"""One progress bar for every long loop (probe, training, benchmarks): tqdm, or a silent
-stand-in when disabled or when tqdm is not installed (it is an optional dependency)."""
+"""One progress bar for every long loop (probe, training, evaluation, large exports,
+benchmarks): tqdm, or a silent stand-in when disabled or when tqdm is not installed (it is an
+optional dependency)."""
 
 from __future__ import annotations
 

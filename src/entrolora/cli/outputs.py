@@ -13,13 +13,18 @@ from .common import Debug, Overwrite, app, guarded
 @app.command(
     epilog="Examples:\n\n"
     "  entrolora report runs/e2lora                     # one run\n\n"
-    "  entrolora report runs/demo/* --output compare    # accuracy vs parameters\n\n"
+    "  entrolora report runs/demo --output compare      # a demo's runs side by side\n\n"
+    "  entrolora report runs/lora runs/e2lora --output compare\n\n"
     "  entrolora report stats.safetensors plan.json"
 )
 @guarded
 def report(
     paths: Annotated[
-        list[str], typer.Argument(help="Run folders, a stats .safetensors and/or a plan .json.")
+        list[str],
+        typer.Argument(
+            help="Run folders (several: side by side; a demo folder: its runs), a stats "
+            ".safetensors and/or a plan .json."
+        ),
     ],
     output: Annotated[str, typer.Option("--output", help="Folder for report.html + PNGs.")] = (
         "report"
@@ -33,7 +38,7 @@ def report(
 
     inputs = gather(paths)
     with OutputFolder(output, "report", overwrite) as folder:  # never into a run's folder
-        name = write_report(folder.path, inputs).name
+        name = write_report(folder.path, inputs, link_from=output).name
         html = folder.publish() / name
     typer.echo(f"report written to {html}")
 
@@ -43,6 +48,7 @@ def report(
     epilog="Examples:\n\n"
     "  entrolora export runs/e2lora --output e2lora-peft\n\n"
     "  entrolora export runs/e2lora --output e2lora-merged --merged\n\n"
+    "  entrolora export runs/e2lora --output base-hf --hf-base   # the base alone\n\n"
     "  entrolora export my-adapter/ --model ./my-llama --task causal-lm --output peft-out"
 )
 @guarded
@@ -69,7 +75,11 @@ def export(
     ] = False,
     hf_base: Annotated[
         bool,
-        typer.Option("--hf-base", help="The HF-format base model alone (for vLLM / llama.cpp)."),
+        typer.Option(
+            "--hf-base",
+            help="Flag: write the HF-format base model alone into --output (what vLLM and "
+            "llama.cpp load the adapter onto; offline loading for peft too).",
+        ),
     ] = False,
     overwrite: Overwrite = False,
     debug: Debug = False,

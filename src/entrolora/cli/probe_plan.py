@@ -133,8 +133,8 @@ def _stats_table(stats: Any):
     "  entrolora plan stats.safetensors --method e2lora --r 8 --output plan.json\n\n"
     "  entrolora plan stats.safetensors --method ralora -o n_max=16\n\n"
     "  entrolora plan --model ./my-llama --method lora --target-modules q_proj,v_proj\n\n"
-    "  entrolora probe --target-modules all-linear --output all.safetensors && "
-    "entrolora plan all.safetensors --method auto --budget like-lora=8"
+    "  entrolora probe --target-modules all-linear --output all.safetensors\n\n"
+    "  entrolora plan all.safetensors --method auto --budget like-lora=8"
 )
 @guarded
 def plan(

@@ -97,10 +97,11 @@ def _rank_table(info: PeftExport, plan: AdaptationPlan | None) -> list[str]:
 
 
 def _how_to_load(info: PeftExport) -> list[str]:
-    auto = AUTO_CLASSES.get(info.task_type or "", "")
+    auto = AUTO_CLASSES.get(info.task_type or "", "") or "CausalLM"
+    name = info.base_model or "<base model folder>"
     # a Python literal (repr): a folder named with a quote and code stays a string when the
     # snippet is copied and run
-    base = Q.py(info.base_model or "BASE_MODEL")
+    base = Q.py(name)
     # a backbone base (MiniLM) has no head: transformers sizes it from num_labels (default 2)
     labels = f", num_labels={info.num_labels}" if info.num_labels else ""
     lines = [
@@ -108,30 +109,49 @@ def _how_to_load(info: PeftExport) -> list[str]:
         "",
         "Replace `ADAPTER` with this folder's path.",
         "",
-        "peft (the base model is read from `base_model_name_or_path`):",
+        f"peft, from this folder alone (it loads the base {Q.md(name)} named in "
+        "`base_model_name_or_path`: a hub id needs the hub, a folder must exist):",
         "",
         "```python",
-        f"from peft import AutoPeftModelFor{auto or 'CausalLM'}",
-        f"model = AutoPeftModelFor{auto or 'CausalLM'}.from_pretrained('ADAPTER'{labels})",
+        f"from peft import AutoPeftModelFor{auto}",
+        f"model = AutoPeftModelFor{auto}.from_pretrained('ADAPTER'{labels})",
+        "```",
+        "",
+        "### Offline: the base as a local folder",
+        "",
+        "`entrolora export RUN --output BASE_HF --hf-base` writes the base model the run trained "
+        "on as a Hugging Face folder `BASE_HF` (`--hf-base` is a flag; the folder is "
+        "`--output`; from Python: `el.export_merged(model, 'BASE_HF', tokenizer, "
+        "merge_adapters=False)`). Every consumer below loads the base from that folder, with no "
+        "network:",
+        "",
+        "peft:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import AutoModelFor{auto}",
+        f"base = AutoModelFor{auto}.from_pretrained('BASE_HF')",
+        "model = PeftModel.from_pretrained(base, 'ADAPTER')",
         "```",
         "",
         "transformers:",
         "",
         "```python",
-        f"from transformers import AutoModelFor{auto or 'CausalLM'}",
-        f"model = AutoModelFor{auto or 'CausalLM'}.from_pretrained({base}{labels})",
+        f"from transformers import AutoModelFor{auto}",
+        f"model = AutoModelFor{auto}.from_pretrained('BASE_HF')",
+        f"base_model = {base}  # online: AutoModelFor{auto}.from_pretrained(base_model{labels})",
         "model.load_adapter('ADAPTER')",
         "```",
         "",
     ]
     if "vLLM" in info.consumers:
         lines += [
-            "vLLM (needs a Hugging Face-format base folder):",
+            "vLLM (its `model` is a Hugging Face-format folder such as `BASE_HF`):",
             "",
             "```python",
             "from vllm import LLM, SamplingParams",
             "from vllm.lora.request import LoRARequest",
-            f"llm = LLM(model={base}, enable_lora=True, max_lora_rank={info.max_lora_rank})",
+            f"llm = LLM(model='BASE_HF', enable_lora=True, max_lora_rank={info.max_lora_rank})",
             "out = llm.generate(['Hello'], SamplingParams(max_tokens=32),",
             "                   lora_request=LoRARequest('adapter', 1, 'ADAPTER'))",
             "```",
@@ -139,10 +159,11 @@ def _how_to_load(info: PeftExport) -> list[str]:
         ]
     if "llama.cpp" in info.consumers:
         lines += [
-            "llama.cpp (convert with the scripts shipped in llama.cpp; `--base` is an HF folder):",
+            "llama.cpp (the scripts shipped with llama.cpp; both read the `BASE_HF` folder):",
             "",
             "```sh",
-            "python convert_lora_to_gguf.py ADAPTER --base BASE_HF_FOLDER --outfile adapter.gguf",
+            "python convert_hf_to_gguf.py BASE_HF --outfile base.gguf",
+            "python convert_lora_to_gguf.py ADAPTER --base BASE_HF --outfile adapter.gguf",
             "llama-cli -m base.gguf --lora adapter.gguf",
             "```",
             "",

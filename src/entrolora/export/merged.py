@@ -14,6 +14,8 @@ from torch import nn
 from ..adapters.inject import adapted_modules, merge, remove_adapters, unwrap
 from ..guards.api import need_model, need_path
 from ..guards.output import guard_folder
+from ..progress import progress_bar
+from .record import is_large
 
 
 def _save_ready_tokenizer(tokenizer: Any) -> Any:
@@ -46,6 +48,7 @@ def export_merged(
     tokenizer: Any = None,
     *,
     merge_adapters: bool = True,
+    progress: bool | None = None,
 ) -> Path:
     """Write a full Hugging Face model folder (safetensors + config, tokenizer when given).
 
@@ -53,6 +56,8 @@ def export_merged(
     given model keeps its adapters); ``False`` writes the base model without them — the
     HF-format base that vLLM and llama.cpp load an adapter export onto. Plain
     ``AutoModelFor….from_pretrained(directory)`` loads the result. Returns the directory.
+    ``progress``: a bar over its stages (copy, merge, save); default: for models of
+    ``LARGE_MODEL_PARAMS`` or more.
     """
     need_model(model, "el.export_merged")
     need_path(directory, "el.export_merged")
@@ -70,18 +75,24 @@ def export_merged(
         )
     if any(w.merged for w in adapted_modules(base).values()):
         raise ValueError("the adapters are merged into the base weights; el.unmerge(model) first")
-    out = copy.deepcopy(base)
-    if adapted_modules(out):
-        if merge_adapters:
-            merge(out)
-        else:
-            remove_adapters(out)
-    clear_quantization_markers(out)
-    size = sum(t.numel() * t.element_size() for t in out.state_dict().values())
-    directory = guard_folder(directory, "el.export_merged", "merged", size)
-    out.save_pretrained(str(directory), safe_serialization=True)
-    if tokenizer is not None:
-        _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))
+    show = is_large(base) if progress is None else progress
+    with progress_bar(3, "export merged" if merge_adapters else "export base", show,
+                      unit="stage") as bar:  # fmt: skip
+        out = copy.deepcopy(base)
+        bar.update(1)
+        if adapted_modules(out):
+            if merge_adapters:
+                merge(out)
+            else:
+                remove_adapters(out)
+        clear_quantization_markers(out)
+        bar.update(1)
+        size = sum(t.numel() * t.element_size() for t in out.state_dict().values())
+        directory = guard_folder(directory, "el.export_merged", "merged", size)
+        out.save_pretrained(str(directory), safe_serialization=True)
+        if tokenizer is not None:
+            _save_ready_tokenizer(tokenizer).save_pretrained(str(directory))
+        bar.update(1)
     return directory
 
 

@@ -24,6 +24,7 @@ from ..files import atomic_write, atomic_write_text
 from ..guards.api import need_model, need_path
 from ..guards.output import guard_folder, tensor_bytes
 from ..plans import AdaptationPlan
+from ..progress import progress_bar
 from ..targets import is_conv1d
 from .card import consumers_and_notes, model_card
 from .record import (
@@ -32,6 +33,7 @@ from .record import (
     MINILM_ID,
     SMOLLM2_ID,
     PeftExport,
+    is_large,
     vllm_max_lora_rank,
 )
 
@@ -130,6 +132,7 @@ def export_peft(
     base_model: str | None = None,
     modules_to_save: Sequence[str] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> PeftExport:
     """Write a stock peft LoRA checkpoint of ``model``'s adapters (METHODS.md §6).
 
@@ -142,6 +145,7 @@ def export_peft(
     trained). ``task_type`` defaults to the model class's, ``base_model`` to a portable form of
     ``config._name_or_path``, ``modules_to_save`` (SEQ_CLS) to the model's classifier/score head.
     Writes ``adapter_model.safetensors``, ``README.md`` and ``adapter_config.json`` (last).
+    ``progress``: a bar over the modules; default: for models of ``LARGE_MODEL_PARAMS`` or more.
     """
     need_model(model, "el.export_peft")
     need_path(directory, "el.export_peft")
@@ -156,7 +160,9 @@ def export_peft(
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     base_model = portable_base_name(base_model or name_or_path)
 
-    tensors, ranks = _adapter_tensors(wrappers, layout, use_dora)
+    show = is_large(base) if progress is None else progress
+    with progress_bar(len(wrappers), "export", show, unit="module") as bar:
+        tensors, ranks = _adapter_tensors(wrappers, layout, use_dora, bar)
     tensors.update(_head_tensors(base, modules_to_save))
     rank = max(1, *ranks.values())
     pattern = {} if layout == "uniform" else {n: max(1, r) for n, r in ranks.items()}
@@ -214,11 +220,16 @@ def _exportable(model: nn.Module) -> tuple[dict[str, Any], bool]:
 
 
 def _adapter_tensors(
-    wrappers: Mapping[str, Any], layout: str, use_dora: bool
+    wrappers: Mapping[str, Any], layout: str, use_dora: bool, bar: Any = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """peft's ``lora_A``/``lora_B`` (and DoRA magnitude) tensors, and each module's own rank."""
+    """peft's ``lora_A``/``lora_B`` (and DoRA magnitude) tensors, and each module's own rank;
+    ``bar`` advances once a module."""
+    factors = {}
     with torch.no_grad():
-        factors = {n: _module_factors(w) for n, w in wrappers.items()}
+        for n, w in wrappers.items():
+            factors[n] = _module_factors(w)
+            if bar is not None:
+                bar.update(1)
     ranks = {n: int(f[0].shape[0]) for n, f in factors.items()}
     # peft and llama.cpp need r ≥ 1: a FlexLoRA module with no active direction exports as one
     # zero direction (exact: it contributes nothing).

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LAYOUTS = ("uniform", "compact")
 #: The only ``max_lora_rank`` values vLLM accepts (METHODS.md §6).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: Heads peft itself puts in ``modules_to_save`` for SEQ_CLS (peft's own list).
 HEAD_NAMES = ("classifier", "score")
+# a progress bar for exports of models at least this large (parameters), unless told otherwise
+LARGE_MODEL_PARAMS = 10**9
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -54,3 +57,8 @@ class PeftExport:
 def vllm_max_lora_rank(rank: int) -> int | None:
     """The smallest ``max_lora_rank`` vLLM accepts that is ≥ ``rank`` (None when above 512)."""
     return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
+
+
+def is_large(model: Any) -> bool:
+    """Whether ``model`` holds ``LARGE_MODEL_PARAMS`` parameters or more (export shows a bar)."""
+    return sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS

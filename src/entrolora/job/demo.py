@@ -39,19 +39,25 @@ def demo_run(
             results.append(res)
             if stats_path is None and (res.output / "stats.safetensors").is_file():
                 stats_path = str(res.output / "stats.safetensors")  # probe once, reuse
-        from ..report import ReportInputs, write_report
+        from ..report import gather, write_report
 
-        write_report(
-            stage.path,
-            ReportInputs(  # a one-method demo reports that run's metrics
-                runs=[r.metrics for r in results],
-                metrics=results[0].metrics if len(results) == 1 else None,
-            ),
-            title="entrolora demo: " + ", ".join(methods),
-        )
-        atomic_write_text(
-            stage.path / DEMO_MARKER,
-            json.dumps({"methods": methods, "config": asdict(base)}, default=str),
-        )
+        # every run side by side: table, each run's plan titled with it, links to its report
+        # (relative links inside the folder, so they survive the rename that publishes it)
+        write_report(stage.path, gather([stage.path / m for m in methods]),
+                     title="entrolora demo: " + ", ".join(methods))  # fmt: skip
+        atomic_write_text(stage.path / DEMO_MARKER, json.dumps(demo_record(base, methods, out)))
         stage.publish()
     return [replace(r, output=out / r.output.name) for r in results]
+
+
+def demo_record(base: TrainConfig, methods: Sequence[str], output: Path) -> dict:
+    """``demo.json``: the methods, each one's run folder (relative to the demo folder) and the
+    settings they share (the per-run ones, method, output and options, left out)."""
+    shared = {k: v for k, v in asdict(base).items()
+              if k not in ("method", "output", "options", "overwrite", "report")}  # fmt: skip
+    return {
+        "methods": list(methods),
+        "runs": {m: m for m in methods},
+        "output": str(output),
+        "config": json.loads(json.dumps(shared, default=str)),
+    }

@@ -142,8 +142,13 @@ def mean_tail(losses: Sequence[float], n: int = 20) -> float:
     return sum(tail) / max(1, len(tail))
 
 
-def evaluate(model: nn.Module, batches: Sequence[dict], task: str, device: torch.device) -> dict:
-    """Held-out loss (per example / per token) and accuracy (classify) or perplexity (causal)."""
+def evaluate(
+    model: nn.Module, batches: Sequence[dict], task: str, device: torch.device, bar: Any = None
+) -> dict:
+    """Held-out loss (per example / per token) and accuracy (classify) or perplexity (causal).
+
+    ``bar`` (``progress.progress_bar``, total = the examples) advances by each batch's examples.
+    """
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
     with torch.no_grad():
@@ -164,6 +169,8 @@ def evaluate(model: nn.Module, batches: Sequence[dict], task: str, device: torch
                     )
                 )
                 count += int((target != -100).sum())
+            if bar is not None:
+                bar.update(int(labels.shape[0]))
     if count == 0:
         raise ValueError("the held-out split produced no labels to evaluate; use more data")
     out: dict[str, Any] = {"eval_loss": loss_sum / count, "eval_examples": count}

@@ -261,7 +261,10 @@ def evaluate_run(job: Job, a: Adapted) -> dict[str, Any]:
     test_batches = list(
         D.iter_batches(job.tokenizer, held_out, cfg.eval_batch_size, cfg.max_length, cfg.task)
     )
-    scores = evaluate(a.model, test_batches, cfg.task, job.device)
+    total = sum(int(b["labels"].shape[0]) for b in test_batches)
+    show = cfg.progress and eld.is_main_process()
+    with progress_bar(total, f"eval {job.method}", show, unit="example") as bar:
+        scores = evaluate(a.model, test_batches, cfg.task, job.device, bar)
     job.times["eval_s"] = time.perf_counter() - t0
     job.memory = peak_memory(job.device)
     return scores

@@ -48,9 +48,11 @@ def write_run(
     if job.cfg.report:
         from ..report import ReportInputs, write_report
 
+        name = Path(job.cfg.output).name
+        label = name if name == job.method else f"{name} ({job.method})"
         inputs = ReportInputs(stats=a.stats, plan=a.plan, metrics=metrics, history=history,
-                              runs=[metrics])  # fmt: skip
-        write_report(out, inputs, title=f"entrolora run: {job.method}")
+                              runs=[metrics], label=label)  # fmt: skip
+        write_report(out, inputs, title=f"entrolora run: {label}")
     return metrics, history
 
 
