@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as D
+from ..sft_data import SFTOptions
 
 ENTROLORA_METHODS = (
     "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
@@ -79,6 +80,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     report: bool = True
+    sft: SFTOptions = field(default_factory=SFTOptions)  # --task sft: columns, chat template
 
 
 @dataclass
@@ -185,6 +187,10 @@ def validate_config(cfg: TrainConfig) -> str:
     if cfg.probe_steps < 1:
         raise ValueError(f"--probe-steps must be ≥ 1, got {cfg.probe_steps}")
     check_probe_head(cfg.probe_head)
+    if cfg.task == "sft":
+        from .sft import check_sft
+
+        check_sft(cfg)
     if cfg.adapter_dtype is not None and cfg.adapter_dtype not in ADAPTER_DTYPES:
         raise ValueError(
             f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}"

@@ -27,6 +27,7 @@ from torch import nn
 from .. import data as D
 from .. import distributed as eld
 from ..progress import progress_bar
+from . import sft
 from .baselines import build_peft
 from .config import (
     FLEX_CONTROLLER_OPTIONS,
@@ -123,6 +124,8 @@ def train_run(cfg: TrainConfig) -> RunResult:
 def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
     """Load, subset (``limit``) and split (by film for the default) the data; with
     ``full_test`` split first and subset the training side only (to ``limit``'s share)."""
+    if cfg.task == "sft":
+        return sft.load_sft_splits(cfg)
     ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
     if cfg.full_test:
         train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
@@ -147,6 +150,8 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
         cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names, cfg.max_length
     )
     model.to(device)
+    if cfg.task == "sft":  # prompts through the chat template, answers closed by EOS
+        train_ds, test_ds = sft.tokenize_splits(train_ds, test_ds, tokenizer, cfg)
     steps_per_epoch = D.num_batches(len(train_ds), cfg.batch_size) // world  # per rank
     if steps_per_epoch == 0:
         raise ValueError(
@@ -246,6 +251,10 @@ def train(job: Job, a: Adapted) -> list[float]:
     after_step = a.model.base_model.update_and_allocate if job.method == "adalora" else None
 
     def epoch_batches(epoch: int):
+        if cfg.task == "sft":  # grouped by length: padding is most of the cost on short answers
+            pad = job.tokenizer.pad_token_id
+            batches = sft.train_batches(job.train_ds, cfg.batch_size, cfg.seed + epoch, pad)
+            return eld.shard(batches, job.steps_per_epoch)
         batches = D.iter_batches(job.tokenizer, job.train_ds, cfg.batch_size, cfg.max_length,
                                  cfg.task, shuffle=True, seed=cfg.seed + epoch)  # fmt: skip
         return eld.shard(batches, job.steps_per_epoch)
@@ -266,6 +275,12 @@ def evaluate_run(job: Job, a: Adapted) -> dict[str, Any]:
     """Held-out scores of the trained model (``loop.evaluate``)."""
     cfg = job.cfg
     t0 = time.perf_counter()
+    if cfg.task == "sft":
+        scores = sft.evaluate_sft(a.model, job.test_ds, cfg.eval_batch_size, job.device,
+                                  job.tokenizer.pad_token_id)  # fmt: skip
+        job.times["eval_s"] = time.perf_counter() - t0
+        job.memory = peak_memory(job.device)
+        return scores
     held_out = D.by_length(job.tokenizer, job.test_ds, cfg.max_length)
     test_batches = list(
         D.iter_batches(job.tokenizer, held_out, cfg.eval_batch_size, cfg.max_length, cfg.task)
