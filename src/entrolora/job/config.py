@@ -195,8 +195,10 @@ def validate_config(cfg: TrainConfig) -> str:
         raise ValueError(
             f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}"
         )
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"--max-steps must be ≥ 1, got {cfg.max_steps}")
+    # sft: --max-steps 0 scores the model as adapted, untrained (LoRA's B = 0: the base model)
+    least = 0 if cfg.task == "sft" else 1
+    if cfg.max_steps is not None and cfg.max_steps < least:
+        raise ValueError(f"--max-steps must be ≥ {least}, got {cfg.max_steps}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if method in PEFT_METHODS and (cfg.plan or cfg.stats):

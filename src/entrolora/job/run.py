@@ -176,7 +176,7 @@ def adapt(job: Job) -> Adapted:
         names = list(find_targets(job.model, job.targets))
         if cfg.init_seed is not None:  # peft draws its factors from the global RNG
             torch.manual_seed(cfg.init_seed)
-        model, opts = build_peft(job.model, job.method, names, cfg, job.total)
+        model, opts = build_peft(job.model, job.method, names, cfg, max(1, job.total))
         model.to(job.device)
         a = Adapted(model, opts, heads, ("modules_to_save", "original_module", *heads))
     else:
@@ -215,7 +215,8 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
     flex = None
     if job.method == "flexlora":
         ctrl = {k: v for k, v in cfg.options.items() if k in FLEX_CONTROLLER_OPTIONS}
-        flex = el.FlexLoRA(model, total_steps=job.total, seed=init_seed, **ctrl)
+        # max(1, ·): sft's --max-steps 0 scores the untrained model, but schedules need a step
+        flex = el.FlexLoRA(model, total_steps=max(1, job.total), seed=init_seed, **ctrl)
     return Adapted(model, dict(cfg.options), heads, tuple(heads), plan, stats, flex)
 
 
