@@ -314,3 +314,20 @@ def length_order_batches(lengths: Sequence[int], batch_size: int) -> list[list[i
     """Evaluation batches in length order (ties keep their order)."""
     idx = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
+
+
+def trainer_collator(pad_id: int):
+    """A data collator for HF ``Trainer`` over rows ``{"prompt_ids", "completion_ids"}`` (e.g.
+    from ``tokens_as_rows``): right-padded batches with labels on the answers only."""
+
+    def collate_rows(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        toks = SFTTokens([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+        return collate(toks, range(len(rows)), pad_id)
+
+    return collate_rows
+
+
+def tokens_as_rows(tokens: SFTTokens) -> list[dict[str, list[int]]]:
+    """``[{"prompt_ids", "completion_ids"}]``, one per row: a Trainer's training set."""
+    return [{"prompt_ids": p, "completion_ids": c}
+            for p, c in zip(tokens.prompt_ids, tokens.completion_ids)]  # fmt: skip
