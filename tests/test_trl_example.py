@@ -1,4 +1,4 @@
-"""examples/trl_sft.py: TRL's SFTTrainer trains an el.apply-ed model a step (skipped without trl)."""
+"""examples/trl_sft.py: TRL's SFTTrainer steps an el.apply-ed model (skipped without trl)."""
 
 from __future__ import annotations
 
