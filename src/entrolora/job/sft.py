@@ -127,6 +127,7 @@ def teacher_forced(
     """
     model.eval()
     keep, positions = _accepts(model, "logits_to_keep"), _accepts(model, "position_ids")
+    cache = _accepts(model, "use_cache")
     n = len(tokens)
     ok, loss, count = [False] * n, [0.0] * n, [0] * n
     for idx in S.length_order_batches(tokens.lengths, batch_size):
@@ -135,6 +136,8 @@ def teacher_forced(
         inputs = {key: v.to(device) for key, v in b.items() if key != "labels"}
         if not positions:
             inputs.pop("position_ids")
+        if cache:
+            inputs["use_cache"] = False  # one pass: a key/value cache would only cost memory
         out = model(**inputs, logits_to_keep=k) if keep else model(**inputs)
         logits = out.logits[:, -k:-1].float()  # (batch, k-1, vocab): predicts the last k-1
         target = b["labels"][:, -(k - 1) :].to(logits.device)  # (batch, k-1)
