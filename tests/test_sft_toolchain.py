@@ -133,3 +133,24 @@ def test_trainer_callback_trains_sft_rows(assets, tmp_path):
                      tmp_path / "checkpoint-2" / "adapter")  # fmt: skip
     dev = torch.device("cpu")
     assert J.evaluate_sft(loaded, toks, 8, dev, 0) == J.evaluate_sft(model, toks, 8, dev, 0)
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_writes_once(assets, tmp_path):
+    """``torchrun --nproc_per_node 2 -m entrolora.cli train --task sft`` on the CPU (gloo)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "entrolora.cli", "train", "--task", "sft", "--model", assets["model"], "--data",
+        assets["data"], "--method", "e2lora", "--max-steps", "3", "--probe-steps", "2",
+        "--batch-size", "8", "--max-length", "24", "--output", str(out), "-q",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("exact match") == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "sft" and m["steps"] == 3 and "by_category" in m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
