@@ -309,3 +309,14 @@ def test_cli_bad_sft_input_is_one_line(assets, tmp_path):
     err = r.stderr.strip()
     assert err.count("\n") == 0 and "columns: question, answer" in err, err
     assert not Path(tmp_path / "o").exists()
+
+
+def test_cli_probe_reads_the_sft_loss(assets, tmp_path):
+    out = tmp_path / "s.safetensors"
+    r = CliRunner().invoke(app, ["probe", "--task", "sft", "--model", assets["model"], "--data",
+                                 assets["data"], "--probe-steps", "2", "--max-length", "24",
+                                 "--quiet", "--output", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    from entrolora.stats import GradientStats
+
+    assert len(GradientStats.load(out)) == 8  # 2 layers × q, k, v, o
