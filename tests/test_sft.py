@@ -190,9 +190,10 @@ def test_train_run_sft_scores_reports_and_learns(assets, tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3 and m["exact_match"] > 0
     html = (res.output / "report.html").read_text()
     assert "Exact match by category" in html and "sentiment" in html
-    assert json.loads((res.output / "peft" / "adapter_config.json").read_text())[
-        "task_type"
-    ] == "CAUSAL_LM"
+    assert (
+        json.loads((res.output / "peft" / "adapter_config.json").read_text())["task_type"]
+        == "CAUSAL_LM"
+    )
     lines = J.summary_lines(m)
     assert lines[0].startswith("exact match") and len(lines) == 3
 
