@@ -49,7 +49,7 @@ def check_sft(cfg: TrainConfig) -> None:
     if o.eval_split != "test" and cfg.data not in (None, "default"):
         raise ValueError(
             "--eval-split picks a split of the shipped math set; with --data the held-out rows "
-            "are --test-fraction of the file"
+            "are a seeded 20 % of the file"
         )
     if o.eval_limit is not None and o.eval_limit < 1:
         raise ValueError(f"--eval-limit must be ≥ 1, got {o.eval_limit}")
