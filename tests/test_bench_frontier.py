@@ -128,7 +128,7 @@ def test_rt_lowbudget_smoke_end_to_end(tmp_path):
 
 
 @pytest.mark.slow  # SmolLM2's tokenizer over the 7,800-row math set, a tiny Llama: minutes
-@pytest.mark.skipif(importlib.util.find_spec("entrolora.sft_data") is None,
+@pytest.mark.skipif(importlib.util.find_spec("entrolora.data.sft") is None,
                     reason="--task sft (issue 30) is not merged into this branch")  # fmt: skip
 def test_math_cpu_smoke_end_to_end(tmp_path):
     folder = quality.main(["--smoke", "--config", "math-cpu", "--results", str(tmp_path),

@@ -164,8 +164,7 @@ def _truncate(job: dict) -> None:
 def _sft(config: dict) -> None:
     """A ``--task sft`` run: the math set's own validation or test split is held out (the
     ``eval_split`` of its options), so no split is patched."""
-    from entrolora.sft_data import SFTOptions
-
+    from entrolora.data.sft import SFTOptions
     from entrolora.train import TrainConfig, train_run
 
     (Path(config["output"]) / "bench.json").unlink(missing_ok=True)

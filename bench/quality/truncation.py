@@ -96,7 +96,7 @@ def evaluate_truncated(source: Path, r: int, output: Path) -> dict[str, Any]:
     recorded = json.loads((source / "metrics.json").read_text(encoding="utf-8"))
     conf = {**recorded["config"], "output": str(output), "progress": False}
     if isinstance(conf.get("sft"), dict):  # --task sft (issue 30): its options' dataclass
-        from entrolora.sft_data import SFTOptions
+        from entrolora.data.sft import SFTOptions
 
         conf["sft"] = SFTOptions(**conf["sft"])
     cfg = TrainConfig(**conf)

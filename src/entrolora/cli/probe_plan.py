@@ -90,8 +90,14 @@ def probe(
     )  # fmt: skip
     check_probe_head(cfg.probe_head)
     dev = resolve_device(device)
-    train_ds, _ = load_splits(cfg)
+    train_ds, test_ds = load_splits(cfg)
+    if task == "sft" and model is None:
+        model = cfg.model = "smollm2"  # the sft default: a causal LM
     net, tokenizer, _ = load_model(model, task, train_ds.num_labels or 2, train_ds.label_names)
+    if task == "sft":  # the training loss: answers only, prompts through the chat template
+        from ..job.sft import tokenize_splits
+
+        train_ds, _ = tokenize_splits(train_ds, test_ds.take([]), tokenizer, cfg)
     net.to(dev)
     targets = target_list(target_modules) or default_targets(net)
     stats = run_probe(net, tokenizer, train_ds, targets, cfg, dev, report=False)

@@ -58,6 +58,59 @@ InitSeed = Annotated[
     ),
 ]
 
+# defaults by task: classify / causal-lm as below, sft the shipped default's (job/sft.py)
+TaskProbeSteps = Annotated[
+    int | None, typer.Option("--probe-steps", help="Calibration batches to probe [64; sft 8].")
+]
+TaskEpochs = Annotated[
+    int | None, typer.Option("--epochs", help="Passes over the training split [2; sft 1].")
+]
+TaskLr = Annotated[float | None, typer.Option("--lr", help="Peak AdamW learning rate [2e-3].")]
+TaskBatchSize = Annotated[
+    int | None, typer.Option("--batch-size", help="Examples per batch [32; sft 16].")
+]
+TaskMaxLength = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        help="Tokens per example [64: truncation; sft 96: prompt + answer + EOS, longer rows "
+        "are refused].",
+    ),
+]
+PromptCol = Annotated[
+    str, typer.Option("--prompt-column", help="sft: column of prompts (text or chat turns).")
+]
+CompletionCol = Annotated[
+    str, typer.Option("--completion-column", help="sft: column of completions (the answers).")
+]
+CategoryCol = Annotated[
+    str | None,
+    typer.Option(
+        "--category-column",
+        help="sft: column to break the scores down by [category, when the data has it].",
+    ),
+]
+ChatTemplate = Annotated[
+    str,
+    typer.Option(
+        "--chat-template",
+        help="sft: auto (the tokenizer's chat template when it has one) or none (plain text).",
+    ),
+]
+EvalSplit = Annotated[
+    str,
+    typer.Option(
+        "--eval-split", help="sft, shipped math set: the split to score, test or validation."
+    ),
+]
+EvalLimit = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-limit",
+        help="sft: score this many held-out rows (a fixed subset) [shipped set 400; --data all].",
+    ),
+]
+
 AdapterDtype = Annotated[
     str | None,
     typer.Option(
@@ -77,6 +130,7 @@ AdapterDtype = Annotated[
     "--label-column stars --method e2lora -o threshold=0.85\n\n"
     "  entrolora train --model smollm2 --task causal-lm --method flexlora --max-steps 50\n\n"
     "  entrolora train --method auto --budget like-lora=8   # ranks bought across all layers"
+    "  entrolora train --task sft --method lora     # SmolLM2 on the shipped math set"
 )
 @guarded
 def train(
@@ -91,20 +145,26 @@ def train(
     option: OptionOpt = None,
     budget: BudgetOpt = None,
     target_modules: TargetsOpt = None,
-    probe_steps: ProbeSteps = 64,
+    probe_steps: TaskProbeSteps = None,
     probe_head: ProbeHead = "centroid",
     stats: StatsFile = None,
     keep_gradients: KeepGradients = False,
     plan: PlanFile = None,
-    epochs: Epochs = 2,
+    epochs: TaskEpochs = None,
     max_steps: MaxSteps = None,
-    lr: Lr = 2e-3,
-    batch_size: BatchSize = 32,
-    max_length: MaxLength = 64,
+    lr: TaskLr = None,
+    batch_size: TaskBatchSize = None,
+    max_length: TaskMaxLength = None,
     seed: Seed = 0,
     init_seed: InitSeed = None,
     adapter_dtype: AdapterDtype = None,
     limit: Limit = None,
+    prompt_column: PromptCol = "prompt",
+    completion_column: CompletionCol = "completion",
+    category_column: CategoryCol = None,
+    chat_template: ChatTemplate = "auto",
+    eval_split: EvalSplit = "test",
+    eval_limit: EvalLimit = None,
     device: Device = "auto",
     output: Annotated[str, typer.Option("--output", help="Run folder to write.")] = "runs/run",
     overwrite: Overwrite = False,
@@ -112,19 +172,29 @@ def train(
     debug: Debug = False,
 ) -> None:
     """Probe, plan, apply, train and evaluate; write metrics, adapter, peft export and report."""
+    from ..data.sft import SFTOptions
     from ..job import TrainConfig, parse_options, train_run
 
+    sized = {"probe_steps": probe_steps, "epochs": epochs, "max_steps": max_steps, "lr": lr,
+             "batch_size": batch_size, "max_length": max_length}  # fmt: skip
+    given = {k for k, v in sized.items() if v is not None}
+    sft = SFTOptions(prompt_column=prompt_column, completion_column=completion_column,
+                     category_column=category_column, chat_template=chat_template,
+                     eval_split=eval_split, eval_limit=eval_limit)  # fmt: skip
     cfg = TrainConfig(
         model=model, data=data, text_column=text_column, label_column=label_column, task=task,
         merge_labels=merge_labels, method=method, r=r,
         options=with_budget(parse_options(option or []), budget, method),
-        target_modules=target_list(target_modules), probe_steps=probe_steps,
-        probe_head=probe_head, stats=stats,
-        keep_gradients=keep_gradients, plan=plan, epochs=epochs, max_steps=max_steps, lr=lr,
-        batch_size=batch_size, max_length=max_length, seed=seed, init_seed=init_seed, limit=limit,
+        target_modules=target_list(target_modules), probe_head=probe_head, stats=stats,
+        keep_gradients=keep_gradients, plan=plan, seed=seed, init_seed=init_seed, limit=limit,
         device=device, output=output, overwrite=overwrite, progress=not quiet,
-        adapter_dtype=adapter_dtype,
+        adapter_dtype=adapter_dtype, sft=sft,
+        **{k: v for k, v in sized.items() if v is not None},
     )  # fmt: skip
+    if task == "sft":  # the shipped default's sizes (job/sft.py) for what was not given
+        from ..job.sft import with_sft_defaults
+
+        cfg = with_sft_defaults(cfg, given | ({"eval_limit"} if eval_limit else set()))
     result = train_run(cfg)
     from ..distributed import is_main_process
 
@@ -132,6 +202,11 @@ def train(
         return
     con = console()
     con.print(metrics_table([result.metrics], f"entrolora train: {result.metrics['method']}"))
+    if task == "sft":
+        from ..job.sft import summary_lines
+
+        for line in summary_lines(result.metrics):
+            con.print(line, highlight=False)
     con.print(f"run written to {result.output} (open {result.output / 'report.html'})")
 
 

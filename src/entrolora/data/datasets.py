@@ -27,7 +27,7 @@ import torch
 
 from .tables import read_table
 
-TASKS = ("classify", "causal-lm")
+TASKS = ("classify", "causal-lm", "sft")  # sft: rows read by data/sft.py, not here
 DEFAULT_MODEL = "minilm"
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -150,6 +150,8 @@ def load_data(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "sft":
+        raise ValueError("--task sft reads prompt/completion rows: use entrolora.data.sft.load_sft")
     if path is None or str(path) == "default":
         return load_default_data(task)
     path = Path(path)

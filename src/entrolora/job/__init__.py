@@ -3,7 +3,8 @@
 One job per module: ``config`` (what a run is asked to do), ``models`` (which model, family,
 default targets, heads, device), ``runfolder`` (output folders), ``probe`` (the probe and plan
 steps), ``baselines`` (peft's methods), ``loop`` (optimizer, schedule, steps, evaluation),
-``run`` (``train_run``: the steps in order), ``demo`` and ``export`` (``export_run``).
+``run`` (``train_run``: the steps in order), ``demo`` and ``export`` (``export_run``); ``sft``
+(``--task sft``: splits, batches, exact match) and ``generate`` (answers from a run).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data import datasets as D
+from ..data import sft as S
+from ..data.sft import SFTOptions
 
 ENTROLORA_METHODS = (
     "lora", "sharelora", "e2lora", "e2sharelora", "e2dora", "e2vera", "e2lori",
@@ -91,6 +93,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     report: bool = True
+    sft: SFTOptions = field(default_factory=SFTOptions)  # --task sft: columns, chat template
 
 
 @dataclass
@@ -197,12 +200,16 @@ def validate_config(cfg: TrainConfig) -> str:
     if cfg.probe_steps < 1:
         raise ValueError(f"--probe-steps must be ≥ 1, got {cfg.probe_steps}")
     check_probe_head(cfg.probe_head)
+    if cfg.task == "sft":
+        check_sft(cfg)
     if cfg.adapter_dtype is not None and cfg.adapter_dtype not in ADAPTER_DTYPES:
         raise ValueError(
             f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}"
         )
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"--max-steps must be ≥ 1, got {cfg.max_steps}")
+    # sft: --max-steps 0 scores the model as adapted, untrained (LoRA's B = 0: the base model)
+    least = 0 if cfg.task == "sft" else 1
+    if cfg.max_steps is not None and cfg.max_steps < least:
+        raise ValueError(f"--max-steps must be ≥ {least}, got {cfg.max_steps}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if method in PEFT_METHODS and (cfg.plan or cfg.stats):
@@ -313,3 +320,21 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         stats=absolute(cfg.stats),
         plan=absolute(cfg.plan),
     )
+
+
+def check_sft(cfg: TrainConfig) -> None:
+    """Cheap checks of the SFT options, before anything loads."""
+    o = cfg.sft
+    if o.chat_template not in S.CHAT_TEMPLATES:
+        raise ValueError(f"--chat-template must be auto or none, got {o.chat_template!r}")
+    if o.eval_split not in S.EVAL_SPLITS:
+        raise ValueError(f"--eval-split must be test or validation, got {o.eval_split!r}")
+    if o.eval_split != "test" and cfg.data not in (None, "default"):
+        raise ValueError(
+            "--eval-split picks a split of the shipped math set; with --data the held-out rows "
+            "are a seeded 20 % of the file"
+        )
+    if o.eval_limit is not None and o.eval_limit < 1:
+        raise ValueError(f"--eval-limit must be ≥ 1, got {o.eval_limit}")
+    if cfg.probe_head != "centroid":  # the classify-only option, left at its default
+        raise ValueError("--probe-head applies to --task classify only")

@@ -98,7 +98,8 @@ def _load_base_with_head(model: str | None, task: str, adapter: Path, recorded: 
     return net, head, tokenizer
 
 
-CARD_METRICS = ("accuracy", "eval_loss", "perplexity", "final_train_loss", "trainable_params")
+CARD_METRICS = ("accuracy", "exact_match", "eval_loss", "perplexity", "final_train_loss",
+                "trainable_params")  # fmt: skip
 
 
 def _check_export_kind(layout: str, merged: bool, hf_base: bool) -> None:

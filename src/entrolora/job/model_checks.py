@@ -23,7 +23,7 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model", "merges.txt", "bpe.codes",
 )  # fmt: skip
 POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
-HEADS = {"classify": "sequence-classification", "causal-lm": "causal-LM"}
+HEADS = {"classify": "sequence-classification", "causal-lm": "causal-LM", "sft": "causal-LM"}
 
 
 def model_name(model: str | None) -> str:
@@ -45,8 +45,8 @@ def loading_errors(name: str, task: str) -> Iterator[None]:
     except Exception as e:
         if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
             fix = (
-                "use a decoder model or --task classify"
-                if task == "causal-lm"
+                "use a decoder model (e.g. --model smollm2) or --task classify"
+                if task in ("causal-lm", "sft")
                 else "use a model with one, or --task causal-lm"
             )
             head = HEADS.get(task, task)
@@ -101,11 +101,11 @@ def check_tokenizer(net: nn.Module, tokenizer: Any, name: str, folder: Path | No
 
 def check_task(net: nn.Module, task: str, name: str) -> None:
     """ValueError when ``task`` is ``causal-lm`` and the model attends to later tokens."""
-    if task != "causal-lm" or not attends_ahead(net):
+    if task not in ("causal-lm", "sft") or not attends_ahead(net):
         return
     model_type = getattr(getattr(net, "config", None), "model_type", None)
     raise ValueError(
-        f"--task causal-lm needs a model that reads left to right, but {name} (model type "
+        f"--task {task} needs a model that reads left to right, but {name} (model type "
         f"{model_type!r}) attends to later tokens too, so next-token training and its perplexity "
         "would be meaningless; use a decoder (--model smollm2, or a Llama/GPT-2/Qwen folder), "
         "or --task classify"

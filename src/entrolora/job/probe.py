@@ -27,10 +27,15 @@ def calibration_batches(
     The shuffle seed (``seed - 1``) differs from every training epoch's (``seed + epoch``).
     """
     batches = []
-    shuffled = D.iter_batches(
-        tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.task, shuffle=True,
-        seed=cfg.seed - 1,
-    )  # fmt: skip
+    if cfg.task == "sft":  # the training loss: labels on the answers only
+        from .sft import train_batches
+
+        shuffled = train_batches(train_ds, cfg.batch_size, cfg.seed - 1, tokenizer.pad_token_id)
+    else:
+        shuffled = D.iter_batches(
+            tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.task, shuffle=True,
+            seed=cfg.seed - 1,
+        )  # fmt: skip
     for b in shuffled:
         batches.append({k: v.to(device) for k, v in b.items()})
         if len(batches) == cfg.probe_steps:

@@ -28,6 +28,7 @@ from .. import distributed as eld
 from ..data import datasets as D
 from ..progress import progress_bar
 from ..targets import ALL_LINEAR
+from . import sft
 from .baselines import build_peft
 from .config import (
     FLEX_CONTROLLER_OPTIONS,
@@ -96,6 +97,8 @@ def train_run(cfg: TrainConfig) -> RunResult:
 def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
     """Load, subset (``limit``) and split (by film for the default) the data; with
     ``full_test`` split first and subset the training side only (to ``limit``'s share)."""
+    if cfg.task == "sft":
+        return sft.load_sft_splits(cfg)
     ds = D.load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task, cfg.merge_labels)
     if cfg.full_test:
         train_ds, test_ds = D.split(ds, cfg.test_fraction, cfg.seed)
@@ -121,6 +124,8 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
         cfg.model, cfg.task, train_ds.num_labels or 2, train_ds.label_names, cfg.max_length
     )
     model.to(device)
+    if cfg.task == "sft":  # prompts through the chat template, answers closed by EOS
+        train_ds, test_ds = sft.tokenize_splits(train_ds, test_ds, tokenizer, cfg)
     steps_per_epoch = D.num_batches(len(train_ds), cfg.batch_size) // world  # per rank
     if steps_per_epoch == 0:
         raise ValueError(
@@ -152,7 +157,7 @@ def adapt(job: Job) -> Adapted:
             return calibration_batches(job.tokenizer, job.train_ds, cfg, job.device)
 
         t0 = time.perf_counter()
-        model, opts = build_peft(job.model, job.method, names, cfg, job.total, batches)
+        model, opts = build_peft(job.model, job.method, names, cfg, max(1, job.total), batches)
         if job.method in PEFT_CALIBRATED:  # their data pass is the probe's counterpart
             job.times["probe_s"] = time.perf_counter() - t0
         model.to(job.device)
@@ -198,7 +203,8 @@ def _adapt_entrolora(job: Job, heads: dict[str, nn.Module]) -> Adapted:
     flex = None
     if job.method == "flexlora":
         ctrl = {k: v for k, v in cfg.options.items() if k in FLEX_CONTROLLER_OPTIONS}
-        flex = el.FlexLoRA(model, total_steps=job.total, seed=init_seed, **ctrl)
+        # max(1, ·): sft's --max-steps 0 scores the untrained model, but schedules need a step
+        flex = el.FlexLoRA(model, total_steps=max(1, job.total), seed=init_seed, **ctrl)
     return Adapted(model, dict(cfg.options), heads, tuple(heads), plan, stats, flex)
 
 
@@ -237,6 +243,10 @@ def train(job: Job, a: Adapted) -> list[float]:
     after_step = a.model.base_model.update_and_allocate if job.method == "adalora" else None
 
     def epoch_batches(epoch: int):
+        if cfg.task == "sft":  # grouped by length: padding is most of the cost on short answers
+            pad = job.tokenizer.pad_token_id
+            batches = sft.train_batches(job.train_ds, cfg.batch_size, cfg.seed + epoch, pad)
+            return eld.shard(batches, job.steps_per_epoch)
         batches = D.iter_batches(job.tokenizer, job.train_ds, cfg.batch_size, cfg.max_length,
                                  cfg.task, shuffle=True, seed=cfg.seed + epoch)  # fmt: skip
         return eld.shard(batches, job.steps_per_epoch)
@@ -257,6 +267,12 @@ def evaluate_run(job: Job, a: Adapted) -> dict[str, Any]:
     """Held-out scores of the trained model (``loop.evaluate``)."""
     cfg = job.cfg
     t0 = time.perf_counter()
+    if cfg.task == "sft":
+        scores = sft.evaluate_sft(a.model, job.test_ds, cfg.eval_batch_size, job.device,
+                                  job.tokenizer.pad_token_id)  # fmt: skip
+        job.times["eval_s"] = time.perf_counter() - t0
+        job.memory = peak_memory(job.device)
+        return scores
     held_out = D.by_length(job.tokenizer, job.test_ds, cfg.max_length)
     test_batches = list(
         D.iter_batches(job.tokenizer, held_out, cfg.eval_batch_size, cfg.max_length, cfg.task)

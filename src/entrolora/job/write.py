@@ -70,7 +70,8 @@ def _write_adapter(
     if head:
         save_head(out / "adapter", head)
     # the trained head travels in the export's modules_to_save; the scores go to its model card
-    info = el.export_peft(a.model, out / "peft", modules_to_save=list(a.heads), metrics=scores)
+    card = {k: v for k, v in scores.items() if not isinstance(v, dict)}  # by_category: no row
+    info = el.export_peft(a.model, out / "peft", modules_to_save=list(a.heads), metrics=card)
     if history is not None:
         atomic_write_text(out / "flex_history.json", json.dumps(history) + "\n")
     return getattr(info, "max_lora_rank", None)
