@@ -38,9 +38,11 @@ def cfg(assets, out, **kw):
 
 @pytest.fixture(scope="module")
 def trained(assets):
-    """A LoRA run trained long enough to answer some rows right."""
-    return train_run(cfg(assets, assets["root"] / "run", r=8, max_steps=None, epochs=20, lr=2e-2,
-                         report=True)).output  # fmt: skip
+    """A LoRA run trained long enough to answer some rows right: on every linear layer (LoRA on
+    the attention alone of this random tiny model barely moves the loss, and whether a row comes
+    out right then depends on the thread count's rounding)."""
+    return train_run(cfg(assets, assets["root"] / "run", r=8, max_steps=None, epochs=30, lr=1e-2,
+                         target_modules=["all-linear"], report=True)).output  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ENTROLORA_METHODS + PEFT_METHODS)

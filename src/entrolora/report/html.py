@@ -283,6 +283,11 @@ def write_report(
             "<h2>Metrics</h2>",
             _table([{"metric": k, "value": v} for k, v in flat.items()], ("metric", "value")),
         ]
+        by_cat = inputs.metrics.get("by_category")  # --task sft: scores per category
+        if by_cat:
+            rows = [{"category": c, **s} for c, s in by_cat.items()]
+            cols = ("category", "exact_match", "eval_loss", "eval_examples")
+            parts += ["<h2>Exact match by category</h2>", _table(rows, cols)]
     if inputs.plan is not None:
         parts += ["<h2>Plan</h2>", f"<pre>{html.escape(inputs.plan.summary())}</pre>"]
     for name, caption in figures:
