@@ -25,12 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .inject import unwrap
+from .probe_moments import BatchMoments, all_reduce_moments, type_covariances
 from .probe_sums import HalfSums, HostHalfSums, mean_and_noise
 from .progress import progress_bar
 from .stats import GradientStats
@@ -248,6 +250,7 @@ def probe(
                     f"batches, steps={sum(counts)}, or allow_fewer=True"
                 )
             means, noises = mean_and_noise(sums.finish(), counts)
+            moments = sums.moments.sums
         finally:
             sums.close()
     meta = {
@@ -261,7 +264,19 @@ def probe(
         "dtype": str(params[0].dtype).removeprefix("torch."),
     }
     by_name = {name: slot_of[name] for name in targets}
-    return _statistics(targets, modules, by_name, means, noises, meta, keep_gradients)
+    stats = _statistics(targets, modules, by_name, means, noises, meta, keep_gradients)
+    return _with_moment_noise(stats, by_name, moments)
+
+
+def _with_moment_noise(
+    stats: GradientStats, slot_of: Mapping[str, int], moments: BatchMoments
+) -> GradientStats:
+    """``stats`` with the sampling covariance of each type's moments (``probe_moments``); none
+    without a noise estimate or below three batches."""
+    if not stats.has_noise:
+        return stats
+    cov = type_covariances(stats.modules, stats.types, slot_of, moments)
+    return replace(stats, moment_cov=cov or None)
 
 
 def _statistics(
@@ -347,6 +362,7 @@ def _accumulate(
         for half in sums.finish():
             for acc in half:
                 _all_reduce_sum(acc)
+        all_reduce_moments(sums.moments.sums, _all_reduce_sum)
     return counts
 
 

@@ -2,7 +2,9 @@
 statistics as JSON metadata, the kept gradients and noise estimates as tensors.
 
 Format 2 adds the noise estimate's fields per module (``noise_mean`` … ``signal_erank``) and the
-noise tensors (``noise/<name>``); format-1 files still load, without a noise estimate.
+noise tensors (``noise/<name>``); format-1 files still load, without a noise estimate. The
+optional key ``moment_cov`` (format 2, added by issue 33) holds each type's sampling covariance
+of its modules' moments (``probe_moments``); files without it load with ``moment_cov = None``.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ def write(stats: GradientStats, path: str | os.PathLike, keep_gradients: bool) -
         "meta": json.dumps(stats.meta),
         "modules": json.dumps([asdict(m) for m in stats.modules.values()]),
     }
+    if stats.moment_cov is not None:  # optional key: readers before it ignore it
+        meta["moment_cov"] = json.dumps(stats.moment_cov)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]:
-    """``(modules as dicts, gradients or None, steps, meta, noise or None)`` of a file written by
-    ``write``; ValueError naming the file when it is missing, truncated or foreign."""
+def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any, Any]:
+    """``(modules as dicts, gradients or None, steps, meta, noise or None, moment covariances or
+    None)`` of a file written by ``write``; ValueError naming the file when it is missing,
+    truncated or foreign."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -72,4 +77,6 @@ def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]
         modules[d["name"]] = d
     noise = {k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)}
     grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
-    return modules, grads or None, int(meta["steps"]), json.loads(meta["meta"]), noise or None
+    moment_cov = json.loads(meta["moment_cov"]) if "moment_cov" in meta else None
+    steps, extra = int(meta["steps"]), json.loads(meta["meta"])
+    return modules, grads or None, steps, extra, noise or None, moment_cov
