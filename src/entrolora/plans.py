@@ -268,7 +268,7 @@ class AdaptationPlan:
             lines.append(
                 f"{t:<{width}} | " + " ".join(f"{row.get(layer, '-'):>{colw}}" for layer in layers)
             )
-        return "\n".join(lines)
+        return "\n".join(lines + undecided_lines(self.options))
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -411,3 +411,19 @@ def _layers(layers: list[int]) -> str:
         else:
             runs.append([x, x])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def undecided_lines(options: Mapping) -> list[str]:
+    """E²LoRA's gate (``boundaries="significant"``, issue 33): one line per module type with the
+    decisions the probe could not make (merged) and the probe size that would make them all."""
+    types = options.get("types") or {}
+    gated = {t: d for t, d in types.items() if isinstance(d, Mapping) and "undecided" in d}
+    if not gated:
+        return []
+    z = options.get("z", 2.0)
+    lines = [f"undecided decisions per type (merged; within z = {z:g} sd of their threshold):"]
+    for t, d in gated.items():
+        need = d.get("decide_steps")
+        when = f", all decided at ~{need:,} probe steps" if need else ""
+        lines.append(f"  {t}: {d['undecided']}{when if d['undecided'] else ''}")
+    return lines
