@@ -23,8 +23,9 @@ transformers, so a checkpointed probe is a probe in train mode.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .inject import unwrap
+from .probe_head import HEADS, centroid_head, output_layer
 from .probe_moments import BatchMoments, all_reduce_moments, type_covariances
 from .probe_sums import HalfSums, HostHalfSums, mean_and_noise
 from .progress import progress_bar
@@ -214,6 +216,7 @@ def probe(
     allow_fewer: bool = False,
     progress: bool = True,
     keep_gradients: bool = True,
+    head: str = "centroid",
 ) -> GradientStats:
     """Accumulate the target weights' gradients over ``steps`` batches; their statistics.
 
@@ -231,9 +234,39 @@ def probe(
     ``model.module``, so names carry no ``module.`` prefix; FSDP/ZeRO-3 models are refused:
     probe before wrapping). Parameters' ``requires_grad`` and ``.grad`` and modules'
     train/eval mode are restored, also on error; the mode is not changed (eval: no dropout).
+    ``head`` (a sequence classifier only: a ``classifier``/``score`` head): ``"centroid"`` probes
+    through the centroid head of the batches (``probe_head.centroid_head``; the loaded head is
+    put back after), ``"model"`` through the loaded head; ``meta["probe_head"]`` says which was
+    used (the centroid needs integer ``labels`` of two classes or more in dict batches).
     """
     _check_args(steps, offload, loss_fn)
+    if head not in HEADS:
+        raise ValueError(f"head must be 'centroid' or 'model', got {head!r}")
     net = unwrap(model)
+    layer = output_layer(net)
+    centroid = layer is not None and head == "centroid"
+    if centroid:
+        batches = list(itertools.islice(batches, steps))  # read twice: centroid, then probe
+    with centroid_head(net, batches) if centroid else nullcontext(False) as used:
+        stats = _probe(net, batches, target_modules, steps, loss_fn, offload, allow_fewer,
+                       progress, keep_gradients)  # fmt: skip
+    if layer is not None:
+        stats.meta["probe_head"] = "centroid" if used else "model"
+    return stats
+
+
+def _probe(
+    net: nn.Module,
+    batches: Iterable[Any],
+    target_modules: str | Sequence[str],
+    steps: int,
+    loss_fn: LossFn | None,
+    offload: str | None,
+    allow_fewer: bool,
+    progress: bool,
+    keep_gradients: bool,
+) -> GradientStats:
+    """``probe`` on the unwrapped model, its head in place."""
     targets = find_targets(net, target_modules)
     modules = {name: net.get_submodule(name) for name in targets}
     _check_not_sharded(net, {name: m.weight for name, m in modules.items()})
