@@ -231,8 +231,14 @@ def block_means(probe: Probe, load, batches: Sequence[dict], targets: Any, args)
     if targets is None:
         targets = default_targets(model)
     if probe.whole:  # the public API with its defaults; the head as --probe-head says
-        head = "model" if probe.probe_head == "model" else "centroid"
-        return [el.probe(model, chunk, targets, steps=len(chunk), progress=False, head=head)]
+
+        def whole(head: str) -> list:
+            return [el.probe(model, chunk, targets, steps=len(chunk), progress=False, head=head)]
+
+        if probe.probe_head == "pool":  # one centroid of all K subsets' batches (bench only)
+            with centroid_head(model, batches[: args.subsets * probe.steps]):
+                return whole("model")
+        return whole("model" if probe.probe_head == "model" else "centroid")
     out = []
     # "pool": the centroid of all K subsets' batches, one head for every subset (bench only)
     pool = batches[: args.subsets * probe.steps]

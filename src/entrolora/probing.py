@@ -227,7 +227,10 @@ def probe(
     batches than ``steps`` is accepted (else a ValueError). Returns ``GradientStats`` of
     ``G = mean of the gradients`` (METHODS.md §1–2) with sensitivities (RaLoRA eq. 5) and, from
     two batches on, the noise estimate of §2 (half-sums of the even and odd batches, no extra
-    pass) and the signal statistics; the gradients kept when ``keep_gradients``. Under
+    pass) and the signal statistics; from three batches on, ``moment_cov``: each type's sampling
+    covariance of its modules' moments (``probe_moments``, for E²LoRA's significance gate; not
+    measured under an even world size, see docs/methods.md); the gradients kept when
+    ``keep_gradients``. Under
     ``torch.distributed`` every process returns the statistics of the mean over all processes'
     batches; a batch's half is the parity of its global index ``rank + i·world_size``, the order
     in which ``entrolora.distributed.shard`` deals batches (a DDP-wrapped model is probed through
