@@ -29,7 +29,7 @@ def test_bench_stability_smoke(tmp_path, capsys):
     assert table == out["text"] + "\n"
     assert "E²LoRA intervals" in table and "RaLoRA blocks" in table
     rows = [line for line in table.splitlines() if line.startswith("smoke")]
-    assert len(rows) == 12  # (2 heads × 2 head-fits) × raw, signal, edge
+    assert len(rows) == 16  # (2 heads × 2 head-fits) × raw, signal, greedy (signal), edge
     assert {row.split()[4] for row in rows} == {"centroid", "model"}
     # a rerun reuses every probe: nothing is probed again
     capsys.readouterr()
@@ -40,6 +40,24 @@ def test_bench_stability_smoke(tmp_path, capsys):
     again = bench.main(["--smoke", "--out", str(stem), "--table-only"])
     assert "probed subset" not in capsys.readouterr().out
     assert [x for x in again["text"].splitlines() if x.startswith("smoke")] == rows
+
+
+def test_bench_stability_whole_probes_through_the_public_api(tmp_path):
+    """``--whole`` (issue 33): one el.probe per subset with its defaults, so the gate has the
+    probe's moment noise: the signal reading is gated, ``greedy`` is not, margin sds kept."""
+    bench = load_script("bench/stability/stability.py")
+    stem = tmp_path / "whole"
+    bench.main(["--smoke", "--whole", "--out", str(stem)])
+    recs = [json.loads(x) for x in stem.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(recs) == 8 and all(r["probe"]["whole"] for r in recs)  # as --smoke's passes
+    rec = recs[0]
+    assert rec["probe"]["probe_head"] == "centroid" and rec["probe"]["head_fit"] == 0
+    assert rec["signal"]["boundaries"] == "significant"
+    assert rec["greedy"]["boundaries"] == "greedy" and rec["greedy"]["used"] == "signal"
+    for t, sim in rec["signal"]["similarity"].items():
+        sd = np.array(rec["signal"]["margin_sd"][t])
+        assert sd.shape == (len(sim), len(sim)) and np.isfinite(sd).all()
+    assert set(rec["signal"]["undecided"]) == set(rec["signal"]["intervals"])
 
 
 def test_records_written_before_the_probe_head_option_read_as_the_loaded_head():

@@ -452,3 +452,22 @@ def test_probe_all_linear_then_plan_auto(assets, tmp_path):
     one_line_error(r, "--budget applies to --method auto only")
     one_line_error(invoke("plan", stats, "--method", "auto", "--budget", "10", "--output",
                           tmp_path / "p4.json"), "the smallest useful budget is 64")  # fmt: skip
+
+
+def test_plan_e2lora_shows_undecided_decisions(assets, tmp_path):
+    """`entrolora plan` of E²LoRA prints the gate's undecided decisions per type (issue 33);
+    ``-o boundaries=greedy`` is the paper's chain, without them."""
+    stats = tmp_path / "s.safetensors"
+    r = invoke("probe", "--model", assets["llama"], "--data", assets["csv"], "--task",
+               "causal-lm", "--probe-steps", "4", "--batch-size", "4", "--quiet",
+               "--output", stats)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = invoke("plan", stats, "--method", "e2lora", "--output", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    assert "undecided decisions per type" in r.stdout
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["options"]["boundaries"] == "significant" and plan["options"]["z"] == 2.0
+    r = invoke("plan", stats, "--method", "e2lora", "-o", "boundaries=greedy", "--output",
+               tmp_path / "g.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "undecided" not in r.stdout

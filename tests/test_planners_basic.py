@@ -24,7 +24,11 @@ def stats(layers=3):
         grads[V.format(i)] = torch.randn(16, 32, generator=g) * 1e-3
     weights = {n: torch.randn(t.shape, generator=g) for n, t in grads.items()}
     noise = {n: torch.randn(t.shape, generator=g) * 1e-4 for n, t in grads.items()}
-    return el.GradientStats.from_gradients(grads, weights, noise=noise)
+    s = el.GradientStats.from_gradients(grads, weights, noise=noise)
+    # as a probe of ≥ 3 batches has: the moments' sampling covariance (here 0), which E²LoRA's
+    # default boundaries="significant" reads
+    s.moment_cov = {t: [[0.0] * (2 * len(ns))] * (2 * len(ns)) for t, ns in s.types.items()}
+    return s
 
 
 def test_lora_from_stats_and_model_agree():

@@ -66,7 +66,9 @@ def test_statistics_match_float64_reference(arch):
     make, make_batches, names = CASES[arch]
     model = make(layers=3)
     batches = make_batches(3)
-    stats = el.probe(model, batches, names, steps=3, progress=False)
+    # head="model": the reference reads through the loaded head (a classifier's default is the
+    # centroid head, tests/test_probe_head.py)
+    stats = el.probe(model, batches, names, steps=3, progress=False, head="model")
     ref = reference_gradients(model, batches, names)
     targets = find_targets(model, names)
     assert list(stats) == list(targets)

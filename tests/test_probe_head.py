@@ -169,3 +169,47 @@ def test_centroid_head_sums_classes_over_processes():
     for got in run_distributed(_centroid_worker, world_size=2):
         assert got["used"]
         torch.testing.assert_close(got["weight"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_library_probe_reads_through_the_centroid_head_by_default():
+    """``el.probe`` itself (issue 33): two probes of a tiny classifier whose heads were drawn
+    with different seeds give the same statistics with the default ``head="centroid"`` and
+    different ones with ``head="model"``; the loaded head is put back."""
+    import entrolora as el
+
+    batches = cls_batches(6, batch=6, num_labels=3, seed=5)
+    targets = ["attention.self.query", "attention.self.value"]
+
+    def probe(seed: int, **kw):
+        model = tiny_bert(layers=2, num_labels=3)
+        torch.manual_seed(seed)
+        model.classifier.reset_parameters()
+        head = model.classifier.weight.detach().clone()
+        stats = el.probe(model, iter(batches), targets, steps=6, progress=False, **kw)
+        assert torch.equal(model.classifier.weight, head)
+        return stats
+
+    a, b = probe(1), probe(2)
+    assert a.meta["probe_head"] == b.meta["probe_head"] == "centroid"
+    for name, g in a.gradients.items():
+        torch.testing.assert_close(b.gradients[name], g, rtol=1e-5, atol=1e-9)
+        assert a[name].signal_std == pytest.approx(b[name].signal_std, rel=1e-5)
+    c, d = probe(1, head="model"), probe(2, head="model")
+    assert c.meta["probe_head"] == "model"
+    assert any(not torch.allclose(c.gradients[n], d.gradients[n]) for n in c.gradients)
+    assert any(c[n].std != pytest.approx(d[n].std, rel=1e-3) for n in c.gradients)
+
+
+def test_library_probe_refuses_an_unknown_head():
+    import entrolora as el
+
+    with pytest.raises(ValueError, match="head must be 'centroid' or 'model', got 'x'"):
+        el.probe(tiny_bert(layers=2), cls_batches(2), ["query"], steps=2, head="x")
+
+
+def test_library_probe_of_a_causal_lm_records_no_head():
+    import entrolora as el
+    from tiny import lm_batches
+
+    stats = el.probe(tiny_llama(layers=2), lm_batches(3), ["q_proj"], steps=3, progress=False)
+    assert "probe_head" not in stats.meta

@@ -60,6 +60,7 @@ class Decision:
     s: int
     c: int
     margins: np.ndarray  # (K,) sim_k[c][s] − τ_s,k
+    probe_sd: np.ndarray | None = None  # (K,) each subset's one-probe sd of the margin (issue 33)
 
     @property
     def mean(self) -> float:
@@ -75,10 +76,13 @@ def margin(sim: np.ndarray, s: int, c: int) -> float:
     return float(sim[c, s]) - adaptive_threshold(sim[s].tolist(), s)
 
 
-def mean_chain(sims: np.ndarray, degenerate: Sequence[bool]) -> tuple[list, list[Decision]]:
+def mean_chain(
+    sims: np.ndarray, degenerate: Sequence[bool], sds: np.ndarray | None = None
+) -> tuple[list, list[Decision]]:
     """Algorithm 2 on the mean of the K matrices ``sims`` (K, N, N): its intervals and decisions.
 
-    The chain is ``greedy_intervals``' (checked); the decisions carry each subset's margin.
+    The chain is ``greedy_intervals``' (checked); the decisions carry each subset's margin and,
+    given ``sds`` (K, N, N: each subset's one-probe sd of margin [s][c]), its one-probe sd.
     """
     mean = sims.mean(axis=0)
     n = mean.shape[0]
@@ -87,7 +91,8 @@ def mean_chain(sims: np.ndarray, degenerate: Sequence[bool]) -> tuple[list, list
         s, e = p, p
         if not degenerate[s]:
             while e + 1 < n and not degenerate[e + 1]:
-                d = Decision(s, e + 1, np.array([margin(m, s, e + 1) for m in sims]))
+                one = None if sds is None else sds[:, s, e + 1]
+                d = Decision(s, e + 1, np.array([margin(m, s, e + 1) for m in sims]), one)
                 decisions.append(d)
                 if margin(mean, s, e + 1) < 0:
                     break
@@ -153,6 +158,12 @@ class TypeResult:
         return follow_probability(self.decisions, k, scale)
 
     @property
+    def sd_ratios(self) -> list[float]:
+        """Per decision: the subsets' mean one-probe sd over their spread σ_d (issue 33)."""
+        return [float(d.probe_sd.mean() / d.sd) for d in self.decisions
+                if d.probe_sd is not None and d.sd > 0]  # fmt: skip
+
+    @property
     def min_z(self) -> float:
         return min(
             (abs(d.mean) / d.sd if d.sd else math.inf for d in self.decisions), default=math.inf
@@ -180,7 +191,10 @@ def analyse(records: Sequence[dict], reading: str) -> list[TypeResult]:
     for t in records[0][reading]["similarity"]:
         sims = np.array([r[reading]["similarity"][t] for r in records], dtype=np.float64)
         degenerate = [any(flags) for flags in zip(*(r[reading]["degenerate"][t] for r in records))]
-        intervals, decisions = mean_chain(sims, degenerate)
+        sds = None
+        if all("margin_sd" in r[reading] and t in r[reading]["margin_sd"] for r in records):
+            sds = np.array([r[reading]["margin_sd"][t] for r in records], dtype=np.float64)
+        intervals, decisions = mean_chain(sims, degenerate, sds)
         greedy = {json.dumps(greedy_intervals(m.tolist(), degenerate)[0]) for m in sims}
         lam = matched_lam(sims.mean(axis=0), degenerate, len(intervals))
         dp = {json.dumps(dp_intervals(m.tolist(), degenerate, lam)) for m in sims}
@@ -258,6 +272,16 @@ def report(path: Path, horizon: Sequence[int], also_k: Sequence[int] = (), cmd: 
                     f"{'yes' if r.dp_observed else 'no':>7} {r.dp_lam:>6.3f} "
                     f"{need if need else '-':>9}"
                 )
+            ratios = [v for r in results for v in r.sd_ratios]
+            if ratios:
+                q = np.quantile(ratios, [0.1, 0.5, 0.9])
+                per_type = ", ".join(f"{short(r.name)} {np.median(r.sd_ratios):.2f}"
+                                     for r in results if r.sd_ratios)  # fmt: skip
+                geo = math.exp(float(np.mean(np.log(ratios))))
+                lines.append(f"{reading:<7} one-probe sd / subsets' sd over {len(ratios)} "
+                             f"decisions: median {q[1]:.2f} (10–90 %: {q[0]:.2f}–{q[2]:.2f}), "
+                             f"geometric mean {geo:.2f}; per type (median): "
+                             f"{per_type}")  # fmt: skip
             seen = sum(r.observed for r in results)
             dp_seen = sum(r.dp_observed for r in results)
             lines.append(f"{reading:<7} P(≥ 90 % of types identical): "

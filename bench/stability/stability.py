@@ -60,6 +60,8 @@ from common import describe, machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 READINGS = ("raw", "signal")
+# the new default partition (boundaries="significant", issue 33) against the paper's greedy chain
+GATES = ("significant", "greedy")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Probe:
     max_length: int
     block: int
     probe_head: str = "model"  # records written before the option have the loaded head
+    whole: bool = False  # one el.probe of all the subset's batches, its defaults (issue 33)
 
     @property
     def key(self) -> str:
@@ -156,17 +159,23 @@ def fit_head(model: torch.nn.Module, batches: Sequence[dict], steps: int, lr: fl
 def plans_of(stats: Any) -> dict[str, Any]:
     """Both readings' E²LoRA intervals and ranks per type, RaLoRA blocks per module, SNRs."""
     import entrolora as el
+    from entrolora.stats.margin_noise import margin_sd
 
     out: dict[str, Any] = {"snr": {n: m.snr for n, m in stats.modules.items()}}
-    for reading in READINGS:
+    for reading, gate in [(r, "significant") for r in READINGS] + [("signal", "greedy")]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a 1-batch smoke probe has no noise estimate
-            e2 = el.plan_e2lora(stats, r=8, statistics=reading)
+            e2 = el.plan_e2lora(stats, r=8, statistics=reading, boundaries=gate)
             ra = el.plan_ralora(stats, r=8, statistics=reading)
         types = e2.options["types"]
         used = e2.options["statistics"]
-        out[reading] = {
+        key = reading if gate == "significant" else "greedy"
+        out[key] = {
             "used": used,
+            # "greedy": the ungated chain (asked for, or no moment noise to gate with)
+            "boundaries": e2.options["boundaries"],
+            "undecided": {t: d.get("undecided") for t, d in types.items()},
+            "decide_steps": {t: d.get("decide_steps") for t, d in types.items()},
             "intervals": {t: d["intervals"] for t, d in types.items()},
             "ranks": {t: d["ranks"] for t, d in types.items()},
             "blocks": {n: m.blocks for n, m in ra.modules.items()},
@@ -174,15 +183,21 @@ def plans_of(stats: Any) -> dict[str, Any]:
             "similarity": {
                 t: [
                     [round(v, 7) for v in row]
-                    for row in stats.similarity(t, statistics=used).tolist()
+                    for row in stats.similarity(t, statistics=e2.options["statistics"]).tolist()
                 ]
                 for t in stats.types
             },
             "degenerate": {
-                t: [stats.modules[n].entropy_of(used) is None for n in names]
+                t: [stats.modules[n].entropy_of(e2.options["statistics"]) is None for n in names]
                 for t, names in stats.types.items()
             },
         }
+        if key in READINGS and stats.moment_cov:  # one-probe sd of every margin [s][c]
+            out[key]["margin_sd"] = {
+                t: [[float(f"{v:.4g}") for v in row] for row in sd.tolist()]
+                for t in stats.types
+                if (sd := margin_sd(stats, t, statistics=e2.options["statistics"])) is not None
+            }
     if stats.noise:
         out["edge"] = {"used": "edge", "blocks": edge_blocks(stats)}
     return out
@@ -217,6 +232,15 @@ def block_means(probe: Probe, load, batches: Sequence[dict], targets: Any, args)
         fit_head(model, chunk, probe.head_fit, args.head_fit_lr)
     if targets is None:
         targets = default_targets(model)
+    if probe.whole:  # the public API with its defaults; the head as --probe-head says
+
+        def whole(head: str) -> list:
+            return [el.probe(model, chunk, targets, steps=len(chunk), progress=False, head=head)]
+
+        if probe.probe_head == "pool":  # one centroid of all K subsets' batches (bench only)
+            with centroid_head(model, batches[: args.subsets * probe.steps]):
+                return whole("model")
+        return whole("model" if probe.probe_head == "model" else "centroid")
     out = []
     # "pool": the centroid of all K subsets' batches, one head for every subset (bench only)
     pool = batches[: args.subsets * probe.steps]
@@ -224,7 +248,7 @@ def block_means(probe: Probe, load, batches: Sequence[dict], targets: Any, args)
     with centroid_head(model, head) if head is not None else nullcontext():
         for i in range(0, probe.steps, probe.block):
             part = chunk[i : i + probe.block]
-            stats = el.probe(model, part, targets, steps=len(part), progress=False)
+            stats = el.probe(model, part, targets, steps=len(part), progress=False, head="model")
             out.append(stats.gradients)
     return out
 
@@ -245,7 +269,7 @@ def run_pass(probe: Probe, sizes: Sequence[int], load, batches, targets, args) -
     seconds = time.perf_counter() - t0
     records = []
     for size in sizes:
-        stats = stats_of(blocks[: size // probe.block])
+        stats = blocks[0] if probe.whole else stats_of(blocks[: size // probe.block])
         records.append({"probe": asdict(probe), "size": size, "seconds": seconds,
                         **plans_of(stats)})  # fmt: skip
     return records
@@ -263,8 +287,8 @@ def identical_share(records: Sequence[dict], reading: str, what: str) -> tuple[i
 def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
     lines = []
     head = (f"{'model':<9} {'S':>4} {'K':>2} {'seeds':<7} {'head':<8} {'head-fit':>8} "
-            f"{'reading':<7} {'E²LoRA intervals':>17} {'E²LoRA ranks':>14} {'RaLoRA blocks':>15} "
-            f"{'median SNR':>10}")  # fmt: skip
+            f"{'reading':<14} {'E²LoRA intervals':>17} {'E²LoRA ranks':>14} "
+            f"{'RaLoRA blocks':>15} {'median SNR':>10} undecided")  # fmt: skip
     lines.append(head)
     for model, steps, seeds, probe_head, head_fit in groups:
         rec = [r for r in records if _group(r) == (model, steps, seeds, probe_head, head_fit)]
@@ -272,17 +296,21 @@ def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
             continue
         snr = statistics.median(v for r in rec for v in r["snr"].values() if v is not None)
         group = f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {probe_head:<8} {head_fit:>8}"
-        for reading in READINGS:
+        for reading in [*READINGS, *(["greedy"] if all("greedy" in r for r in rec) else [])]:
             cells = []
             for what, width in (("intervals", 17), ("ranks", 14), ("blocks", 15)):
                 same, total = identical_share(rec, reading, what)
                 cells.append(f"{same}/{total} ({100 * same / total:.0f} %)".rjust(width))
             used = rec[0][reading]["used"]
-            lines.append(f"{group} {used:<7} {' '.join(cells)} {snr:>10.2f}")
+            if rec[0][reading].get("boundaries", "greedy") == "greedy":
+                used += "/greedy"
+            undecided = [sum(v or 0 for v in r[reading].get("undecided", {}).values()) for r in rec]
+            gate = f" {min(undecided)}–{max(undecided)}" if any(undecided) else ""
+            lines.append(f"{group} {used:<14} {' '.join(cells)} {snr:>10.2f}{gate}")
         if all("edge" in r for r in rec):
             same, total = identical_share(rec, "edge", "blocks")
             blocks = f"{same}/{total} ({100 * same / total:.0f} %)"
-            lines.append(f"{group} {'edge':<7} {'as signal':>17} {'as signal':>14} {blocks:>15} "
+            lines.append(f"{group} {'edge':<14} {'as signal':>17} {'as signal':>14} {blocks:>15} "
                          f"{snr:>10.2f}")  # fmt: skip
     return lines
 
@@ -309,6 +337,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=1, help="passes run in parallel processes")
     p.add_argument("--out", default=None, help="results stem (bench/results/stability/<model>)")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="one el.probe per subset of max(--steps) batches with the library's "
+        "defaults (the head: centroid unless --probe-head model); one S only",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, 2 subsets, S = 4")
     p.add_argument("--table-only", action="store_true",
                    help="rewrite the table from <out>.jsonl, probe nothing (passes not there "
@@ -318,6 +352,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.steps, args.subsets, args.block, args.batch_size, args.max_length = "4", 2, 2, 4, 8
         args.head_fit, args.probe_head = "0,4", "centroid,model"
     args.sizes = sorted({int(v) for v in args.steps.split(",")})
+    if args.whole:
+        args.sizes = args.sizes[-1:]
+        args.block = args.sizes[0] // 2
     bad = [v for v in args.sizes if v < 2 * args.block or v % (2 * args.block)]
     if bad:
         raise SystemExit(f"--steps must be multiples of 2·--block = {2 * args.block}; got {bad}")
@@ -346,7 +383,7 @@ def passes(args: argparse.Namespace, label: str, available: int) -> list[tuple[P
                 for k in range(args.subsets):
                     seed = k if seeds == "paired" else 0
                     probe = Probe(label, top, k, seed, head_fit, args.batch_size,
-                                  args.max_length, args.block, probe_head)  # fmt: skip
+                                  args.max_length, args.block, probe_head, args.whole)  # fmt: skip
                     out.append((probe, seeds))
     return out
 

@@ -314,7 +314,9 @@ class AdaptationPlan:
             lines.append(
                 f"{t:<{width}} | " + " ".join(f"{row.get(layer, '-'):>{colw}}" for layer in layers)
             )
-        return "\n".join(lines + _budget_lines(self, by_type, layers, width))
+        return "\n".join(
+            lines + _budget_lines(self, by_type, layers, width) + undecided_lines(self.options)
+        )
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -500,3 +502,19 @@ def need_plan(value: Any, call: str, arg: str = "plan") -> None:
     elif isinstance(value, dict):
         hint = "; build it with el.AdaptationPlan.from_dict(...)"
     raise TypeError(f"{call}: {arg} must be an AdaptationPlan, got {got(value)}{hint}")
+
+
+def undecided_lines(options: Mapping) -> list[str]:
+    """E²LoRA's gate (``boundaries="significant"``, issue 33): one line per module type with the
+    decisions the probe could not make (merged) and the probe size that would make them all."""
+    types = options.get("types") or {}
+    gated = {t: d for t, d in types.items() if isinstance(d, Mapping) and "undecided" in d}
+    if not gated:
+        return []
+    z = options.get("z", 2.0)
+    lines = [f"undecided decisions per type (merged; within z = {z:g} sd of their threshold):"]
+    for t, d in gated.items():
+        need = d.get("decide_steps")
+        when = f", all decided at ~{need:,} probe steps" if need else ""
+        lines.append(f"  {t}: {d['undecided']}{when if d['undecided'] else ''}")
+    return lines

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..data import datasets as D
+from ..probing.head import HEAD_NAMES, head_modules  # noqa: F401  (re-exported)
 from .model_checks import check_model, loading_errors, model_name
 
-HEAD_NAMES = ("classifier", "score")
 DEFAULT_TARGETS = {
     "bert": ["attention.self.query", "attention.self.key", "attention.self.value",
              "attention.output.dense"],
@@ -148,10 +148,3 @@ def load_model(
         net.config.pad_token_id = tokenizer.pad_token_id
     check_model(net, tokenizer, task, name, None if gguf else path, max_length)
     return net, tokenizer, FAMILY.get(getattr(net.config, "model_type", ""), "other")
-
-
-def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The classification head(s) of a sequence classifier (``classifier`` / ``score``)."""
-    return {
-        n: getattr(model, n) for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)
-    }

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..plans import AdaptationPlan, GroupPlan, ModulePlan
 from ..stats import RMI_SCALES, SIMILARITY_KINDS, GradientStats
+from ..stats.margin_noise import margin_sd
 from .basic import (
     check_choice,
     check_float,
@@ -31,22 +32,23 @@ from .basic import (
     resolve_alpha,
     resolve_statistics,
 )
+from .gate import (
+    TIE_TOL,
+    Undecided,
+    adaptive_threshold,
+    gated_intervals,
+    resolve_boundaries,
+    undecided_diagnostics,
+)
 
 PARTITIONS = ("greedy", "dp")
+BOUNDARIES = ("significant", "greedy")
 ALLOCATIONS = ("shifted", "literal", "uniform")
 BUDGETS = ("intervals", "layers")
 SHARINGS = ("intervals", "none")
-# Similarities within this (relative) distance of a threshold count as equal to it, so float
-# noise in the similarity matrix cannot split layers whose gradients have identical moments.
-TIE_TOL = 1e-9
 
 
 # -- LSS: sharing intervals -------------------------------------------------------------------
-def adaptive_threshold(row: Sequence[float], s: int) -> float:
-    """Algorithm 2's ``τ_s = mean_{k≠s} sim[s][k]`` from row ``s`` of the similarity matrix."""
-    return (math.fsum(row) - row[s]) / (len(row) - 1)
-
-
 def greedy_intervals(
     sim: Sequence[Sequence[float]], degenerate: Sequence[bool], threshold: float | None = None
 ) -> tuple[list[tuple[int, int]], list[float | None]]:
@@ -56,32 +58,8 @@ def greedy_intervals(
     layer's similarity with the interval's *start* is ≥ τ_s. A degenerate layer is always an
     interval of its own (its τ is None).
     """
-    n = len(sim)
-    out: list[tuple[int, int]] = []
-    taus: list[float | None] = []
-    p = 0
-    while p < n:
-        s = p
-        if degenerate[s]:
-            out.append((s, s))
-            taus.append(None)
-            p = s + 1
-            continue
-        row = sim[s]
-        if threshold is not None:
-            tau = threshold
-        elif n == 1:
-            tau = 1.0
-        else:
-            tau = adaptive_threshold(row, s)
-        limit = tau - TIE_TOL * max(1.0, abs(tau))
-        e = s
-        while e + 1 < n and not degenerate[e + 1] and sim[e + 1][s] >= limit:
-            e += 1
-        out.append((s, e))
-        taus.append(float(tau))
-        p = e + 1
-    return out, taus
+    intervals, taus, _ = gated_intervals(sim, degenerate, None, 0.0, threshold)
+    return intervals, taus
 
 
 def dp_intervals(
@@ -224,6 +202,7 @@ def allocate(
     entropies = [m.entropy_of(reading) for m in mods]
     degenerate = [h is None for h in entropies]
     taus: list[float | None] | None = None
+    gate: dict | None = None
     if opts.sharing == "none":
         intervals = [(i, i) for i in range(n)]
     elif n == 1:
@@ -234,7 +213,14 @@ def allocate(
         )
         sim = sim.numpy().tolist()
         if opts.partition == "greedy":
-            intervals, taus = greedy_intervals(sim, degenerate, opts.threshold)
+            sd = None
+            if opts.boundaries == "significant":
+                sd = margin_sd(stats, module_type, opts.rmi_scale, reading, opts.threshold)
+            intervals, taus, undecided = gated_intervals(
+                sim, degenerate, sd, opts.z, opts.threshold
+            )
+            if sd is not None:
+                gate = undecided_diagnostics(undecided, stats.steps, opts.z)
         else:
             intervals = dp_intervals(sim, degenerate, opts.lam)
     ent: list[float | None] = []
@@ -253,6 +239,8 @@ def allocate(
     }
     if taus is not None:
         diagnostics["thresholds"] = taus
+    if gate is not None:
+        diagnostics.update(gate)
     return TypeAllocation(names, intervals, ranks, diagnostics)
 
 
@@ -262,16 +250,21 @@ class E2Options:
     """Options of the E²LoRA family (METHODS.md §3); every ``plan_e2*`` takes exactly these.
 
     ``threshold`` None (adaptive τ_s, Algorithm 2) or a constant; ``partition`` greedy | dp
-    (Appendix G, penalty ``lam``); ``similarity`` rmi | cosine | l1 | l2 | kl; ``rmi_scale``
-    reference | raw (§2); ``statistics`` signal | raw (§2 "Probe noise": entropies and RMI of
-    the signal, or of G as the papers read it); ``allocation`` shifted | literal | uniform;
-    ``budget`` intervals (R = K·r) | layers (R = N·r); ``sharing`` intervals | none (HRA only);
-    ``lora_alpha`` default 2·r; ``sparsity`` (E²LoRI only) the masked share of B's entries.
+    (Appendix G, penalty ``lam``); ``boundaries`` significant (the greedy chain merges where a
+    margin is within ``z`` of its one-probe sd from 0, and records it as undecided) | greedy
+    (Algorithm 2 as the paper; dp is never gated); ``similarity`` rmi | cosine | l1 | l2 | kl;
+    ``rmi_scale`` reference | raw (§2); ``statistics`` signal | raw (§2 "Probe noise":
+    entropies and RMI of the signal, or of G as the papers read it); ``allocation`` shifted |
+    literal | uniform; ``budget`` intervals (R = K·r) | layers (R = N·r); ``sharing``
+    intervals | none (HRA only); ``lora_alpha`` default 2·r; ``sparsity`` (E²LoRI only) the
+    masked share of B's entries.
     """
 
     r: int = 8
     threshold: float | None = None
     partition: str = "greedy"
+    boundaries: str = "significant"
+    z: float = 2.0
     lam: float = 0.5
     similarity: str = "rmi"
     rmi_scale: str = "reference"
@@ -294,14 +287,21 @@ class E2Options:
                     "threshold applies to partition='greedy' only; drop it or use greedy"
                 )
         r = check_int("r", self.r)
+        boundaries = check_choice("boundaries", self.boundaries, BOUNDARIES)
+        z = check_float("z", self.z, low=0.0)
+        statistics = resolve_statistics(stats, self.statistics, stacklevel=5)
+        if boundaries == "significant" and partition == "greedy" and self.sharing == "intervals":
+            boundaries = resolve_boundaries(stats, similarity)
         return E2Options(
             r=r,
             threshold=threshold,
             partition=partition,
+            boundaries=boundaries,
+            z=z,
             lam=check_float("lam", self.lam, low=0.0),
             similarity=similarity,
             rmi_scale=check_choice("rmi_scale", self.rmi_scale, RMI_SCALES),
-            statistics=resolve_statistics(stats, self.statistics, stacklevel=5),
+            statistics=statistics,
             allocation=check_choice("allocation", self.allocation, ALLOCATIONS),
             budget=check_choice("budget", self.budget, BUDGETS),
             sharing=check_choice("sharing", self.sharing, SHARINGS),
@@ -436,3 +436,6 @@ _DOC_OPTIONS = """
 for _f in (plan_e2lora, plan_e2sharelora, plan_e2dora, plan_e2vera, plan_e2lori):
     _f.__signature__ = _signature(_f is plan_e2lori)  # type: ignore[attr-defined]
     _f.__doc__ = (_f.__doc__ or "") + _DOC_OPTIONS
+
+
+__all__ = ["TIE_TOL", "Undecided", "adaptive_threshold", "gated_intervals", "greedy_intervals"]

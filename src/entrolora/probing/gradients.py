@@ -23,9 +23,11 @@ transformers, so a checkpointed probe is a probe in train mode.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,6 +37,9 @@ from ..adapters.inject import unwrap
 from ..progress import progress_bar
 from ..stats import GradientStats
 from ..targets import find_targets
+from .comm import all_reduce_sum, rank_world, to_device
+from .head import HEADS, centroid_head, output_layer
+from .moments import BatchMoments, all_reduce_moments, type_covariances
 from .sums import HalfSums, HostHalfSums, mean_and_noise
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -87,16 +92,6 @@ def _input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None, step: int) -> torch.Tensor:
     if loss_fn is not None:
         loss = loss_fn(model, batch)
@@ -124,30 +119,10 @@ def _loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None, step: int) ->
     return loss.reshape(())
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> None:
-    """In-place SUM over processes; NCCL needs CUDA tensors, so host tensors take a round trip."""
-    import torch.distributed as dist
-
-    if t.device.type == "cpu" and dist.get_backend() == "nccl":
-        tmp = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(tmp)
-        t.copy_(tmp)
-    else:
-        dist.all_reduce(t)
-
-
 def _reduce_counts(counts: tuple[int, int], failed: bool) -> tuple[tuple[int, int], int]:
     """``((even batches, odd batches), failed processes)`` over all processes, one collective."""
     status = torch.tensor([counts[0], counts[1], int(failed)], dtype=torch.int64)
-    _all_reduce_sum(status)
+    all_reduce_sum(status)
     return (int(status[0]), int(status[1])), int(status[2])
 
 
@@ -213,6 +188,7 @@ def probe(
     allow_fewer: bool = False,
     progress: bool = True,
     keep_gradients: bool = True,
+    head: str = "centroid",
 ) -> GradientStats:
     """Accumulate the target weights' gradients over ``steps`` batches; their statistics.
 
@@ -223,13 +199,20 @@ def probe(
     batches than ``steps`` is accepted (else a ValueError). Returns ``GradientStats`` of
     ``G = mean of the gradients`` (METHODS.md §1–2) with sensitivities (RaLoRA eq. 5) and, from
     two batches on, the noise estimate of §2 (half-sums of the even and odd batches, no extra
-    pass) and the signal statistics; the gradients kept when ``keep_gradients``. Under
+    pass) and the signal statistics; from three batches on, ``moment_cov``: each type's sampling
+    covariance of its modules' moments (``probing/moments.py``, for E²LoRA's significance gate; not
+    measured under an even world size, see docs/methods.md); the gradients kept when
+    ``keep_gradients``. Under
     ``torch.distributed`` every process returns the statistics of the mean over all processes'
     batches; a batch's half is the parity of its global index ``rank + i·world_size``, the order
     in which ``entrolora.distributed.shard`` deals batches (a DDP-wrapped model is probed through
     ``model.module``, so names carry no ``module.`` prefix; FSDP/ZeRO-3 models are refused:
     probe before wrapping). Parameters' ``requires_grad`` and ``.grad`` and modules'
     train/eval mode are restored, also on error; the mode is not changed (eval: no dropout).
+    ``head`` (a sequence classifier only: a ``classifier``/``score`` head): ``"centroid"`` probes
+    through the centroid head of the batches (``probe_head.centroid_head``; the loaded head is
+    put back after), ``"model"`` through the loaded head; ``meta["probe_head"]`` says which was
+    used (the centroid needs integer ``labels`` of two classes or more in dict batches).
     """
     from ..guards.api import need_model
 
@@ -241,7 +224,33 @@ def probe(
             "tokenize the data first"
         )
     _check_args(steps, offload, loss_fn)
+    if head not in HEADS:
+        raise ValueError(f"head must be 'centroid' or 'model', got {head!r}")
     net = unwrap(model)
+    layer = output_layer(net)
+    centroid = layer is not None and head == "centroid"
+    if centroid:
+        batches = list(itertools.islice(batches, steps))  # read twice: centroid, then probe
+    with centroid_head(net, batches) if centroid else nullcontext(False) as used:
+        stats = _probe(net, batches, target_modules, steps, loss_fn, offload, allow_fewer,
+                       progress, keep_gradients)  # fmt: skip
+    if layer is not None:
+        stats.meta["probe_head"] = "centroid" if used else "model"
+    return stats
+
+
+def _probe(
+    net: nn.Module,
+    batches: Iterable[Any],
+    target_modules: str | Sequence[str],
+    steps: int,
+    loss_fn: LossFn | None,
+    offload: str | None,
+    allow_fewer: bool,
+    progress: bool,
+    keep_gradients: bool,
+) -> GradientStats:
+    """``probe`` on the unwrapped model, its head in place."""
     targets = find_targets(net, target_modules)
     modules = {name: net.get_submodule(name) for name in targets}
     _check_not_sharded(net, {name: m.weight for name, m in modules.items()})
@@ -258,6 +267,7 @@ def probe(
                     f"batches, steps={sum(counts)}, or allow_fewer=True"
                 )
             means, noises = mean_and_noise(sums.finish(), counts)
+            moments = sums.moments.sums
         finally:
             sums.close()
     meta = {
@@ -267,14 +277,26 @@ def probe(
         else list(target_modules),
         "steps": sum(counts),
         "halves": list(counts),
-        "world_size": _dist_rank_world()[1],
+        "world_size": rank_world()[1],
         "dtype": str(params[0].dtype).removeprefix("torch."),
         # the whole model's parameters (each shared one once): a budget given as a fraction of
         # the model (the auto planner, METHODS.md §7) reads it
         "model_params": sum(p.numel() for p in net.parameters()),
     }
     by_name = {name: slot_of[name] for name in targets}
-    return _statistics(targets, modules, by_name, means, noises, meta, keep_gradients)
+    stats = _statistics(targets, modules, by_name, means, noises, meta, keep_gradients)
+    return _with_moment_noise(stats, by_name, moments)
+
+
+def _with_moment_noise(
+    stats: GradientStats, slot_of: Mapping[str, int], moments: BatchMoments
+) -> GradientStats:
+    """``stats`` with the sampling covariance of each type's moments (``probing/moments.py``); none
+    without a noise estimate or below three batches."""
+    if not stats.has_noise:
+        return stats
+    cov = type_covariances(stats.modules, stats.types, slot_of, moments)
+    return replace(stats, moment_cov=cov or None)
 
 
 def _statistics(
@@ -322,7 +344,7 @@ def _accumulate(
 ) -> tuple[int, int]:
     """Run the batches with the accumulating hooks; ``(even, odd)`` batch counts over all
     processes, the half-sums all-reduced. Every process raises if any one failed."""
-    rank, world = _dist_rank_world()
+    rank, world = rank_world()
     finite: dict[int, torch.Tensor] = {}
 
     def make_hook(i: int) -> Callable[[torch.Tensor], None]:
@@ -359,7 +381,8 @@ def _accumulate(
     if world > 1:
         for half in sums.finish():
             for acc in half:
-                _all_reduce_sum(acc)
+                all_reduce_sum(acc)
+        all_reduce_moments(sums.moments.sums, all_reduce_sum)
     return counts
 
 
@@ -389,7 +412,7 @@ def _run(
             half = (rank + step * world) % 2
             sums.begin_step(half)
             finite.clear()
-            loss = _loss_of(net, _to_device(batch, device), loss_fn, step)
+            loss = _loss_of(net, to_device(batch, device), loss_fn, step)
             loss.backward()
             sums.end_step()
             _check_step(loss, finite, owners, step)

@@ -1,5 +1,8 @@
 """The probe's float32 accumulators: half-sums of the even and odd batches (METHODS.md §1–2).
 
+Each gradient is also dotted with both half-sums before it joins one (``moments``: the
+sampling noise of every module's moments, no extra accumulator).
+
 Two sums per distinct target weight, one per half; a step's gradients go to the half that
 ``begin_step`` names. ``mean_and_noise`` turns them into the mean gradient ``G`` and the noise
 estimate ``D`` in place. ``HalfSums`` keeps them on each weight's device, ``HostHalfSums`` in
@@ -15,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .moments import MomentTracker
+
 
 class HalfSums:
     """float32 sums of the even and of the odd batches, on each weight's own device
@@ -26,15 +31,18 @@ class HalfSums:
             for _ in range(2)
         ]
         self.half = 0
+        device = params[0].device if params else "cpu"
+        self.moments = MomentTracker(len(params), device)
 
     def begin_step(self, half: int) -> None:
         self.half = half
 
     def add(self, i: int, g: torch.Tensor) -> None:
+        self.moments.observe(i, g, self.sums[0][i], self.sums[1][i])
         self.sums[self.half][i].add_(g)  # promotes bf16/fp16 into the float32 sum, no copy
 
     def end_step(self) -> None:
-        pass
+        self.moments.end_step(self.half)
 
     def finish(self) -> list[list[torch.Tensor]]:
         return self.sums
@@ -67,6 +75,7 @@ class HostHalfSums:
         self.copied: list[list[int]] = [[], []]
         self.pending: list[Future | None] = [None, None]
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrolora-probe")
+        self.moments = MomentTracker(len(params), "cpu")
 
     def begin_step(self, half: int) -> None:
         self.half = half
@@ -91,7 +100,9 @@ class HostHalfSums:
 
     def _fold(self, slot: int, idx: list[int], half: int) -> None:
         for i in idx:
+            self.moments.observe(i, self.staging[slot][i], self.sums[0][i], self.sums[1][i])
             self.sums[half][i].add_(self.staging[slot][i])
+        self.moments.end_step(half)  # folds run one at a time, in step order
 
     def _wait(self, slot: int) -> None:
         fut, self.pending[slot] = self.pending[slot], None

@@ -35,9 +35,11 @@ def write(
     meta: dict,
     gradients: Mapping[str, torch.Tensor] | None,
     noise: Mapping[str, torch.Tensor] | None,
+    moment_cov: Any = None,
 ) -> Path:
     """Atomically write the statistics of ``modules`` (and, with ``keep_gradients``, the
-    gradients and noise estimates) to ``path``; returns the path."""
+    gradients and noise estimates; ``moment_cov`` when there is one) to ``path``; returns the
+    path."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -53,15 +55,18 @@ def write(
         "meta": json.dumps(meta),
         "modules": json.dumps([asdict(m) for m in modules]),
     }
+    if moment_cov is not None:  # optional key: readers before it ignore it
+        meta["moment_cov"] = json.dumps(moment_cov)
     from ..guards.output import guard_file, tensor_bytes
 
     path = guard_file(path, "GradientStats.save", tensor_bytes(tensors) + len(meta["modules"]))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]:
-    """``(modules as dicts, gradients or None, steps, meta, noise or None)`` of a file written by
-    ``write``; ValueError naming the file when it is missing, truncated or foreign."""
+def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any, Any]:
+    """``(modules as dicts, gradients or None, steps, meta, noise or None, moment covariances or
+    None)`` of a file written by ``write``; ValueError naming the file when it is missing,
+    truncated or foreign."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -109,4 +114,5 @@ def read(path: str | os.PathLike) -> tuple[dict[str, dict], Any, int, dict, Any]
             raise ValueError(f"{where}: tensor {k!r} holds NaN or infinite values; {fix}")
     noise = {k[len(NOISE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(NOISE_PREFIX)}
     grads = {k: t for k, t in tensors.items() if not k.startswith(NOISE_PREFIX)}
-    return modules, grads or None, steps, extra, noise or None
+    moment_cov = json.loads(meta["moment_cov"]) if "moment_cov" in meta else None
+    return modules, grads or None, steps, extra, noise or None, moment_cov

@@ -142,6 +142,9 @@ class GradientStats:
     steps: int = 1
     meta: dict = field(default_factory=dict)
     noise: dict[str, torch.Tensor] | None = None
+    # {module type: 2N × 2N sampling covariance of (mean, mean of squares) of its modules by
+    # layer}, from the probe's batches (probing/moments.py); None when not measured
+    moment_cov: dict[str, list[list[float]]] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -378,16 +381,16 @@ class GradientStats:
             self.meta,
             self.gradients,
             self.noise,
+            self.moment_cov,
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GradientStats:
         """Read a file written by ``save`` (format 1 or 2); ValueError on a missing, truncated or
         foreign file."""
-        modules, grads, steps, meta, noise = read(path)
-        return cls(
-            {name: ModuleStats(**d) for name, d in modules.items()}, grads, steps, meta, noise
-        )
+        modules, grads, steps, meta, noise, moment_cov = read(path)
+        mods = {name: ModuleStats(**d) for name, d in modules.items()}
+        return cls(mods, grads, steps, meta, noise, moment_cov)
 
 
 def _median(sorted_values: list[float]) -> float:

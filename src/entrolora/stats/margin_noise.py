@@ -1,0 +1,122 @@
+"""One probe's standard deviation of every margin ``sim[c][s] − τ_s`` of E²LoRA's partition.
+
+The RMI matrix (METHODS.md §2, ``moments.rmi_matrix``) is a smooth function of each module's
+mean ``m₁`` and mean of squares ``m₂`` (the noise estimate's moments held fixed). Its Jacobian
+``J`` (autograd, float64) and the probe's sampling covariance ``C`` of ``(m₁, m₂)`` per type
+(``probing/moments.py``, stored in ``GradientStats.moment_cov``) give, by the delta method, the
+variance ``gᵀ C g`` of each margin, ``g = J[c, s] − mean_{k≠s} J[s, k]`` (or ``J[c, s]`` for a
+constant threshold). Through the entropies: ``H = log σ + const``, the joint entropy from the
+pooled moments, the ``reference`` scale's geometric mean and, for the signal reading, the
+clipped signal variance ``max(m₂ − m₁² − var_D, 2·var_D/√n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .moments import HALF_LOG_2PI_PLUS_HALF, REFERENCE_SIGMA, TINY
+
+if TYPE_CHECKING:
+    from .gradient_stats import GradientStats
+
+
+def rmi_of_moments(
+    theta: torch.Tensor,
+    n: torch.Tensor,
+    var_d: torch.Tensor,
+    mean_d: torch.Tensor,
+    live: torch.Tensor,
+    scale: str,
+    signal: bool,
+) -> torch.Tensor:
+    """RMI (eq. 3) of N modules from ``theta = (m₁ of each, m₂ of each)``; diagonal 1.
+
+    The same function as ``moments.rmi_matrix`` (checked by a test), written so that autograd
+    can take its Jacobian. ``var_d``, ``mean_d``: the noise estimate's variance and mean (zeros
+    for the raw reading); ``live``: not degenerate.
+    """
+    k = n.numel()
+    m1, m2 = theta[:k], theta[k:]
+    var = m2 - m1**2
+    if signal:
+        var = torch.maximum(var - var_d, 2.0 * var_d / n.sqrt())
+    sd = torch.where(live, var.clamp_min(TINY).sqrt(), torch.ones_like(var))
+    mu, mu_d = m1, mean_d
+    if scale == "reference" and bool(live.any()):
+        c = REFERENCE_SIGMA / torch.exp(torch.log(sd[live]).mean())
+        mu, sd, mu_d = mu * c, sd * c, mu_d * c
+    h = torch.log(sd) + HALF_LOG_2PI_PLUS_HALF
+    ni, nj = n[:, None], n[None, :]
+    tot = ni + nj
+    within = (ni * sd[:, None] ** 2 + nj * sd[None, :] ** 2) / tot
+    between = (mu[:, None] - mu[None, :]) ** 2 - (mu_d[:, None] - mu_d[None, :]) ** 2
+    var_ij = within + ni * nj / tot**2 * between.clamp_min(0.0)
+    h_ij = 0.5 * torch.log(var_ij.clamp_min(TINY)) + HALF_LOG_2PI_PLUS_HALF
+    sim = (h[:, None] + h[None, :] - h_ij) / torch.minimum(h[:, None], h[None, :])
+    both = live[:, None] & live[None, :]
+    sim = torch.where(both, sim, torch.zeros_like(sim))
+    eye = torch.eye(k, dtype=torch.bool)
+    return torch.where(eye, torch.ones_like(sim), sim)
+
+
+def margin_sd(
+    stats: GradientStats,
+    module_type: str,
+    rmi_scale: str = "reference",
+    statistics: str = "signal",
+    threshold: float | None = None,
+) -> torch.Tensor | None:
+    """``(N × N)`` float64: entry ``[s, c]`` is the sd of the margin ``RMI(c, s) − τ_s``.
+
+    ``τ_s`` is Algorithm 2's adaptive mean of row s, or the constant ``threshold``. None when
+    the statistics hold no moment covariance for the type (a probe before issue 33, one of
+    fewer than three batches, or statistics built from gradients alone).
+    """
+    cov = (stats.moment_cov or {}).get(module_type)
+    if cov is None:
+        return None
+    mods = [stats.modules[name] for name in stats.types[module_type]]
+    k = len(mods)
+    c = torch.tensor(cov, dtype=torch.float64)
+    if tuple(c.shape) != (2 * k, 2 * k):
+        raise ValueError(
+            f"moment_cov of {module_type!r} is {tuple(c.shape)}, not {(2 * k, 2 * k)}: the "
+            "statistics file is inconsistent; probe again"
+        )
+
+    def col(values: list) -> torch.Tensor:
+        return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64)
+
+    signal = statistics == "signal"
+    n = col([m.numel for m in mods])
+    theta = torch.cat([col([m.mean for m in mods]), col([m.std**2 + m.mean**2 for m in mods])])
+    var_d = col([m.noise_std**2 if signal else 0.0 for m in mods])
+    mean_d = col([m.noise_mean if signal else 0.0 for m in mods])
+    live = torch.tensor([not m.degenerate for m in mods])
+    # the moments are ~1e-6: differentiate in units of each one's own size, then scale back
+    unit = theta.abs().clamp_min(TINY)
+    unit[:k] = torch.sqrt(theta[k:]).clamp_min(TINY)  # a mean's natural size is its rms
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return rmi_of_moments(theta + x * unit, n, var_d, mean_d, live, rmi_scale, signal)
+
+    jac = torch.autograd.functional.jacobian(f, torch.zeros_like(theta)) / unit  # (N, N, 2N)
+    if threshold is None:
+        off = ~torch.eye(k, dtype=torch.bool)
+        row_mean = (jac * off[:, :, None]).sum(1) / max(k - 1, 1)  # (N, 2N): dτ_s
+        grad = jac.transpose(0, 1) - row_mean[:, None, :]  # [s, c]: d(sim[c, s] − τ_s)
+    else:
+        grad = jac.transpose(0, 1)
+    var = torch.einsum("scp,pq,scq->sc", grad, c, grad).clamp_min(0.0)
+    return var.sqrt()
+
+
+def decide_steps(steps: int, z: float, sd: float, margin: float) -> float:
+    """Probe size at which ``|margin|`` would be ``z`` sd away (sd falls as ``1/√S``)."""
+    return math.inf if margin == 0 else steps * (z * sd / abs(margin)) ** 2
+
+
+__all__ = ["decide_steps", "margin_sd", "rmi_of_moments"]
