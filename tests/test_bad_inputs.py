@@ -362,7 +362,7 @@ def test_14_corrupted_plan_for_train(env, tmp_path):
     nothing_left(out)
 
 
-# -- the output folders (job/runfolder.py): 2, 4, 5, 7, 15 at the command line --------------------
+# -- the output folders (guards/staging.py): 2, 4, 5, 7, 15 at the command line --------------------
 def test_02_overwrite_never_deletes_runs_and_notes(run, env, tmp_path):
     runs = tmp_path / "runs"
     for name in ("a", "b"):

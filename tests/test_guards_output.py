@@ -20,7 +20,7 @@ import pytest
 
 import entrolora as el
 from entrolora.guards import output as G
-from entrolora.job import runfolder as rf
+from entrolora.guards import staging as rf
 from test_bad_inputs import BERT_TARGETS, FAST, env, invoke, refused, run, tree  # noqa: F401
 from test_export_rules import build_any
 

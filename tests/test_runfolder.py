@@ -1,4 +1,4 @@
-"""entrolora.job.runfolder and entrolora.files: the one place that owns outputs. What an output
+"""entrolora.guards.staging and entrolora.files: the one place that owns outputs. What an output
 folder holds, what may be replaced, writability checked first, publish modes under the umask,
 SIGTERM cleanup, sweeping dead writers' staging folders, fsync before rename. Every test says
 what is left on disk."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from entrolora import files
-from entrolora.job import runfolder as rf
+from entrolora.guards import staging as rf
 
 
 def make_run(folder: Path, legacy: bool = False) -> Path:
@@ -207,7 +207,7 @@ def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
 SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from entrolora.job.runfolder import OutputFolder
+    from entrolora.guards.staging import OutputFolder
     with OutputFolder(sys.argv[1], "run") as f:
         (f.path / "stats.safetensors").write_text("half")
         print(f.path, flush=True)

@@ -124,7 +124,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..job.runfolder import terminate_as_exit
+        from ..guards.staging import terminate_as_exit
 
         debug = kwargs.get("debug", False) or os.environ.get("ENTROLORA_DEBUG") == "1"
         try:

@@ -33,7 +33,7 @@ def report(
     debug: Debug = False,
 ) -> None:
     """Figures and report.html from statistics, a plan or run folder(s)."""
-    from ..job.runfolder import OutputFolder
+    from ..guards.staging import OutputFolder
     from ..report import gather, write_report
 
     inputs = gather(paths)

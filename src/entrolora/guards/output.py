@@ -8,7 +8,7 @@ to write into an entrolora output it does not own (``el.save`` into a run's fold
 written and, where the size is known, that the disk has room, naming the path.
 
 Kinds: ``run``, ``demo``, ``export`` (a peft checkpoint), ``merged`` (a full model folder),
-``report`` (folders, published by ``job/runfolder.OutputFolder`` with a ``.entrolora-output.json``
+``report`` (folders, published by ``staging.OutputFolder`` with a ``.entrolora-output.json``
 marker listing every file), ``stats`` and ``plan`` (files). Folders written before the marker
 listed every file are recognised by the names their kind writes.
 """

@@ -1,14 +1,24 @@
 """The training job behind ``entrolora train``, ``demo``, ``probe`` and ``export``.
 
-One job per module: ``config`` (what a run is asked to do), ``models`` (which model, family,
-default targets, heads, device), ``runfolder`` (output folders), ``probe`` (the probe and plan
-steps), ``baselines`` (peft's methods), ``loop`` (optimizer, schedule, steps, evaluation),
-``run`` (``train_run``: the steps in order), ``demo`` and ``export`` (``export_run``); ``sft``
-(``--task sft``: splits, batches, exact match) and ``generate`` (answers from a run).
+One job per module: ``config`` (what a run is asked to do), ``models`` (which model, family, default
+targets, heads, device, whether a model folder fits), ``state`` (what a run loaded), ``probe`` (the
+probe and plan steps), ``baselines`` (peft's methods), ``loop`` (optimizer, schedule, steps,
+evaluation), ``run`` (``train_run``: the steps in order), ``demo`` and ``export`` (``export_run``);
+``sft`` (``--task sft``: splits, batches, exact match) and ``generate`` (answers from a run). Output
+folders are staged and published by ``guards/staging.py``.
 """
 
 from __future__ import annotations
 
+from ..guards.staging import (
+    RUN_MARKER,
+    OutputFolder,
+    check_output,
+    describe,
+    output_kind,
+    sweep_orphans,
+    terminate_as_exit,
+)  # fmt: skip
 from .config import (
     ENTROLORA_METHODS,
     FLEX_CONTROLLER_OPTIONS,
@@ -43,15 +53,6 @@ from .models import (
 )  # fmt: skip
 from .probe import centroid_head, make_plan, output_layer, run_probe
 from .run import load_splits, train_run
-from .runfolder import (
-    RUN_MARKER,
-    OutputFolder,
-    check_output,
-    describe,
-    output_kind,
-    sweep_orphans,
-    terminate_as_exit,
-)  # fmt: skip
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -186,7 +186,7 @@ def check_probe_head(probe_head: str) -> None:
 def validate_config(cfg: TrainConfig) -> str:
     """Cheap checks before anything loads; returns the normalised method name.
 
-    The output folder is checked by the caller (``runfolder.RunFolder.check``).
+    The output folder is checked by the caller (``guards/staging.py``).
     """
     method = normalize_method(cfg.method)
     if cfg.task not in D.TASKS:

@@ -8,9 +8,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..files import atomic_write_text
+from ..guards.staging import OutputFolder
 from .config import MODEL_PLANNERS, PEFT_METHODS, RunResult, TrainConfig, normalize_method
 from .run import train_run
-from .runfolder import OutputFolder
 
 DEMO_METHODS = ("lora", "e2lora", "ralora", "flexlora")
 DEMO_MARKER = "demo.json"

@@ -14,8 +14,8 @@ from torch import nn
 from ..data import datasets as D
 from ..data.reading import read_json, read_tensors
 from ..files import atomic_write
+from ..guards.staging import OutputFolder, check_output
 from .models import load_model
-from .runfolder import OutputFolder, check_output
 
 HEAD_FILE = "head.safetensors"
 

@@ -14,8 +14,7 @@ from .. import distributed as eld
 from ..data import datasets as D
 from ..probing.head import centroid_head, output_layer  # noqa: F401  (the job's names, kept)
 from .config import TrainConfig, planner_name
-from .model_checks import check_max_length, model_name
-from .models import like_lora_meta
+from .models import check_max_length, like_lora_meta, model_name
 
 
 def calibration_batches(

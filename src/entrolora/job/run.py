@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import distributed as eld
 from ..data import datasets as D
+from ..guards.staging import OutputFolder, check_output, check_room, resolve
 from ..progress import progress_bar
 from ..targets import ALL_LINEAR
 from . import sft
@@ -50,7 +51,6 @@ from .loop import (
 )  # fmt: skip
 from .models import default_targets, head_modules, load_model, resolve_device
 from .probe import calibration_batches, make_plan, run_probe
-from .runfolder import OutputFolder, check_output, check_room, resolve
 from .state import Adapted, Job
 from .write import run_bytes, write_run
 

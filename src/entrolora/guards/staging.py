@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import fsync_dir, publish_mode, staging_prefix
-from ..guards.output import (  # noqa: F401  (re-exported: this module's former contents)
+from .output import (  # noqa: F401  (re-exported: the guard's names)
     FILE_KINDS,
     FOLDER_KINDS,
     KIND_NAMES,

@@ -31,10 +31,10 @@ from typing import Any
 
 from torch import nn
 
-from .data.reading import read_json
-from .files import atomic_write_text
-from .guards.api import got
-from .targets import get_module, is_all_linear, is_linear, linear_dims, split_module_name
+from ..data.reading import read_json
+from ..files import atomic_write_text
+from ..guards.api import got
+from ..targets import get_module, is_all_linear, is_linear, linear_dims, split_module_name
 
 FORMAT = "entrolora.plan"
 FORMAT_VERSION = 1
@@ -296,27 +296,11 @@ class AdaptationPlan:
 
     # -- presentation -------------------------------------------------------------------------
     def summary(self) -> str:
-        """A plain-text table: a row per module type, a column per layer, rank/blocks/group."""
-        by_type: dict[str, dict[int, ModulePlan]] = {}
-        for m in self.modules.values():
-            by_type.setdefault(m.module_type, {})[m.layer] = m
-        layers = sorted({m.layer for m in self.modules.values()})
-        lines = [
-            f"method {self.method}  lora_alpha {self.lora_alpha:g}  modules {len(self.modules)}  "
-            f"groups {len(self.groups)}  trainable params {self.num_trainable_params():,}",
-            "cell: rank[xblocks][@group]",
-        ]
-        width = max(len(t) for t in by_type)
-        cells = {t: {layer: _cell(m) for layer, m in row.items()} for t, row in by_type.items()}
-        colw = max(3, *(len(c) for row in cells.values() for c in row.values()))
-        lines.append(" " * width + " | " + " ".join(f"{layer:>{colw}}" for layer in layers))
-        for t, row in cells.items():
-            lines.append(
-                f"{t:<{width}} | " + " ".join(f"{row.get(layer, '-'):>{colw}}" for layer in layers)
-            )
-        return "\n".join(
-            lines + _budget_lines(self, by_type, layers, width) + undecided_lines(self.options)
-        )
+        """A plain-text table: a row per module type, a column per layer, rank/blocks/group; the
+        budget an ``auto`` plan spent and the decisions E²LoRA's gate left undecided."""
+        from .summary import summary_text
+
+        return summary_text(self)
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -379,7 +363,7 @@ class AdaptationPlan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON, atomically; returns the path (refused inside a published
         entrolora output: ``guards.output.guard_file``)."""
-        from .guards.output import guard_file
+        from ..guards.output import guard_file
 
         text = self.to_json() + "\n"
         return atomic_write_text(guard_file(path, "AdaptationPlan.save", len(text)), text)
@@ -392,42 +376,6 @@ class AdaptationPlan:
             return cls.from_dict(d)
         except ValueError as e:
             raise ValueError(f"plan file {str(path)!r}: {e}") from None
-
-
-def _budget_lines(
-    plan: AdaptationPlan, by_type: dict[str, dict[int, ModulePlan]], layers: list[int], width: int
-) -> list[str]:
-    """For a plan that spent a budget (auto, METHODS.md §7): the budget line and the marginal
-    value (of the last rank unit bought) per module type and layer; nothing otherwise."""
-    o = plan.options
-    marginal = o.get("marginal")
-    if not isinstance(marginal, Mapping) or "budget" not in o:
-        return []
-    spent, budget = o.get("spent", plan.num_trainable_params()), o["budget"]
-    out = [
-        f"budget {budget:,} parameters, spent {spent:,} ({spent / max(budget, 1):.1%}); "
-        f"power {o.get('power')}, init {o.get('init')}, {len(plan.modules)} of "
-        f"{o.get('candidate_count', len(plan.modules))} candidate modules adapted",
-        "marginal value of the last unit bought (s^power):",
-    ]
-    cells: dict[str, dict[int, str]] = {t: {} for t in by_type}
-    for name, m in plan.modules.items():
-        if name in marginal:
-            cells[m.module_type][m.layer] = f"{marginal[name]:.2e}"
-    colw = max(8, *(len(c) for row in cells.values() for c in row.values()))
-    out.append(" " * width + " | " + " ".join(f"{layer:>{colw}}" for layer in layers))
-    for t, row in cells.items():
-        out.append(f"{t:<{width}} | " + " ".join(f"{row.get(x, '-'):>{colw}}" for x in layers))
-    return out
-
-
-def _cell(m: ModulePlan) -> str:
-    s = str(m.rank)
-    if m.blocks > 1:
-        s += f"x{m.blocks}"
-    if m.group is not None:
-        s += f"@{m.group.rsplit(':', 1)[-1]}"
-    return s
 
 
 def _trainable_factors(m: ModulePlan) -> dict[str, int]:
@@ -502,19 +450,3 @@ def need_plan(value: Any, call: str, arg: str = "plan") -> None:
     elif isinstance(value, dict):
         hint = "; build it with el.AdaptationPlan.from_dict(...)"
     raise TypeError(f"{call}: {arg} must be an AdaptationPlan, got {got(value)}{hint}")
-
-
-def undecided_lines(options: Mapping) -> list[str]:
-    """E²LoRA's gate (``boundaries="significant"``, issue 33): one line per module type with the
-    decisions the probe could not make (merged) and the probe size that would make them all."""
-    types = options.get("types") or {}
-    gated = {t: d for t, d in types.items() if isinstance(d, Mapping) and "undecided" in d}
-    if not gated:
-        return []
-    z = options.get("z", 2.0)
-    lines = [f"undecided decisions per type (merged; within z = {z:g} sd of their threshold):"]
-    for t, d in gated.items():
-        need = d.get("decide_steps")
-        when = f", all decided at ~{need:,} probe steps" if need else ""
-        lines.append(f"  {t}: {d['undecided']}{when if d['undecided'] else ''}")
-    return lines
