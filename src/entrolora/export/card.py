@@ -117,6 +117,13 @@ def _how_to_load(info: PeftExport) -> list[str]:
         f"model = AutoPeftModelFor{auto}.from_pretrained('ADAPTER'{labels})",
         "```",
         "",
+    ]
+    return lines + _offline_lines(auto, base, labels) + _serving_lines(info)
+
+
+def _offline_lines(auto: str, base: str, labels: str) -> list[str]:
+    """peft and transformers loading the base from the ``--hf-base`` folder, offline."""
+    return [
         "### Offline: the base as a local folder",
         "",
         "`entrolora export RUN --output BASE_HF --hf-base` writes the base model the run trained "
@@ -138,12 +145,17 @@ def _how_to_load(info: PeftExport) -> list[str]:
         "",
         "```python",
         f"from transformers import AutoModelFor{auto}",
-        f"model = AutoModelFor{auto}.from_pretrained('BASE_HF')",
         f"base_model = {base}  # online: AutoModelFor{auto}.from_pretrained(base_model{labels})",
+        f"model = AutoModelFor{auto}.from_pretrained('BASE_HF')",
         "model.load_adapter('ADAPTER')",
         "```",
         "",
     ]
+
+
+def _serving_lines(info: PeftExport) -> list[str]:
+    """vLLM and llama.cpp, for the consumers that read this export right."""
+    lines: list[str] = []
     if "vLLM" in info.consumers:
         lines += [
             "vLLM (its `model` is a Hugging Face-format folder such as `BASE_HF`):",
