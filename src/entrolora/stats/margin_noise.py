@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .moments import HALF_LOG_2PI_PLUS_HALF, REFERENCE_SIGMA, TINY
+from .moments import TINY, rmi_from_moments
 
 if TYPE_CHECKING:
     from .gradient_stats import GradientStats
@@ -34,9 +34,9 @@ def rmi_of_moments(
 ) -> torch.Tensor:
     """RMI (eq. 3) of N modules from ``theta = (m₁ of each, m₂ of each)``; diagonal 1.
 
-    The same function as ``moments.rmi_matrix`` (checked by a test), written so that autograd
-    can take its Jacobian. ``var_d``, ``mean_d``: the noise estimate's variance and mean (zeros
-    for the raw reading); ``live``: not degenerate.
+    ``moments.rmi_from_moments`` of the moments ``theta`` gives (the same as ``moments.rmi_matrix``,
+    checked by a test), so that autograd can take its Jacobian. ``var_d``, ``mean_d``: the noise
+    estimate's variance and mean (zeros for the raw reading); ``live``: not degenerate.
     """
     k = n.numel()
     m1, m2 = theta[:k], theta[k:]
@@ -44,18 +44,7 @@ def rmi_of_moments(
     if signal:
         var = torch.maximum(var - var_d, 2.0 * var_d / n.sqrt())
     sd = torch.where(live, var.clamp_min(TINY).sqrt(), torch.ones_like(var))
-    mu, mu_d = m1, mean_d
-    if scale == "reference" and bool(live.any()):
-        c = REFERENCE_SIGMA / torch.exp(torch.log(sd[live]).mean())
-        mu, sd, mu_d = mu * c, sd * c, mu_d * c
-    h = torch.log(sd) + HALF_LOG_2PI_PLUS_HALF
-    ni, nj = n[:, None], n[None, :]
-    tot = ni + nj
-    within = (ni * sd[:, None] ** 2 + nj * sd[None, :] ** 2) / tot
-    between = (mu[:, None] - mu[None, :]) ** 2 - (mu_d[:, None] - mu_d[None, :]) ** 2
-    var_ij = within + ni * nj / tot**2 * between.clamp_min(0.0)
-    h_ij = 0.5 * torch.log(var_ij.clamp_min(TINY)) + HALF_LOG_2PI_PLUS_HALF
-    sim = (h[:, None] + h[None, :] - h_ij) / torch.minimum(h[:, None], h[None, :])
+    sim = rmi_from_moments(n, m1, sd, mean_d, live, scale)
     both = live[:, None] & live[None, :]
     sim = torch.where(both, sim, torch.zeros_like(sim))
     eye = torch.eye(k, dtype=torch.bool)

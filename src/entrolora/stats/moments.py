@@ -91,9 +91,22 @@ def rmi_matrix(
     signal = statistics == "signal"
     sd = _column(mods, "signal_std" if signal else "std")
     mu_d = _column(mods, "noise_mean") if signal else torch.zeros_like(mu)
-    if scale == "reference" and any(live):
-        mask = torch.tensor(list(live))
-        c = REFERENCE_SIGMA / torch.exp(torch.log(sd[mask]).mean())
+    return rmi_from_moments(n, mu, sd, mu_d, torch.tensor(list(live), dtype=torch.bool), scale)
+
+
+def rmi_from_moments(
+    n: torch.Tensor,
+    mu: torch.Tensor,
+    sd: torch.Tensor,
+    mu_d: torch.Tensor,
+    live: torch.Tensor,
+    scale: str,
+) -> torch.Tensor:
+    """RMI (eq. 3) of N modules from their counts, means, σ (signal σ for the signal reading)
+    and noise means (zeros for the raw reading), as ``rmi_matrix`` describes; unit diagonal not
+    set, degenerate modules not masked. Differentiable (``margin_noise`` takes its Jacobian)."""
+    if scale == "reference" and bool(live.any()):
+        c = REFERENCE_SIGMA / torch.exp(torch.log(sd[live]).mean())
         mu, sd, mu_d = mu * c, sd * c, mu_d * c
     h = torch.log(torch.where(sd > 0, sd, torch.ones_like(sd))) + HALF_LOG_2PI_PLUS_HALF
     ni, nj = n[:, None], n[None, :]
