@@ -153,3 +153,23 @@ def test_also_api_path_objects_still_work(tmp_path):
 
     for a, b in zip(adapter_state(model).values(), adapter_state(again).values()):
         torch.testing.assert_close(a, b)
+
+
+def test_also_limit_and_max_steps_that_did_not_act_are_recorded_as_none(env, tmp_path):
+    """The CSV has 40 rows and 32 training rows make 4 batches of 8: a --limit of 1,000 and a
+    --max-steps of 1,000 act on nothing, so the run records neither (issue 34, item 4)."""
+    import json
+
+    out = tmp_path / "out"
+    r = invoke("train", "--method", "lora", "--model", env["bert2"], "--data", env["csv"],
+               "--epochs", "1", "--batch-size", "8", "--max-steps", "1000", "--limit", "1000",
+               "--quiet", "--output", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["config"]["limit"], m["config"]["max_steps"]) == (None, None)
+    assert m["train_examples"] + m["test_examples"] == 40 and m["steps"] == 4
+    r = invoke("train", "--method", "lora", *FAST, "--model", env["bert2"], "--data", env["csv"],
+               "--output", tmp_path / "binding")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "binding" / "metrics.json").read_text())["config"]
+    assert (cfg["limit"], cfg["max_steps"]) == (40, 2)  # FAST's: both acted

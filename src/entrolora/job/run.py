@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,22 @@ def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
     return train_ds, test_ds
 
 
+def as_used(cfg: TrainConfig, n_train: int, n_test: int, total: int) -> TrainConfig:
+    """``cfg`` with ``limit`` and ``max_steps`` left out (None) when they did not act (issue 34:
+    nothing recorded that differs from what was used): a limit at or above the rows there were
+    (the training rows where only they are subset: ``full_test``, ``--task sft``), a step cap at
+    or above the epochs' steps. ``metrics.json`` records the rows and steps used beside it."""
+    drawn = n_train if cfg.full_test or cfg.task == "sft" else n_train + n_test
+    share = cfg.limit
+    if share is not None and cfg.full_test and cfg.task != "sft":
+        share = max(2, round(share * (1 - cfg.test_fraction)))
+    if share is not None and drawn < share:
+        cfg = replace(cfg, limit=None)
+    if cfg.max_steps is not None and total < cfg.max_steps:
+        cfg = replace(cfg, max_steps=None)
+    return cfg
+
+
 def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
     """Load the data and the model onto ``device``; the per-rank step budget."""
     world = eld.world_info().world_size if eld.world_info().distributed else 1
@@ -135,6 +152,7 @@ def prepare(cfg: TrainConfig, method: str, device: torch.device) -> Job:
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
+    cfg = as_used(cfg, len(train_ds), len(test_ds), total)
     # auto chooses among every linear layer of the stack (METHODS.md §7)
     default = [ALL_LINEAR] if method == "auto" else None
     targets = cfg.target_modules or default or default_targets(model)
