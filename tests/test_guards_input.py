@@ -69,8 +69,9 @@ def test_issue_flexlora_interval_zero_is_refused_not_made_one(env, tmp_path):
 
 def test_issue_plan_training_more_parameters_than_the_model(tmp_path):
     model = tiny_llama(layers=2)
-    plan = el.plan_lora(model, r=8, target_modules=["q_proj"])
-    big = {n: replace(m, rank=256) for n, m in plan.modules.items()}
+    plan = el.plan_lora(model, r=8, target_modules=["all-linear"])
+    # every module at its full rank min(d_in, d_out): each rank allowed, the whole too large
+    big = {n: replace(m, rank=min(m.d_in, m.d_out)) for n, m in plan.modules.items()}
     own = sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match=rf"more than the model's own {own:,}"):
         el.apply(model, el.AdaptationPlan("lora", big, {}, 16.0, plan.options))

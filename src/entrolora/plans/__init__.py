@@ -9,7 +9,6 @@ from .plan import (
     FORMAT_VERSION,
     FROZEN_FACTORS,
     KINDS,
-    MAX_RANK_FACTOR,
     SHAREABLE_FACTORS,
     AdaptationPlan,
     GroupPlan,
@@ -20,7 +19,7 @@ from .plan import (
 from .summary import undecided_lines
 
 __all__ = [
-    "FLEX_INITS", "FORMAT", "FORMAT_VERSION", "FROZEN_FACTORS", "KINDS", "MAX_RANK_FACTOR",
+    "FLEX_INITS", "FORMAT", "FORMAT_VERSION", "FROZEN_FACTORS", "KINDS",
     "SHAREABLE_FACTORS", "AdaptationPlan", "GroupPlan", "ModulePlan", "lori_kept", "need_plan",
     "undecided_lines",
 ]  # fmt: skip

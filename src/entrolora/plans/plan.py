@@ -41,8 +41,6 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "dora", "vera", "lori", "flex")
 SHAREABLE_FACTORS = ("A", "B", "d", "b")
 FROZEN_FACTORS = {"vera": ("A", "B"), "lori": ("A",)}
-#: a plan file's rank may exceed min(d_in, d_out) by at most this factor (``check_ranges``)
-MAX_RANK_FACTOR = 8
 
 
 #: FlexLoRA's initial factors (adapters/flex.py): plain LoRA's, or the paper's.
@@ -112,18 +110,15 @@ class ModulePlan:
 
     def check_ranges(self) -> None:
         """ValueError for a size no planner writes, run when a plan meets a model
-        (``AdaptationPlan.validate``): a FlexLoRA capacity above ``min(d_in, d_out)``
-        (directions that cannot exist, allocated all the same), or a rank above the largest a
-        planner can give, ``MAX_RANK_FACTOR·min(d_in, d_out)``. Between ``min(d)`` and that
-        bound a rank is wasteful but valid: E²LoRA's and RaLoRA's formulas give it on layers
-        narrower than their budget (tiny models). The adapters' total size is checked against
-        the model (``validate``) and the memory (``adapters/memory.py``)."""
+        (``AdaptationPlan.validate``): a rank or a FlexLoRA capacity above ``min(d_in, d_out)``,
+        directions the layer's update cannot have, allocated all the same. The adapters' total
+        size is checked against the model (``validate``) and the memory
+        (``adapters/memory.py``)."""
         top = min(self.d_in, self.d_out)
-        if self.rank > MAX_RANK_FACTOR * top:
+        if self.rank > top:
             raise ValueError(
                 f"field 'rank' is {self.rank:,} on a {self.d_in}×{self.d_out} layer, whose "
-                f"update has at most min(d_in, d_out) = {top} directions; allowed: 1..{top} "
-                f"(planners may go up to {MAX_RANK_FACTOR * top} on layers this small)"
+                f"update has at most min(d_in, d_out) = {top} directions; allowed: 1..{top}"
             )
         if self.kind == "flex" and self.capacity > top:
             raise ValueError(
