@@ -142,7 +142,7 @@ def frontier_cells() -> tuple[Cell, ...]:
         cells += [
             # RaLoRA first: it probes the seed, and E²LoRA's rank is matched on those statistics
             Cell(f"ralora-at-r{b}", f"RaLoRA r={b}", "ralora", b, {}, "contender", b),
-            Cell(f"e2lora-at-r{b}", "E²LoRA (r matched)", "e2lora", 2 * b, {}, "contender", b),
+            Cell(f"e2lora-at-r{b}", f"E²LoRA at r={b}'s size", "e2lora", 2 * b, {}, "contender", b),
             Cell(f"flexlora-at-r{b}", f"FlexLoRA r={b}", "flexlora", b, {}, "contender", b),
             Cell(f"adalora-at-r{b}", f"peft AdaLoRA {b}→{max(1, 2 * b // 3)}", "adalora",
                  max(1, 2 * b // 3), {"init_r": b}, "peft", b),
