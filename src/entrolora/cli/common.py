@@ -49,7 +49,10 @@ MergeLabels = Annotated[
     ),
 ]
 Task = Annotated[
-    str, typer.Option("--task", help="classify (sequence classification) or causal-lm.")
+    str,
+    typer.Option(
+        "--task", help="classify (sequence classification), causal-lm or sft (prompt → answer)."
+    ),
 ]
 MethodOpt = Annotated[
     str,

@@ -59,7 +59,7 @@ def export(
         typer.Option("--model", "-m", help="Base model; default: the one the run used."),
     ] = None,
     task: Annotated[
-        str | None, typer.Option("--task", help="classify or causal-lm; default: the run's.")
+        str | None, typer.Option("--task", help="classify, causal-lm or sft; default: the run's.")
     ] = None,
     output: Annotated[str, typer.Option("--output", help="peft checkpoint folder.")] = "peft",
     layout: Annotated[
