@@ -103,6 +103,14 @@ def test_frontier_cells_are_valid_and_budget_matched():
     for b in (2, 8):
         assert cells[f"truncate-at-r{b}"].options["source"] == "lora-r16"
         assert cells[f"e2lora-at-r{b}"].r == 2 * b and cells[f"ralora-at-r{b}"].r == b
+        # issue 32, item 5: auto at both budgets with both powers and both inits, everywhere
+        autos = [cells[k] for k in quality.CONFIGS["math-cpu"].cells if k.startswith("auto")]
+        pairs = {(c.options.get("power", 1), c.options.get("init", "lora")) for c in autos
+                 if c.budget == b}  # fmt: skip
+        assert pairs == {(1, "lora"), (2, "lora"), (1, "gradient"), (2, "gradient")}
+    assert {k for k in quality.CONFIGS["rt-lowbudget"].cells if k.startswith("auto")} == {
+        k for k in quality.CONFIGS["math-cpu"].cells if k.startswith("auto")
+    }
 
 
 def test_truncation_without_its_source_is_refused(tmp_path):

@@ -118,6 +118,9 @@ CELLS: tuple[Cell, ...] = (
 )  # fmt: skip
 FRONTIER_RANKS = (1, 2, 4, 8, 16, 32)
 BUDGETS = (2, 8)
+# auto's defaults are power=1, init="lora"; the frontier measures the other three pairs too
+AUTO_VARIANTS = (("p2", {"power": 2}), ("grad", {"init": "gradient"}),
+                 ("p2-grad", {"power": 2, "init": "gradient"}))  # fmt: skip
 
 
 def frontier_cells() -> tuple[Cell, ...]:
@@ -155,6 +158,12 @@ def frontier_cells() -> tuple[Cell, ...]:
         if "auto" in METHODS:  # issue 32's planner, once merged
             cells.append(Cell(f"auto-at-r{b}", f"auto like-lora={b}", "auto", 16,
                               {"budget": f"like-lora={b}"}, "contender", b))  # fmt: skip
+    if "auto" in METHODS:  # issue 32, item 5: its other powers and inits, after the rest
+        for b in BUDGETS:
+            for tag, opts in AUTO_VARIANTS:
+                options = {"budget": f"like-lora={b}", **opts}
+                key, label = f"auto-{tag}-at-r{b}", f"auto like-lora={b} {tag}"
+                cells.append(Cell(key, label, "auto", 16, options, "contender", b))
     return tuple(cells)
 
 
@@ -230,7 +239,7 @@ CONFIGS = {
     # ~12 h of this 2-core machine with --jobs 2 --threads 1 (docs/benchmarks.md, "The capacity
     # frontier", Sizing): two seeds, two learning rates a cell (+ one beyond an edge), 72 steps
     # of 16 (a step ≈ 8.1 CPU-s, a test-split evaluation ≈ 265 CPU-s): ≈ 10.1 h, 11.1 h with
-    # the auto cells.
+    # the auto cells, ≈ 14 h with auto's three other power/init pairs (issue 32, item 5).
     "math-cpu": Setup("math-cpu", "smollm2", None, (0, 1), epochs=1, limit=None, max_length=96,
                       batch_size=16, eval_batch_size=32, max_steps=72, lrs=(1e-3, 4e-3),
                       edge_steps=1, probe_steps=8, cells=MATH_FRONTIER, task="sft",
