@@ -27,7 +27,7 @@ def test_bench_stability_smoke(tmp_path, capsys):
     assert rec["edge"]["used"] == "edge" and set(rec["edge"]["blocks"]) == set(rec["snr"])
     table = stem.with_suffix(".txt").read_text()
     assert table == out["text"] + "\n"
-    assert "E²LoRA intervals" in table and "RaLoRA blocks" in table
+    assert "E²LoRA intervals" in table and "RaLoRA blocks" in table and "ranks ±1" in table
     rows = [line for line in table.splitlines() if line.startswith("smoke")]
     assert len(rows) == 16  # (2 heads × 2 head-fits) × raw, signal, greedy (signal), edge
     assert {row.split()[4] for row in rows} == {"centroid", "model"}
@@ -155,3 +155,23 @@ def test_bad_arguments_stop_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         args = bench.parse(argv)
         bench.passes(args, "minilm", 256)
+
+
+def test_rank_noise_gated_rounding_and_smoke():
+    """rank_noise.py: its gate hands a unit within noise to the lower rank, is largest remainder
+    without noise, and the simulation runs (--smoke)."""
+    from entrolora.planners.e2lora import largest_remainder
+
+    bench = load_script("bench/stability/rank_noise.py")
+    x = [5.49, 10.51]  # largest remainder gives the last unit to the second (.51 > .49)
+    assert largest_remainder([v / 16 for v in x], 16) == [5, 11]
+    assert bench.gated_rounding(x, 0.0, 2.0) == [5, 11]
+    assert bench.gated_rounding(x, 0.1, 2.0) == [6, 10]  # 0.02 apart, sd of the gap 0.14
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        fr = rng.dirichlet(np.ones(4))
+        x = list(fr * 24)
+        if min(x) >= 1:
+            assert bench.gated_rounding(x, 0.0, 2.0) == largest_remainder(list(fr), 24)
+    text = bench.main(["--smoke"])
+    assert "largest remainder" in text and len(text.splitlines()) == 6 + 9

@@ -12,8 +12,9 @@ import torch
 from entrolora.probing.moments import type_covariances
 from entrolora.probing.sums import HalfSums
 from entrolora.stats import GradientStats
-from entrolora.stats.margin_noise import margin_sd, rmi_of_moments
+from entrolora.stats.margin_noise import margin_sd, rmi_of_moments, type_moments
 from entrolora.stats.moments import rmi_matrix
+from scripts import load_script
 
 NAMES = [f"enc.layers.{i}.q" for i in range(5)]
 SHAPE = (12, 20)
@@ -88,16 +89,11 @@ def test_rmi_of_moments_is_rmi_matrix():
     stats = probe_arrays(synthetic_batches(np.random.default_rng(0), 16, 0.5))
     t = next(iter(stats.types))
     mods = [stats.modules[n] for n in stats.types[t]]
-    live = torch.tensor([True] * len(mods))
+    live = [True] * len(mods)
     for reading in ("signal", "raw"):
-        ref = rmi_matrix(mods, live.tolist(), "reference", reading).fill_diagonal_(1.0)
-        sig = reading == "signal"
-        theta = torch.tensor([m.mean for m in mods] + [m.std**2 + m.mean**2 for m in mods],
-                             dtype=torch.float64)  # fmt: skip
-        n = torch.tensor([float(m.numel) for m in mods], dtype=torch.float64)
-        var_d = torch.tensor([m.noise_std**2 if sig else 0.0 for m in mods], dtype=torch.float64)
-        mean_d = torch.tensor([m.noise_mean if sig else 0.0 for m in mods], dtype=torch.float64)
-        got = rmi_of_moments(theta, n, var_d, mean_d, live, "reference", sig)
+        ref = rmi_matrix(mods, live, "reference", reading).fill_diagonal_(1.0)
+        tm = type_moments(stats, t, reading)
+        got = rmi_of_moments(tm, tm.theta, "reference")
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     # and the margins of numpy's reference are those of the stats' own matrix
     batches = synthetic_batches(np.random.default_rng(1), 16, 0.5)
@@ -161,3 +157,49 @@ def test_probe_stores_moment_covariance_and_the_file_keeps_it(tmp_path):
     save_file({}, str(tmp_path / "old.safetensors"), metadata=meta)
     old = el.GradientStats.load(tmp_path / "old.safetensors")
     assert old.moment_cov is None and json.loads(meta["modules"])
+
+
+INTERVALS = [(0, 0), (1, 2), (3, 4)]  # each interval's top member clear of its runner-up
+
+
+def shares_numpy(batches: list[list[np.ndarray]], total: int) -> np.ndarray:
+    """HRA's real shares ``x_k = F_k·R`` (shifted weights, signal reading) of ``INTERVALS`` in
+    float64 numpy, straight from the batches."""
+    g = [np.array([b[i] for b in batches], dtype=np.float64) for i in range(len(NAMES))]
+    e, o = [x[0::2] for x in g], [x[1::2] for x in g]
+    n1, n2 = len(e[0]), len(o[0])
+    big_g = [x.mean(0) for x in g]
+    d = [math.sqrt(n1 * n2) / (n1 + n2) * (a.mean(0) - b.mean(0)) for a, b in zip(e, o)]
+    n = big_g[0].size
+    var = np.array([max(x.var() - y.var(), 2 * y.var() / math.sqrt(n)) for x, y in zip(big_g, d)])
+    h = 0.5 * np.log(var) + 0.5 * np.log(2 * np.pi) + 0.5
+    top = np.array([h[s : e + 1].max() for s, e in INTERVALS])
+    w = 1.0 + top - top.min()
+    return total * w / w.sum()
+
+
+def test_one_probe_share_cov_matches_spread_of_independent_draws():
+    """HRA's shares over many independent 64-batch probes: the empirical sd of each share and of
+    each difference of two against the one-probe delta-method estimate (mean over 40 draws),
+    within a factor 1.5; and the shares themselves are numpy's."""
+    share_cov = load_script("bench/stability/rank_noise.py").share_cov
+    rng = np.random.default_rng(5)
+    draws = [synthetic_batches(rng, 64, 1.0) for _ in range(200)]
+    shares = np.array([shares_numpy(b, 24) for b in draws])
+    t = "enc.layers.*.q"
+    covs = np.array([share_cov(probe_arrays(b), t, INTERVALS, 24)
+                     for b in draws[:40]])  # fmt: skip
+    cov = covs.mean(0)
+    pairs = [(i, j) for i in range(3) for j in range(3) if i < j]
+    empirical = [shares[:, i].std(ddof=1) for i in range(3)]
+    empirical += [(shares[:, i] - shares[:, j]).std(ddof=1) for i, j in pairs]
+    estimate = [math.sqrt(cov[i, i]) for i in range(3)]
+    estimate += [math.sqrt(cov[i, i] + cov[j, j] - 2 * cov[i, j]) for i, j in pairs]
+    ratio = np.array(estimate) / np.array(empirical)
+    assert np.all((ratio > 1 / 1.5) & (ratio < 1.5)), ratio.round(2)
+    assert empirical[0] > 0.05  # the draws do move the shares
+    from entrolora.planners.e2lora import interval_weights
+
+    ent = [probe_arrays(draws[0]).modules[n].signal_entropy for n in NAMES]
+    w = np.array(interval_weights([max(ent[s : e + 1]) for s, e in INTERVALS], "shifted"))
+    np.testing.assert_allclose(24 * w / w.sum(), shares[0], rtol=1e-6)

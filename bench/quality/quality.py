@@ -115,6 +115,9 @@ CELLS: tuple[Cell, ...] = (
     Cell("e2lora-kl", "E²LoRA sim=KL", "e2lora", 8, {"similarity": "kl"}, "table4"),
     # E²LoRA Table 5 (parameter-matched): e2lora-r8 vs lora-r4 above, and r=16 vs lora-r8.
     Cell("e2lora-r16", "E²LoRA r=16", "e2lora", 16, {}, "table5"),
+    # Issue 33: Algorithm 2 without the significance gate (e2lora-r8 is gated, the default).
+    Cell("e2lora-r8-greedy", "E²LoRA r=8 greedy boundaries", "e2lora", 8,
+         {"boundaries": "greedy"}, "gate"),
 )  # fmt: skip
 FRONTIER_RANKS = (1, 2, 4, 8, 16, 32)
 BUDGETS = (2, 8)
@@ -170,7 +173,7 @@ def frontier_cells() -> tuple[Cell, ...]:
 BASE_CELLS = CELLS  # the grids before issue 31 (cpu, cpu-quick, gpu)
 CELLS = BASE_CELLS + frontier_cells()
 MAIN_CELLS = tuple(c.key for c in CELLS[:12])  # the issue-15 grid: main claims + issue 14
-QUICK_CELLS = tuple(c.key for c in BASE_CELLS if not c.key.endswith("-raw"))  # the grid before LR
+QUICK_CELLS = tuple(c.key for c in BASE_CELLS if not c.key.endswith("-raw") and c.group != "gate")
 SMOKE_CELLS = ("lora-r8", "e2lora-r8", "peft-lora-r8")
 LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
 FRONTIER_KEYS = tuple(f"lora-r{r}" for r in FRONTIER_RANKS)

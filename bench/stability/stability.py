@@ -158,6 +158,8 @@ def fit_head(model: torch.nn.Module, batches: Sequence[dict], steps: int, lr: fl
 # -- one probe ---------------------------------------------------------------------------------
 def plans_of(stats: Any) -> dict[str, Any]:
     """Both readings' E²LoRA intervals and ranks per type, RaLoRA blocks per module, SNRs."""
+    from rank_noise import share_cov
+
     import entrolora as el
     from entrolora.stats.margin_noise import margin_sd
 
@@ -197,6 +199,12 @@ def plans_of(stats: Any) -> dict[str, Any]:
                 t: [[float(f"{v:.4g}") for v in row] for row in sd.tolist()]
                 for t in stats.types
                 if (sd := margin_sd(stats, t, statistics=e2.options["statistics"])) is not None
+            }
+            out[key]["share_sd"] = {  # and of HRA's real shares x_k = F_k·R (rank_noise.py)
+                t: [float(f"{math.sqrt(max(c[k][k], 0.0)):.4g}") for k in range(len(c))]
+                for t, d in types.items()
+                if (c := share_cov(stats, t, d["intervals"], d["budget"], e2.options["statistics"]))
+                is not None
             }
     if stats.noise:
         out["edge"] = {"used": "edge", "blocks": edge_blocks(stats)}
@@ -264,9 +272,22 @@ def stats_of(blocks: Sequence[dict]) -> Any:
 
 def run_pass(probe: Probe, sizes: Sequence[int], load, batches, targets, args) -> list[dict]:
     """One record per probe size S (a multiple of two blocks) from one pass over the subset."""
-    t0 = time.perf_counter()
-    blocks = block_means(probe, load, batches, targets, args)
-    seconds = time.perf_counter() - t0
+    saved = None
+    if args.stats_dir and probe.whole:  # one statistics file per pass: plans redone from it
+        tag = f"S{probe.steps}-subset{probe.subset}-seed{probe.seed}-{probe.probe_head}"
+        saved = Path(args.stats_dir) / f"{tag}-fit{probe.head_fit}.safetensors"
+    if saved is not None and saved.is_file():
+        from entrolora.stats import GradientStats
+
+        blocks = [GradientStats.load(saved)]
+        seconds = blocks[0].meta["probe_seconds"]
+    else:
+        t0 = time.perf_counter()
+        blocks = block_means(probe, load, batches, targets, args)
+        seconds = time.perf_counter() - t0
+        if saved is not None:
+            blocks[0].meta["probe_seconds"] = seconds
+            blocks[0].save(saved, keep_gradients=blocks[0].gradients is not None)
     records = []
     for size in sizes:
         stats = blocks[0] if probe.whole else stats_of(blocks[: size // probe.block])
@@ -284,11 +305,29 @@ def identical_share(records: Sequence[dict], reading: str, what: str) -> tuple[i
     return same, len(keys)
 
 
+def near_share(records: Sequence[dict], reading: str) -> tuple[int, int]:
+    """``(types whose E²LoRA ranks are within one unit of each other across all records, types)``:
+    the same number of intervals, and every interval's ranks spanning at most one unit."""
+    maps = [r[reading]["ranks"] for r in records]
+    near = 0
+    for t in maps[0]:
+        ranks = [m[t] for m in maps]
+        same_k = len({len(v) for v in ranks}) == 1
+        near += same_k and all(max(col) - min(col) <= 1 for col in zip(*ranks))
+    return near, len(maps[0])
+
+
+def share_sd_median(records: Sequence[dict], reading: str) -> float | None:
+    """The median one-probe sd of HRA's real shares (``rank_noise.share_cov``), if recorded."""
+    sds = [v for r in records for vs in r[reading].get("share_sd", {}).values() for v in vs]
+    return statistics.median(sds) if sds else None
+
+
 def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
     lines = []
     head = (f"{'model':<9} {'S':>4} {'K':>2} {'seeds':<7} {'head':<8} {'head-fit':>8} "
-            f"{'reading':<14} {'E²LoRA intervals':>17} {'E²LoRA ranks':>14} "
-            f"{'RaLoRA blocks':>15} {'median SNR':>10} undecided")  # fmt: skip
+            f"{'reading':<14} {'E²LoRA intervals':>17} {'E²LoRA ranks':>14} {'ranks ±1':>12} "
+            f"{'share sd':>8} {'RaLoRA blocks':>15} {'median SNR':>10} undecided")  # fmt: skip
     lines.append(head)
     for model, steps, seeds, probe_head, head_fit in groups:
         rec = [r for r in records if _group(r) == (model, steps, seeds, probe_head, head_fit)]
@@ -297,10 +336,15 @@ def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
         snr = statistics.median(v for r in rec for v in r["snr"].values() if v is not None)
         group = f"{model:<9} {steps:>4} {len(rec):>2} {seeds:<7} {probe_head:<8} {head_fit:>8}"
         for reading in [*READINGS, *(["greedy"] if all("greedy" in r for r in rec) else [])]:
-            cells = []
-            for what, width in (("intervals", 17), ("ranks", 14), ("blocks", 15)):
-                same, total = identical_share(rec, reading, what)
-                cells.append(f"{same}/{total} ({100 * same / total:.0f} %)".rjust(width))
+            counts = [identical_share(rec, reading, "intervals"),
+                      identical_share(rec, reading, "ranks"), near_share(rec, reading)]  # fmt: skip
+            cells = [
+                f"{a}/{b} ({100 * a / b:.0f} %)".rjust(w) for (a, b), w in zip(counts, (17, 14, 12))
+            ]
+            sd = share_sd_median(rec, reading)
+            cells.append(f"{sd:8.3f}" if sd is not None else f"{'':8}")
+            same, total = identical_share(rec, reading, "blocks")
+            cells.append(f"{same}/{total} ({100 * same / total:.0f} %)".rjust(15))
             used = rec[0][reading]["used"]
             if rec[0][reading].get("boundaries", "greedy") == "greedy":
                 used += "/greedy"
@@ -310,8 +354,8 @@ def summary_rows(records: Sequence[dict], groups: Sequence[tuple]) -> list[str]:
         if all("edge" in r for r in rec):
             same, total = identical_share(rec, "edge", "blocks")
             blocks = f"{same}/{total} ({100 * same / total:.0f} %)"
-            lines.append(f"{group} {'edge':<14} {'as signal':>17} {'as signal':>14} {blocks:>15} "
-                         f"{snr:>10.2f}")  # fmt: skip
+            lines.append(f"{group} {'edge':<14} {'as signal':>17} {'as signal':>14} {'':>12} "
+                         f"{'':>8} {blocks:>15} {snr:>10.2f}")  # fmt: skip
     return lines
 
 
@@ -342,6 +386,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="one el.probe per subset of max(--steps) batches with the library's "
         "defaults (the head: centroid unless --probe-head model); one S only",
+    )
+    p.add_argument(
+        "--stats-dir",
+        default=None,
+        help="with --whole: save each pass's statistics here, and plan a pass whose file is "
+        "there from it instead of probing (a new --out replans them)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, 2 subsets, S = 4")
     p.add_argument("--table-only", action="store_true",
