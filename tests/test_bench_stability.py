@@ -28,6 +28,9 @@ def test_bench_stability_smoke(tmp_path, capsys):
     table = stem.with_suffix(".txt").read_text()
     assert table == out["text"] + "\n"
     assert "E²LoRA intervals" in table and "RaLoRA blocks" in table and "ranks ±1" in table
+    assert all(len(x) == len(rec["signal"]["ranks"][t]) for t, x in rec["signal"]["shares"].items())
+    shares = load_script("bench/stability/rank_noise.py").records_table(str(stem) + ".jsonl")
+    assert len(shares.splitlines()) >= 2 + len(rec["signal"]["shares"])
     rows = [line for line in table.splitlines() if line.startswith("smoke")]
     assert len(rows) == 16  # (2 heads × 2 head-fits) × raw, signal, greedy (signal), edge
     assert {row.split()[4] for row in rows} == {"centroid", "model"}

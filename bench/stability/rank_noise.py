@@ -13,13 +13,17 @@ but does not thin them, so it helps only where true shares sit on a tie. docs/be
 
     python bench/stability/rank_noise.py            # the table (≈ 1 min on one core)
     python bench/stability/rank_noise.py --smoke    # CI
+    python bench/stability/rank_noise.py --records bench/results/stability/minilm-ranks.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,11 +112,41 @@ def simulate(
     return same / trials, near / trials
 
 
+def records_table(path: str) -> str:
+    """Per type of a stability.py ``--whole`` JSONL (signal reading, every subset the same
+    intervals): each share's mean over the subsets, its sd across them, and the subsets' mean
+    one-probe sd; the ratio of the two sd's (median over the shares) closes the table."""
+    recs = [json.loads(line)["signal"] for line in Path(path).read_text().splitlines()]
+    head = f"{'type':<44} {'ranks (each subset)':<40} share: mean, sd across, one-probe sd"
+    lines = [f"# python bench/stability/rank_noise.py --records {path}", head]
+    ratios = []
+    for t in recs[0]["shares"]:
+        if len({json.dumps(r["intervals"][t]) for r in recs}) > 1 or "share_sd" not in recs[0]:
+            lines.append(f"{t:<44} intervals differ across subsets")
+            continue
+        x = np.array([r["shares"][t] for r in recs], dtype=float)
+        one = np.array([r["share_sd"][t] for r in recs], dtype=float).mean(0)
+        across = x.std(0, ddof=1)
+        ratios += list(one / across)
+        ranks = " ".join(str(r["ranks"][t]) for r in recs)
+        cells = ", ".join(f"{m:.2f} {a:.3f} {o:.3f}" for m, a, o in zip(x.mean(0), across, one))
+        lines.append(f"{t:<44} {ranks:<40} {cells}")
+    if ratios:
+        span = f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}–{max(ratios):.2f})"
+        lines.append(f"one-probe sd / sd across subsets over {len(ratios)} shares: median {span}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=2000, help="true positions per cell")
     ap.add_argument("--smoke", action="store_true", help="a few trials (CI)")
+    ap.add_argument("--records", default=None, help="a stability.py --whole JSONL: its shares")
     args = ap.parse_args(argv)
+    if args.records:
+        out = records_table(args.records)
+        print(out)
+        return out
     trials = 5 if args.smoke else args.trials
     rng = np.random.default_rng(0)
     lines = [

@@ -180,6 +180,8 @@ def plans_of(stats: Any) -> dict[str, Any]:
             "decide_steps": {t: d.get("decide_steps") for t, d in types.items()},
             "intervals": {t: d["intervals"] for t, d in types.items()},
             "ranks": {t: d["ranks"] for t, d in types.items()},
+            # HRA's real shares x_k = F_k·R' before rounding (rank_noise.py --records)
+            "shares": {t: _shares(d) for t, d in types.items()},
             "blocks": {n: m.blocks for n, m in ra.modules.items()},
             # the partition's input, for stability/partition_noise.py (E²LoRA's default similarity)
             "similarity": {
@@ -209,6 +211,14 @@ def plans_of(stats: Any) -> dict[str, Any]:
     if stats.noise:
         out["edge"] = {"used": "edge", "blocks": edge_blocks(stats)}
     return out
+
+
+def _shares(diag: dict) -> list[float | None]:
+    """HRA's real shares ``x_k = F_k·R'`` of one type's plan diagnostics (None: degenerate)."""
+    w = diag["weights"]
+    live = [v for v in w if v is not None]
+    budget = diag["budget"] - (len(w) - len(live))
+    return [None if v is None else round(budget * v / math.fsum(live), 4) for v in w]
 
 
 def edge_blocks(stats: Any) -> dict[str, int]:
