@@ -210,9 +210,12 @@ INCLUDE = re.compile(
 )
 
 
-def refresh_includes(doc: str | os.PathLike, root: str | os.PathLike = ".") -> Path:
+def refresh_includes(
+    doc: str | os.PathLike, root: str | os.PathLike = ".", under: str | None = None
+) -> Path:
     """Replace each ``<!-- include: PATH -->`` … ``<!-- end include -->`` block of ``doc`` with
-    the current text of ``root/PATH`` (so generated tables are copied verbatim, never typed).
+    the current text of ``root/PATH`` (so generated tables are copied verbatim, never typed);
+    with ``under``, only the blocks whose PATH starts with it.
 
     A file that does not exist yet becomes a line saying so. Written atomically.
     """
@@ -220,6 +223,8 @@ def refresh_includes(doc: str | os.PathLike, root: str | os.PathLike = ".") -> P
     text = doc.read_text(encoding="utf-8")
 
     def body(m: re.Match) -> str:
+        if under is not None and not m["path"].startswith(under):
+            return m.group(0)
         src = Path(root) / m["path"]
         inner = (
             src.read_text(encoding="utf-8")
@@ -244,6 +249,7 @@ def decaying_mean(
 
 
 if __name__ == "__main__":
-    # python bench/common.py docs/benchmarks.md — copy the generated tables into the doc
-    for arg in sys.argv[1:]:
-        print(refresh_includes(arg, Path(__file__).resolve().parents[1]))
+    # python bench/common.py docs/benchmarks.md [PATH PREFIX] — copy the generated tables (those
+    # under the prefix) into the doc
+    doc, *prefix = sys.argv[1:]
+    print(refresh_includes(doc, Path(__file__).resolve().parents[1], *prefix))

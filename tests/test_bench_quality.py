@@ -504,6 +504,10 @@ def test_refresh_includes_copies_files_verbatim(tmp_path):
     assert doc.read_text(encoding="utf-8") == want
     common.refresh_includes(doc, tmp_path)  # idempotent
     assert doc.read_text(encoding="utf-8") == want
+    (tmp_path / "t.md").write_text("new\n", encoding="utf-8")
+    (tmp_path / "o.txt").write_text("new\n", encoding="utf-8")
+    common.refresh_includes(doc, tmp_path, under="o.")  # only the blocks under that prefix
+    assert doc.read_text(encoding="utf-8") == want.replace("x    y", "new")
 
 
 def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch):
