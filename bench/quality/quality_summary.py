@@ -158,6 +158,8 @@ CLAIMS = (
     Claim("RaLoRA: signal statistics not below raw (issue 14)", "ralora-r8", "ralora-r8-raw",
           "not-below"),
     Claim("entrolora LoRA matches peft LoRA (sanity)", "lora-r8", "peft-lora-r8", "matches"),
+    Claim("E²LoRA: gated boundaries not below greedy (issue 33)", "e2lora-r8", "e2lora-r8-greedy",
+          "not-below"),
 )  # fmt: skip
 
 
