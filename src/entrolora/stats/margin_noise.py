@@ -7,7 +7,9 @@ mean ``m₁`` and mean of squares ``m₂`` (the noise estimate's moments held fi
 variance ``gᵀ C g`` of each margin, ``g = J[c, s] − mean_{k≠s} J[s, k]`` (or ``J[c, s]`` for a
 constant threshold). Through the entropies: ``H = log σ + const``, the joint entropy from the
 pooled moments, the ``reference`` scale's geometric mean and, for the signal reading, the
-clipped signal variance ``max(m₂ − m₁² − var_D, 2·var_D/√n)``.
+clipped signal variance ``max(m₂ − m₁² − var_D, 2·var_D/√n)``. ``TypeMoments`` serves the
+same delta method for any smooth function of a type's moments (bench/stability/rank_noise.py:
+HRA's shares).
 """
 
 from __future__ import annotations
