@@ -178,3 +178,25 @@ def test_rank_noise_gated_rounding_and_smoke():
             assert bench.gated_rounding(x, 0.0, 2.0) == largest_remainder(list(fr), 24)
     text = bench.main(["--smoke"])
     assert "largest remainder" in text and len(text.splitlines()) == 6 + 9
+
+
+def test_stats_dir_replans_without_probing_and_z_sweep(tmp_path):
+    """--whole --stats-dir saves each pass's statistics; a rerun into a new --out plans from them
+    (the same plans, the probe's recorded time) and z_sweep.py reads the folder."""
+    bench = load_script("bench/stability/stability.py")
+    folder = tmp_path / "stats"
+    first = bench.main(
+        ["--smoke", "--whole", "--stats-dir", str(folder), "--out", str(tmp_path / "a")]
+    )
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == 8  # 2 subsets × 2 heads × 2 head-fit settings
+    stamp = [f.stat().st_mtime_ns for f in files]
+    again = bench.main(
+        ["--smoke", "--whole", "--stats-dir", str(folder), "--out", str(tmp_path / "b")]
+    )
+    assert [f.stat().st_mtime_ns for f in files] == stamp  # nothing probed or written again
+    for a, b in zip(first["records"], again["records"]):
+        assert a["seconds"] == b["seconds"] and a["signal"]["ranks"] == b["signal"]["ranks"]
+        assert a["signal"]["intervals"] == b["signal"]["intervals"]
+    text = load_script("bench/stability/z_sweep.py").main([str(folder), "--z", "0,2"])
+    assert len(text.splitlines()) == 3 + 2 and "intervals identical" in text
