@@ -286,18 +286,20 @@ def run_pass(probe: Probe, sizes: Sequence[int], load, batches, targets, args) -
     if args.stats_dir and probe.whole:  # one statistics file per pass: plans redone from it
         tag = f"S{probe.steps}-subset{probe.subset}-seed{probe.seed}-{probe.probe_head}"
         saved = Path(args.stats_dir) / f"{tag}-fit{probe.head_fit}.safetensors"
-    if saved is not None and saved.is_file():
-        from entrolora.stats import GradientStats
-
-        blocks = [GradientStats.load(saved)]
-        seconds = blocks[0].meta["probe_seconds"]
-    else:
+    if saved is None or not saved.is_file():
         t0 = time.perf_counter()
         blocks = block_means(probe, load, batches, targets, args)
         seconds = time.perf_counter() - t0
         if saved is not None:
+            # statistics only (KBs, committable), so the plans come from the file either way;
+            # without the gradients there is no "edge" reading
             blocks[0].meta["probe_seconds"] = seconds
-            blocks[0].save(saved, keep_gradients=blocks[0].gradients is not None)
+            blocks[0].save(saved)
+    if saved is not None:
+        from entrolora.stats import GradientStats
+
+        blocks = [GradientStats.load(saved)]
+        seconds = blocks[0].meta["probe_seconds"]
     records = []
     for size in sizes:
         stats = blocks[0] if probe.whole else stats_of(blocks[: size // probe.block])
@@ -400,8 +402,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stats-dir",
         default=None,
-        help="with --whole: save each pass's statistics here, and plan a pass whose file is "
-        "there from it instead of probing (a new --out replans them)",
+        help="with --whole: save each pass's statistics (no gradients) here and plan from the "
+        "file; a pass whose file is there is not probed again (a new --out replans them)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, 2 subsets, S = 4")
     p.add_argument("--table-only", action="store_true",
