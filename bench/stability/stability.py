@@ -6,6 +6,7 @@
     python bench/stability/stability.py --probe-head centroid,model
     python bench/stability/stability.py --smoke              # tiny random BERT, seconds (CI)
     python bench/stability/stability.py --model smollm2 --jobs 2   # two passes at a time
+    python bench/stability/stability.py --whole --steps 64 --stats-dir DIR --out STEM  # issue 33
 
 The training split (the job's film split, seed 0) is shuffled once (batch 32, length 64: the
 job's defaults) and cut into K disjoint runs of max(S) batches. Each run is probed with
@@ -23,9 +24,12 @@ batches (``GradientStats.from_halves``; the same covariance for any split fixed 
 is seen), so one pass measures every S. From each, E²LoRA and RaLoRA plans (r = 8, defaults)
 with ``statistics="raw"`` and ``"signal"``. Reported over the K subsets: the share of module
 types whose E²LoRA intervals are identical in all K, of types whose E²LoRA ranks are, and of
-modules whose RaLoRA block count is; and the median gradient SNR. Each record also keeps the
-RMI matrices the greedy partition read, per reading and type, for
-``bench/stability/partition_noise.py``.
+modules whose RaLoRA block count is, of types whose ranks differ by at most one unit (``ranks
+±1``), the median one-probe sd of HRA's real shares (``rank_noise.py``), and the median gradient
+SNR. Each record also keeps the RMI matrices the greedy partition read, per reading and type,
+for ``bench/stability/partition_noise.py``, and the real shares for ``rank_noise.py --records``.
+``--whole --stats-dir DIR`` saves each pass's statistics in DIR and plans from the file, so a new
+``--out`` replans saved probes in seconds (``z_sweep.py`` reads the same folder).
 
 Each pass appends its plans to ``<out>.jsonl`` when it ends and a rerun skips the passes already
 there (a long SmolLM2 run resumes); ``--jobs N`` runs N passes at a time in their own processes.
