@@ -59,18 +59,21 @@ def probe_arrays(batches: list[list[np.ndarray]]) -> GradientStats:
     return stats
 
 
-def margins_numpy(batches: list[list[np.ndarray]]) -> np.ndarray:
-    """Every margin ``RMI(c, s) − τ_s`` (signal reading, reference scale) in float64 numpy."""
+def signal_numpy(batches: list[list[np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Each module's signal variance, mean and noise-estimate mean in float64 numpy (§2)."""
     g = [np.array([b[i] for b in batches], dtype=np.float64) for i in range(len(NAMES))]
     e, o = [x[0::2] for x in g], [x[1::2] for x in g]
     n1, n2 = len(e[0]), len(o[0])
-    total = n1 + n2
     big_g = [x.mean(0) for x in g]
-    d = [math.sqrt(n1 * n2) / total * (a.mean(0) - b.mean(0)) for a, b in zip(e, o)]
+    d = [math.sqrt(n1 * n2) / (n1 + n2) * (a.mean(0) - b.mean(0)) for a, b in zip(e, o)]
     n = big_g[0].size
     var = np.array([max(x.var() - y.var(), 2 * y.var() / math.sqrt(n)) for x, y in zip(big_g, d)])
-    mu = np.array([x.mean() for x in big_g])
-    mu_d = np.array([y.mean() for y in d])
+    return var, np.array([x.mean() for x in big_g]), np.array([y.mean() for y in d])
+
+
+def margins_numpy(batches: list[list[np.ndarray]]) -> np.ndarray:
+    """Every margin ``RMI(c, s) − τ_s`` (signal reading, reference scale) in float64 numpy."""
+    var, mu, mu_d = signal_numpy(batches)
     c = 1e-3 / np.exp(np.log(np.sqrt(var)).mean())
     sd, mu, mu_d = np.sqrt(var) * c, mu * c, mu_d * c
     h = np.log(sd) + 0.5 * np.log(2 * np.pi) + 0.5
@@ -165,13 +168,7 @@ INTERVALS = [(0, 0), (1, 2), (3, 4)]  # each interval's top member clear of its 
 def shares_numpy(batches: list[list[np.ndarray]], total: int) -> np.ndarray:
     """HRA's real shares ``x_k = F_k·R`` (shifted weights, signal reading) of ``INTERVALS`` in
     float64 numpy, straight from the batches."""
-    g = [np.array([b[i] for b in batches], dtype=np.float64) for i in range(len(NAMES))]
-    e, o = [x[0::2] for x in g], [x[1::2] for x in g]
-    n1, n2 = len(e[0]), len(o[0])
-    big_g = [x.mean(0) for x in g]
-    d = [math.sqrt(n1 * n2) / (n1 + n2) * (a.mean(0) - b.mean(0)) for a, b in zip(e, o)]
-    n = big_g[0].size
-    var = np.array([max(x.var() - y.var(), 2 * y.var() / math.sqrt(n)) for x, y in zip(big_g, d)])
+    var = signal_numpy(batches)[0]
     h = 0.5 * np.log(var) + 0.5 * np.log(2 * np.pi) + 0.5
     top = np.array([h[s : e + 1].max() for s, e in INTERVALS])
     w = 1.0 + top - top.min()
