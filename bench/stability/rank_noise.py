@@ -9,9 +9,9 @@ library's largest remainder, and with a gate on the rounding in the spirit of th
 leftover unit whose leader's remainder is within ``z`` sd of another's goes to the lower rank
 among them). Any deterministic rounding has a boundary per unit; the gate moves the boundaries
 but does not thin them, so it helps only where true shares sit on a tie. docs/benchmarks.md §3,
-"Ranks".
+"Ranks: rounding noise, not a decision".
 
-    python bench/stability/rank_noise.py            # the table (≈ 1 min on one core)
+    python bench/stability/rank_noise.py            # the table (≈ 30 s on one core)
     python bench/stability/rank_noise.py --smoke    # CI
     python bench/stability/rank_noise.py --records bench/results/stability/minilm-ranks.jsonl
 """
