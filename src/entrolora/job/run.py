@@ -117,9 +117,10 @@ def load_splits(cfg: TrainConfig) -> tuple[D.TextDataset, D.TextDataset]:
 
 def as_used(cfg: TrainConfig, n_train: int, n_test: int, total: int) -> TrainConfig:
     """``cfg`` with ``limit`` and ``max_steps`` left out (None) when they did not act (issue 34:
-    nothing recorded that differs from what was used): a limit at or above the rows there were
-    (the training rows where only they are subset: ``full_test``, ``--task sft``), a step cap at
-    or above the epochs' steps. ``metrics.json`` records the rows and steps used beside it."""
+    nothing recorded that differs from what was used): a limit above the rows there were (the
+    training rows where only they are subset: ``full_test``, ``--task sft``), a step cap above
+    the epochs' steps; one equal to them is kept, as it bound the run exactly. ``metrics.json``
+    records the rows and steps used beside it."""
     drawn = n_train if cfg.full_test or cfg.task == "sft" else n_train + n_test
     share = cfg.limit
     if share is not None and cfg.full_test and cfg.task != "sft":
