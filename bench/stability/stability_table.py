@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -20,12 +20,16 @@ from common import describe, machine_info
 READINGS = ("raw", "signal")
 
 
-def identical_share(records: Sequence[dict], reading: str, what: str) -> tuple[int, int]:
-    """``(items identical across all records, items)`` for ``what`` of ``reading``."""
-    maps = [r[reading][what] for r in records]
+def identical_keys(maps: Sequence[Mapping]) -> tuple[int, int]:
+    """``(keys whose values are identical in every map, keys)``, the keys those of the first."""
     keys = list(maps[0])
     same = sum(len({json.dumps(m[k]) for m in maps}) == 1 for k in keys)
     return same, len(keys)
+
+
+def identical_share(records: Sequence[dict], reading: str, what: str) -> tuple[int, int]:
+    """``(items identical across all records, items)`` for ``what`` of ``reading``."""
+    return identical_keys([r[reading][what] for r in records])
 
 
 def near_share(records: Sequence[dict], reading: str) -> tuple[int, int]:

@@ -12,12 +12,15 @@ every subset, the intervals per type and the plans' parameter counts. No probing
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import warnings
 from pathlib import Path
 
 import entrolora as el
 from entrolora.stats import GradientStats
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from stability_table import identical_keys  # noqa: E402
 
 
 def sweep(folder: str, zs: list[float]) -> str:
@@ -36,12 +39,10 @@ def sweep(folder: str, zs: list[float]) -> str:
             warnings.simplefilter("ignore")  # statistics without moment noise fall back, said
             gate = {"boundaries": "significant", "z": z} if z > 0 else {"boundaries": "greedy"}
             plans = [el.plan_e2lora(s, r=8, **gate) for s in stats]
-        types = list(plans[0].options["types"])
-        same = sum(
-            len({json.dumps(p.options["types"][t]["intervals"]) for p in plans}) == 1 for t in types
-        )
-        ks = [len(p.options["types"][t]["intervals"]) for p in plans for t in types]
-        share = f"{same}/{len(types)} ({100 * same / len(types):.0f} %)"
+        intervals = [{t: o["intervals"] for t, o in p.options["types"].items()} for p in plans]
+        same, types = identical_keys(intervals)
+        ks = [len(v) for m in intervals for v in m.values()]
+        share = f"{same}/{types} ({100 * same / types:.0f} %)"
         per_type = f"{min(ks)}–{max(ks)} (mean {sum(ks) / len(ks):.1f})"
         params = ", ".join(f"{p.num_trainable_params():,}" for p in plans)
         lines.append(f"{z:>4g} {share:>20} {per_type:>19} {params}")
