@@ -187,3 +187,46 @@ def test_e2lora_rank_is_matched_to_the_budget_on_the_statistics(tmp_path):
     got = qr.matched_rank(stats_file, "e2lora", {}, 2)
     gaps = {r: abs(plan("e2lora", stats, r=r).num_trainable_params() - target) for r in range(1, 9)}
     assert gaps[got] == min(gaps.values()) and got == min(r for r in gaps if gaps[r] == gaps[got])
+
+
+def test_answers_name_the_planner_above_the_best_peer_and_the_control():
+    """A flat frontier at 70 %; at r=2's budget E²LoRA 5 pp above it, RaLoRA 1 pp below, PiSSA
+    the nearer peer, the control on the frontier: the words say exactly that, for accuracy and
+    (lower is better) the answer loss; r=8's budget has no finished run and no bullet."""
+    cells = [
+        quality.Cell("e2lora-at-r2", "E²LoRA", "e2lora", 4, {}, "contender", 2),
+        quality.Cell("ralora-at-r2", "RaLoRA", "ralora", 2, {}, "contender", 2),
+        quality.Cell("eva-at-r2", "EVA", "eva", 2, {}, "peft", 2),
+        quality.Cell("pissa-at-r2", "PiSSA", "pissa", 2, {}, "peft", 2),
+        quality.Cell("truncate-at-r2", "cut", "truncate", 2, {}, "control", 2),
+        quality.Cell("pissa-at-r8", "PiSSA r=8", "pissa", 8, {}, "peft", 8),
+    ]
+    score = {"e2lora-at-r2": 0.75, "ralora-at-r2": 0.69, "eva-at-r2": 0.68,
+             "pissa-at-r2": 0.695, "truncate-at-r2": 0.70}  # fmt: skip
+    rows = []
+    for s in (0, 1, 2):
+        jitter = 0.001 * (s - 1)  # every seed's per-cell offset differs, so each SE is > 0
+        for r, p in LORA_PARAMS.items():
+            rows.append({"cell": f"lora-r{r}", "seed": str(s), "phase": "test", "lr": "0.001",
+                         "accuracy": "0.7", "eval_loss": "0.3", "plan_params": str(p)})  # fmt: skip
+        for i, (cell, acc) in enumerate(score.items()):
+            acc += jitter * (i % 3 - 1) + 0.0002 * s * i
+            rows.append({"cell": cell, "seed": str(s), "phase": "test", "lr": "0.001",
+                         "accuracy": str(acc), "eval_loss": str(1 - acc),
+                         "plan_params": str(LORA_PARAMS[2])})  # fmt: skip
+    lora = [f"lora-r{r}" for r in LORA_PARAMS]
+    for metric, up, down in ((fr.ACCURACY, "+", "-"), (fr.ANSWER_LOSS, "-", "+")):
+        (said,) = fr.answers(rows, cells, lora, metric)
+        assert said.startswith(f"- **LoRA r=2's budget, {metric.name}.** Above the frontier by "
+                               f"more than 2 SE: E²LoRA {up}")  # fmt: skip
+        assert "RaLoRA" not in said.split("Best peft peer")[0]  # below: not named above
+        assert "Best peft peer: PiSSA, " in said and "Not finished" not in said
+        against = said.split("(planner − control, paired): ")[1]
+        assert against.startswith(f"E²LoRA {up}") and f"(above); RaLoRA {down}" in against
+        assert against.endswith("(below).")
+    (one,) = fr.answers(rows, cells[:2], lora, fr.ACCURACY)  # no peer, no control
+    assert "Best peft peer" not in one and "control" not in one
+    rows = [r for r in rows if r["cell"] != "e2lora-at-r2"]
+    (none,) = fr.answers(rows, cells, lora, fr.ACCURACY)
+    assert "No planner sits above the frontier by more than 2 SE; the nearest is RaLoRA" in none
+    assert none.endswith("Not finished: E²LoRA.")

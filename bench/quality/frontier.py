@@ -7,6 +7,10 @@ interpolated in log(parameters) between the two LoRA ranks around it (same seed:
 split is shared, so the difference is paired). The table gives the mean distance over seeds ±
 its standard error (sample SD of the per-seed distances / √n). A contender outside the
 frontier's range of parameters has no distance (it is not extrapolated).
+
+Under the tables ``answers`` puts the issue's three questions in words, per budget and metric:
+which planner is above the frontier by more than 2 SE, which peft peer is nearest it, and each
+planner against the truncation control (paired on the seeds both finished).
 """
 
 from __future__ import annotations
@@ -196,6 +200,81 @@ def contender_rows(
     return out
 
 
+def paired_difference(rows: Sequence[Row], a: str, b: str, metric: Metric) -> dict[str, Any]:
+    """``a``'s score minus ``b``'s on the seeds both finished: ``mean``, ``se`` (None with one
+    seed), ``n`` (0: no seed in common, ``mean`` None)."""
+    sa, sb = by_seed(rows, a, metric), by_seed(rows, b, metric)
+    diffs = [sa[s][1] - sb[s][1] for s in sorted(sa.keys() & sb.keys())]
+    n = len(diffs)
+    mean, sd = common.mean_std(diffs) if n else (None, None)
+    return {"mean": mean, "se": sd / math.sqrt(n) if n > 1 else None, "n": n}
+
+
+def _delta_text(d: Mapping[str, Any], metric: Metric) -> str:
+    digits = 2 if metric.scale > 1 else 4
+    se = f" ± {d['se']:.{digits}f}" if d["se"] is not None else " (one seed)"
+    return f"{d['mean']:+.{digits}f}{se} {metric.unit}"
+
+
+def _side(d: Mapping[str, Any], metric: Metric) -> str:
+    """``above`` / ``below`` (better / worse) when ``d`` clears 2 SE, else ``within noise``."""
+    better = d["mean"] if metric.higher_is_better else -d["mean"]
+    if d["se"] is None or abs(better) <= 2 * d["se"]:
+        return "within noise"
+    return "above" if better > 0 else "below"
+
+
+def answers(
+    rows: Sequence[Row], contenders: Sequence[Any], lora: Sequence[str], metric: Metric
+) -> list[str]:
+    """Issue 31's three questions for ``metric``, one bullet per budget with a finished run."""
+    bullets = (budget_answer(rows, [c for c in contenders if c.budget == b], lora, metric)
+               for b in sorted({c.budget for c in contenders}))  # fmt: skip
+    return [b for b in bullets if b]
+
+
+def budget_answer(
+    rows: Sequence[Row], at: Sequence[Any], lora: Sequence[str], metric: Metric
+) -> str | None:
+    """One budget's contenders ``at`` in words: which planners (group ``contender``) sit above
+    the frontier by more than 2 SE (else the nearest), which peft peer (group ``peft``) is
+    nearest it, and each planner against the truncation control (group ``control``), paired on
+    the seeds both finished; None before any of them finished."""
+    dist = {c.key: distance(rows, c.key, lora, metric) for c in at}
+    done = [c for c in at if dist[c.key]["n"]]
+    if not done:
+        return None
+    sign = 1 if metric.higher_is_better else -1
+    nearest = {
+        g: max((c for c in done if c.group == g), key=lambda c: sign * dist[c.key]["mean"],
+               default=None)
+        for g in ("contender", "peft")
+    }  # fmt: skip
+    planners = [c for c in done if c.group == "contender"]
+    above = [c for c in planners if frontier_verdict(dist[c.key], metric) == "above"]
+    parts = [f"**LoRA r={at[0].budget}'s budget, {metric.name}.**"]
+    if above:
+        parts.append("Above the frontier by more than 2 SE: " + ", ".join(
+            f"{c.label} {_delta_text(dist[c.key], metric)}" for c in above) + ".")  # fmt: skip
+    elif (near := nearest["contender"]) is not None:
+        parts.append("No planner sits above the frontier by more than 2 SE; the nearest is "
+                     f"{near.label}, {_delta_text(dist[near.key], metric)}.")  # fmt: skip
+    if (peer := nearest["peft"]) is not None:
+        said = frontier_verdict(dist[peer.key], metric).replace(" (within noise)", ", within noise")
+        parts.append(f"Best peft peer: {peer.label}, {_delta_text(dist[peer.key], metric)} "
+                     f"({said}).")  # fmt: skip
+    for control in (c for c in done if c.group == "control"):
+        vs = [(c, paired_difference(rows, c.key, control.key, metric)) for c in planners]
+        said = "; ".join(f"{c.label} {_delta_text(d, metric)} ({_side(d, metric)})"
+                         for c, d in vs if d["n"])  # fmt: skip
+        parts.append(f"{control.label}: {_delta_text(dist[control.key], metric)} from the "
+                     f"frontier; the planners against it (planner − control, paired): "
+                     f"{said or 'none finished'}.")  # fmt: skip
+    if pending := [c.label for c in at if not dist[c.key]["n"]]:
+        parts.append(f"Not finished: {', '.join(pending)}.")
+    return "- " + " ".join(parts)
+
+
 def plot_frontier(
     rows: Sequence[Row], lora: Sequence[Any], contenders: Sequence[Any],
     metrics: Sequence[Metric], path: Path,
@@ -272,6 +351,9 @@ def write_frontier(folder: Path, setup: Any, cells: Sequence[Any], rows: Sequenc
         cols += [f"Δ {m.name} ({m.unit})", f"{m.name}: verdict"]
     cols += ["seeds", "lr", "probe s", "train s"]
     text += common.markdown_table(contender_rows(rows, contenders, keys, metrics), cols)
+    said = [line for m in metrics for line in answers(rows, contenders, keys, m)]
+    if said:
+        text += "\nIn words (generated from the table's runs):\n\n" + "\n".join(said) + "\n"
     atomic_write_text(folder / "frontier.md", text)
     with contextlib.suppress(ImportError):  # matplotlib is optional
         if any(by_seed(rows, k, metrics[0]) for k in keys):
