@@ -230,3 +230,31 @@ def test_answers_name_the_planner_above_the_best_peer_and_the_control():
     (none,) = fr.answers(rows, cells, lora, fr.ACCURACY)
     assert "No planner sits above the frontier by more than 2 SE; the nearest is RaLoRA" in none
     assert none.endswith("Not finished: E²LoRA.")
+
+
+def test_auto_pairs_are_read_on_validation_and_the_best_mean_is_named():
+    """Four power/init pairs at two budgets, validation rows only (test rows that would say the
+    opposite are ignored): each pair's score at its chosen lr, and the best mean over budgets."""
+    setup = quality.Setup("t", None, None, (0,), 1, None, 8, lrs=(1e-3, 2e-3), edge_steps=0)
+    val = {(1, "lora"): (0.80, 0.70), (2, "lora"): (0.79, 0.78),
+           (1, "gradient"): (0.83, 0.74), (2, "gradient"): (0.60, 0.90)}  # fmt: skip
+    cells, rows = [], []
+    for (power, init), scores in val.items():
+        for b, acc in zip((2, 8), scores):
+            key = f"auto-{power}-{init}-at-r{b}"
+            cells.append(quality.Cell(key, key, "auto", 16, {"power": power, "init": init},
+                                      "contender", b))  # fmt: skip
+            for lr, a in ((1e-3, acc), (2e-3, acc - 0.05)):  # 1e-3 is chosen
+                rows.append({"cell": key, "seed": "0", "phase": "select", "lr": str(lr),
+                             "accuracy": str(a), "eval_loss": "0.5"})  # fmt: skip
+            rows.append({"cell": key, "seed": "0", "phase": "test", "lr": "0.001",
+                         "accuracy": str(1 - acc), "eval_loss": "0.5"})  # fmt: skip
+    text = fr.auto_validation(rows, cells, setup)
+    assert "power 1, init lora: r=2's budget 80.00 %, r=8's budget 70.00 %" in text
+    assert "power 2, init gradient: r=2's budget 60.00 %, r=8's budget 90.00 %" in text
+    # means: 75.0, 78.5, 78.5, 75.0: the tie goes to the earlier pair, power 2 with init lora
+    assert text.endswith("Best mean over the budgets: power 2, init lora (78.50 %; the library's "
+                         "default, power 1 and init lora: 75.00 %).")  # fmt: skip
+    partial = [r for r in rows if r["cell"] != "auto-2-gradient-at-r8"]
+    assert "Best mean" not in fr.auto_validation(partial, cells, setup)
+    assert fr.auto_validation(rows, cells, quality.Setup("t", None, None, (0,), 1, None, 8)) is None

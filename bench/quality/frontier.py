@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_lr import test_rows
+from quality_lr import chosen_lr, select_accuracies, test_rows
 from quality_run import PROBE_FREE
 from quality_summary import row_params, verdict
 
@@ -275,6 +275,42 @@ def budget_answer(
     return "- " + " ".join(parts)
 
 
+AUTO_PAIRS = ((1, "lora"), (2, "lora"), (1, "gradient"), (2, "gradient"))  # the default first
+
+
+def auto_validation(rows: Sequence[Row], cells: Sequence[Any], setup: Any) -> str | None:
+    """``auto``'s power/init pairs on the validation split only (issue 32, item 5): each pair's
+    validation score at its chosen learning rate per budget, and, once every pair finished at
+    every budget, the pair with the best mean over the budgets. None without a learning-rate
+    grid or before any auto cell chose its rate."""
+    if not setup.lrs:
+        return None
+    auto = [c for c in cells if c.method == "auto" and c.budget]
+    seed, scores = setup.select_seed, {}
+    for c in auto:
+        lr = chosen_lr(rows, c.key, setup.lrs, seed, setup.edge_steps)
+        if lr is not None:
+            pair = (c.options.get("power", 1), c.options.get("init", "lora"))
+            score = 100 * float(select_accuracies(rows, c.key, seed)[lr]["accuracy"])
+            scores.setdefault(pair, {})[c.budget] = score
+    if not scores:
+        return None
+    budgets = sorted({c.budget for c in auto})
+    text = (f"`auto`'s power/init pairs on the validation split (seed {seed}, each at its chosen "
+            "learning rate; the test split is not read): " + "; ".join(
+                f"power {p}, init {i}: " + ", ".join(
+                    f"r={b}'s budget {scores[(p, i)][b]:.2f} %" for b in budgets
+                    if b in scores[(p, i)])
+                for p, i in AUTO_PAIRS if (p, i) in scores) + ".")  # fmt: skip
+    if all(len(scores.get(pair, {})) == len(budgets) for pair in AUTO_PAIRS):
+        mean = {pair: sum(scores[pair].values()) / len(budgets) for pair in AUTO_PAIRS}
+        p, i = max(AUTO_PAIRS, key=lambda pair: mean[pair])  # ties: the earlier (default) pair
+        default = mean[AUTO_PAIRS[0]]
+        text += (f" Best mean over the budgets: power {p}, init {i} ({mean[(p, i)]:.2f} %; the "
+                 f"library's default, power 1 and init lora: {default:.2f} %).")  # fmt: skip
+    return text
+
+
 def plot_frontier(
     rows: Sequence[Row], lora: Sequence[Any], contenders: Sequence[Any],
     metrics: Sequence[Metric], path: Path,
@@ -352,6 +388,8 @@ def write_frontier(folder: Path, setup: Any, cells: Sequence[Any], rows: Sequenc
     cols += ["seeds", "lr", "probe s", "train s"]
     text += common.markdown_table(contender_rows(rows, contenders, keys, metrics), cols)
     said = [line for m in metrics for line in answers(rows, contenders, keys, m)]
+    if auto := auto_validation(rows, cells, setup):
+        said.append(f"- {auto}")
     if said:
         text += "\nIn words (generated from the table's runs):\n\n" + "\n".join(said) + "\n"
     atomic_write_text(folder / "frontier.md", text)
