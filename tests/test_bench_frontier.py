@@ -119,6 +119,13 @@ def test_truncation_without_its_source_is_refused(tmp_path):
                       "--results", str(tmp_path), "--summary-only"])  # fmt: skip
 
 
+def test_a_twin_without_the_cell_whose_lr_it_runs_at_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cell e2lora-at-r8-greedy runs at the learning rate of "
+                                         "e2lora-at-r8, which is not in --cells"):  # fmt: skip
+        quality.main(["--config", "rt-lowbudget", "--cells", "e2lora-at-r8-greedy",
+                      "--results", str(tmp_path), "--summary-only"])  # fmt: skip
+
+
 def test_rt_lowbudget_smoke_end_to_end(tmp_path):
     folder = quality.main(["--smoke", "--config", "rt-lowbudget", "--results", str(tmp_path),
                            "--quiet"])  # fmt: skip
@@ -126,6 +133,9 @@ def test_rt_lowbudget_smoke_end_to_end(tmp_path):
     test = {r["cell"]: r for r in rows if r["phase"] == "test"}
     assert set(test) == set(quality.SMOKE_FRONTIER)
     assert not [r for r in rows if r["cell"].startswith("truncate") and r["phase"] != "test"]
+    # issue 33's greedy twin chooses no rate of its own: it runs at the gated cell's
+    assert not [r for r in rows if r["cell"] == "e2lora-at-r8-greedy" and r["phase"] != "test"]
+    assert test["e2lora-at-r8-greedy"]["lr"] == test["e2lora-at-r8"]["lr"]
     for b in (2, 8):  # the control runs at LoRA r=16's lr, within its budget
         cut = test[f"truncate-at-r{b}"]
         assert cut["lr"] == test["lora-r16"]["lr"]

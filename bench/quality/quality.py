@@ -54,8 +54,17 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import quality_lr as ql  # noqa: E402
 import quality_summary as qs  # noqa: E402
-from quality_cells import CELLS, CONFIGS, SMOKE_CELLS, SMOKE_FRONTIER, Cell, Setup  # noqa: E402
-from quality_grid import Grid, Hooks, Task, grid_tasks, selects, source_of  # noqa: E402
+from quality_cells import CELLS, CONFIGS, SMOKE_CELLS, SMOKE_FRONTIER, Cell, Setup  # noqa: E402, F401
+from quality_grid import (  # noqa: E402
+    Grid,
+    Hooks,
+    Task,
+    aliases,
+    grid_tasks,
+    lr_source,
+    selects,
+    source_of,
+)
 from quality_run import (  # noqa: E402
     MATCHED,
     PROBE_FREE,
@@ -186,7 +195,8 @@ def run_grid(
             return float(done[0]["lr"]) if done else None
         if not setup.lrs:
             return setup.lr
-        return ql.chosen_lr(rows, task.cell.key, setup.lrs, setup.select_seed, setup.edge_steps)
+        key = lr_source(task.cell) or task.cell.key
+        return ql.chosen_lr(rows, key, setup.lrs, setup.select_seed, setup.edge_steps)
 
     def extra(rows: Sequence[Mapping[str, str]]) -> list[Task]:
         if sweep or not setup.lrs:
@@ -214,11 +224,6 @@ def run_grid(
     return common.read_rows(folder / "runs.csv")
 
 
-def aliases(cells: Sequence[Cell]) -> dict[str, str]:
-    """``{cell: source cell}`` of the cells that run at another cell's learning rate."""
-    return {c.key: source_of(c) for c in cells if source_of(c)}
-
-
 def summarize_grid(folder: Path, setup: Setup, header: str, failed: Sequence[str] = ()) -> None:
     """Rewrite every summary file of ``folder`` from its runs.csv."""
     cells = [c for c in CELLS if c.key in setup.cells]
@@ -238,12 +243,12 @@ def smoke_frontier(setup: Setup) -> Setup:
 
 
 def check_sources(setup: Setup) -> None:
-    """ValueError when a truncation cell's source (LoRA r=16) is not a cell of the grid."""
+    """ValueError when a truncation cell's source (LoRA r=16), or the cell whose learning rate a
+    cell runs at (``Cell.lr_of``), is not a cell of the grid."""
     for c in CELLS:
-        if c.key in setup.cells and source_of(c) and source_of(c) not in setup.cells:
-            raise ValueError(
-                f"cell {c.key} cuts the runs of {source_of(c)}, which is not in --cells; add it"
-            )
+        if c.key in setup.cells and lr_source(c) and lr_source(c) not in setup.cells:
+            how = "cuts the runs of" if source_of(c) else "runs at the learning rate of"
+            raise ValueError(f"cell {c.key} {how} {lr_source(c)}, which is not in --cells; add it")
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:

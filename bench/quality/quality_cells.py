@@ -21,6 +21,7 @@ class Cell:
     options: Mapping[str, Any] = field(default_factory=dict)
     group: str = "methods"
     budget: int | None = None  # frontier contenders: the LoRA rank whose parameter count they match
+    lr_of: str | None = None  # runs at this cell's chosen learning rate, choosing none of its own
 
 
 CELLS: tuple[Cell, ...] = (
@@ -104,6 +105,10 @@ def frontier_cells() -> tuple[Cell, ...]:
                 options = {"budget": f"like-lora={b}", **opts}
                 key, label = f"auto-{tag}-at-r{b}", f"auto like-lora={b} {tag}"
                 cells.append(Cell(key, label, "auto", 16, options, "contender", b))
+    # Issue 33: the paper's greedy boundaries against the gated default, paired at the gated
+    # cell's learning rate (as the cpu-gate run did), its rank matched like the gated cell's
+    cells.append(Cell("e2lora-at-r8-greedy", "E²LoRA at r=8's size, greedy boundaries", "e2lora",
+                      16, {"boundaries": "greedy"}, "gate", 8, lr_of="e2lora-at-r8"))  # fmt: skip
     return tuple(cells)
 
 
@@ -118,7 +123,8 @@ CONTENDERS = tuple(c.key for c in CELLS if c.budget)
 RT_FRONTIER = (*FRONTIER_KEYS[:5], *CONTENDERS)  # r = 1…16
 MATH_FRONTIER = (*FRONTIER_KEYS, *CONTENDERS)  # r = 1…32
 SMOKE_FRONTIER = ("lora-r1", "lora-r2", "lora-r4", "lora-r16", "ralora-at-r2", "e2lora-at-r2",
-                  "eva-at-r2", "truncate-at-r2", "pissa-at-r8", "truncate-at-r8")  # fmt: skip
+                  "eva-at-r2", "truncate-at-r2", "pissa-at-r8", "truncate-at-r8", "e2lora-at-r8",
+                  "e2lora-at-r8-greedy")  # fmt: skip
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 2e-3, 5e-3)
 
 

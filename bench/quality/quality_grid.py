@@ -91,9 +91,20 @@ def source_of(cell: Any) -> str | None:
     return cell.options.get("source") if cell.method == "truncate" else None
 
 
+def lr_source(cell: Any) -> str | None:
+    """The cell whose learning rate ``cell`` runs at instead of choosing its own: the truncation
+    control's source, or ``Cell.lr_of`` (a twin compared with its cell at one rate, paired)."""
+    return source_of(cell) or getattr(cell, "lr_of", None)
+
+
+def aliases(cells: Sequence[Any]) -> dict[str, str]:
+    """``{cell: the cell whose learning rate it runs at}`` (``lr_source``)."""
+    return {c.key: src for c in cells if (src := lr_source(c))}
+
+
 def selects(cell: Any) -> bool:
     """Whether ``cell`` chooses its own learning rate (validation runs)."""
-    return source_of(cell) is None
+    return lr_source(cell) is None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_grid import selects, source_of
+from quality_grid import aliases, selects
 from quality_lr import (
     current_rows,
     lr_selection_rows,
@@ -160,6 +160,8 @@ CLAIMS = (
     Claim("entrolora LoRA matches peft LoRA (sanity)", "lora-r8", "peft-lora-r8", "matches"),
     Claim("E²LoRA: gated boundaries not below greedy (issue 33)", "e2lora-r8", "e2lora-r8-greedy",
           "not-below"),
+    Claim("E²LoRA at r=8's size: gated boundaries not below greedy (issue 33)", "e2lora-at-r8",
+          "e2lora-at-r8-greedy", "not-below"),
 )  # fmt: skip
 
 
@@ -316,9 +318,8 @@ def write_summary(
 
     ``failed`` names the runs of this invocation that failed (they are retried on resume).
     """
-    alias = {c.key: source_of(c) for c in cells if source_of(c)}
     rows = current_rows(common.read_rows(folder / "runs.csv"), setup.lrs, setup.select_seed,
-                        setup.edge_steps, alias)  # fmt: skip
+                        setup.edge_steps, aliases(cells))  # fmt: skip
     summary = summarize(rows, cells, setup.lr)
     trows = table_rows(summary, len(setup.seeds))
     done = sum(s["n"] for s in summary)
