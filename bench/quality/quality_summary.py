@@ -354,12 +354,14 @@ def write_summary(
     w.writeheader()
     w.writerows(trows)
     atomic_write_text(folder / "table.csv", buf.getvalue())
+    twins = "; ".join(f"{c.label}, which runs at `{c.lr_of}`'s" for c in cells if c.lr_of)
+    own_lr_note = f" (except {twins})" if setup.lrs and twins else ""
     atomic_write_text(
         folder / "claims.md",
         f"Configuration `{setup.name}`; {done} of {total} test runs finished. Each claim "
         f"compares its two cells, {'each at its own' if setup.lrs else 'both at the same'} "
-        "learning rate, on the seeds both finished (a seed fixes the data split): `ours` gives "
-        "their mean test accuracies over those seeds, "
+        f"learning rate{own_lr_note}, on the seeds both finished (a seed fixes the data "
+        "split): `ours` gives their mean test accuracies over those seeds, "
         "Δ the mean per-seed difference ± its standard error (SE), and `SE < 1 pp` whether "
         "that SE is under 1 pp or about how many seeds would bring it there. A claim is `held` "
         "when Δ has the claimed sign and clears its threshold by more than twice the SE, "
