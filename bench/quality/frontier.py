@@ -212,8 +212,9 @@ def paired_difference(rows: Sequence[Row], a: str, b: str, metric: Metric) -> di
 
 def _delta_text(d: Mapping[str, Any], metric: Metric) -> str:
     digits = 2 if metric.scale > 1 else 4
-    se = f" ± {d['se']:.{digits}f}" if d["se"] is not None else " (one seed)"
-    return f"{d['mean']:+.{digits}f}{se} {metric.unit}"
+    if d["se"] is None:
+        return f"{d['mean']:+.{digits}f} {metric.unit} (one seed)"
+    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f} {metric.unit}"
 
 
 def _side(d: Mapping[str, Any], metric: Metric) -> str:
