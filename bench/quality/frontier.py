@@ -105,15 +105,24 @@ def distance(
         diffs[seed] = value - ref
         params.append(p)
     n = len(diffs)
-    mean, sd = common.mean_std(list(diffs.values())) if n else (None, None)
+    mean, se = _mean_se(list(diffs.values()))
     return {
         "mean": mean,
-        "se": sd / math.sqrt(n) if n > 1 else None,
+        "se": se,
         "n": n,
         "seeds": sorted(diffs),
         "params": sum(params) / n if n else None,
         "outside": outside,
     }
+
+
+def _mean_se(diffs: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error (sample SD / √n) of paired per-seed differences; None for what
+    too few of them cannot give (no mean without one, no SE without two)."""
+    if not diffs:
+        return None, None
+    mean, sd = common.mean_std(diffs)
+    return mean, sd / math.sqrt(len(diffs)) if len(diffs) > 1 else None
 
 
 def frontier_verdict(d: Mapping[str, Any], metric: Metric) -> str:
@@ -205,9 +214,8 @@ def paired_difference(rows: Sequence[Row], a: str, b: str, metric: Metric) -> di
     seed), ``n`` (0: no seed in common, ``mean`` None)."""
     sa, sb = by_seed(rows, a, metric), by_seed(rows, b, metric)
     diffs = [sa[s][1] - sb[s][1] for s in sorted(sa.keys() & sb.keys())]
-    n = len(diffs)
-    mean, sd = common.mean_std(diffs) if n else (None, None)
-    return {"mean": mean, "se": sd / math.sqrt(n) if n > 1 else None, "n": n}
+    mean, se = _mean_se(diffs)
+    return {"mean": mean, "se": se, "n": len(diffs)}
 
 
 def _delta_text(d: Mapping[str, Any], metric: Metric) -> str:
@@ -219,10 +227,8 @@ def _delta_text(d: Mapping[str, Any], metric: Metric) -> str:
 
 def _side(d: Mapping[str, Any], metric: Metric) -> str:
     """``above`` / ``below`` (better / worse) when ``d`` clears 2 SE, else ``within noise``."""
-    better = d["mean"] if metric.higher_is_better else -d["mean"]
-    if d["se"] is None or abs(better) <= 2 * d["se"]:
-        return "within noise"
-    return "above" if better > 0 else "below"
+    said = frontier_verdict(d, metric)
+    return "within noise" if said.endswith("(within noise)") else said
 
 
 def answers(

@@ -94,7 +94,7 @@ def source_of(cell: Any) -> str | None:
 def lr_source(cell: Any) -> str | None:
     """The cell whose learning rate ``cell`` runs at instead of choosing its own: the truncation
     control's source, or ``Cell.lr_of`` (a twin compared with its cell at one rate, paired)."""
-    return source_of(cell) or getattr(cell, "lr_of", None)
+    return source_of(cell) or cell.lr_of
 
 
 def aliases(cells: Sequence[Any]) -> dict[str, str]:
