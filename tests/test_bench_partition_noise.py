@@ -62,6 +62,7 @@ def test_follow_probability_and_needed_size_match_the_normal_model():
 def test_report_on_the_stability_smoke_records(tmp_path):
     """Its 'same' column is bench/stability/stability.py's own identity of the greedy intervals."""
     stability = load_script("bench/stability/stability.py")
+    table = load_script("bench/stability/stability_table.py")
     noise = load_script("bench/stability/partition_noise.py")
     stem = tmp_path / "smoke"
     stability.main(["--smoke", "--out", str(stem)])  # 2 subsets; heads × head-fits
@@ -78,7 +79,7 @@ def test_report_on_the_stability_smoke_records(tmp_path):
         ]
         section = sections[f"smoke, {head} head, paired seeds, head-fit {fit}, S = 4, K = 2"]
         for reading in ("raw", "signal"):
-            same, total = stability.identical_share(group, reading, "intervals")
+            same, total = table.identical_share(group, reading, "intervals")
             rows = [line.split() for line in section.splitlines() if line.startswith(reading + " ")]
             types = [row for row in rows if not row[1].startswith("P(")]
             assert len(types) == total

@@ -57,7 +57,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from signal_bias import edge_erank  # noqa: E402
-from stability_table import READINGS, _group, identical_share, table  # noqa: E402, F401
+from stability_table import READINGS, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # the new default partition (boundaries="significant", issue 33) against the paper's greedy chain
