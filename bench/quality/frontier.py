@@ -28,6 +28,7 @@ from quality_summary import row_params, verdict
 
 import common
 from entrolora.files import atomic_write_text
+from entrolora.report.figures import pyplot, save_png
 
 Row = Mapping[str, str]
 
@@ -324,12 +325,7 @@ def plot_frontier(
 ) -> Path:  # fmt: skip
     """Each metric against trainable parameters (log x): LoRA's mean line with its seed range
     shaded, each contender a point with ± one SD over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.6), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         xs, mean, lo, hi = [], [], [], []
         for cell in lora:
@@ -358,11 +354,8 @@ def plot_frontier(
         ax.set_ylabel(m.name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best", ncol=2)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_frontier(folder: Path, setup: Any, cells: Sequence[Any], rows: Sequence[Row]) -> None:

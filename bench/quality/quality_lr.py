@@ -16,6 +16,7 @@ from typing import Any
 
 import common
 from entrolora.files import atomic_write_text
+from entrolora.report.figures import pyplot, save_png
 
 Row = Mapping[str, str]
 
@@ -215,12 +216,7 @@ def plot_sweep(
 ) -> Path:
     """Validation accuracy against learning rate (log axis), one line per cell: the sweep's
     runs solid, the grid's shorter selection runs (``short``) dashed in the same colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     majority = None
     for i, cell in enumerate(points):
         for runs, style, n in (
@@ -243,11 +239,8 @@ def plot_sweep(
     ax.set_ylabel("validation accuracy %")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_sweep(folder: Path, setup: Any, rows: Sequence[Row], cells: Sequence[Any]) -> None:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ..files import atomic_write
+from ..report.figures import pyplot, save_png
 
 History = Iterable[tuple[int, Mapping[str, int]]]
 
@@ -35,15 +35,6 @@ def rank_matrix(history: History) -> tuple[list[str], list[int], list[list[int]]
     return names, steps, ranks
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_rank_evolution(ax, history: History, title: str = "FlexLoRA rank evolution"):
     """Draw the heatmap of active ranks (modules by depth × adjustment steps) on ``ax``."""
     names, steps, ranks = rank_matrix(history)
@@ -65,19 +56,13 @@ def plot_rank_evolution(
 
     Writes a PNG (matplotlib, Agg) atomically; returns the path.
     """
-    plt = _pyplot()
     names, steps, _ = rank_matrix(history)
     height = min(2 + 0.18 * len(names), 30)
     width = min(4 + 0.25 * len(steps), 24)
-    fig, ax = plt.subplots(figsize=(width, height))
-    try:
-        im = draw_rank_evolution(ax, history, title)
-        fig.colorbar(im, ax=ax, label="active rank")
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-    return Path(path)
+    fig, ax = pyplot().subplots(figsize=(width, height))
+    im = draw_rank_evolution(ax, history, title)
+    fig.colorbar(im, ax=ax, label="active rank")
+    return save_png(fig, path, dpi=120)
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
@@ -100,24 +85,18 @@ def plot_loss_curves(
 ) -> Path:
     """Per-step training losses of several runs (raw, faint; trailing mean, solid) and, when a
     FlexLoRA ``history`` is given, its rank evolution beside them. Writes a PNG; returns it."""
-    plt = _pyplot()
     panels = 2 if history is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
-    try:
-        ax = axes[0][0]
-        for i, (label, ys) in enumerate(losses.items()):
-            colour = f"C{i}"
-            ax.plot(range(len(ys)), ys, color=colour, alpha=0.25, linewidth=0.8)
-            ax.plot(range(len(ys)), smooth(ys, window), color=colour, label=label)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"training loss (faint: per step; solid: mean of {window})")
-        ax.set_title(title)
-        ax.legend()
-        if history is not None:
-            im = draw_rank_evolution(axes[0][1], history)
-            fig.colorbar(im, ax=axes[0][1], label="active rank")
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return Path(path)
+    fig, axes = pyplot().subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for i, (label, ys) in enumerate(losses.items()):
+        colour = f"C{i}"
+        ax.plot(range(len(ys)), ys, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(range(len(ys)), smooth(ys, window), color=colour, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (faint: per step; solid: mean of {window})")
+    ax.set_title(title)
+    ax.legend()
+    if history is not None:
+        im = draw_rank_evolution(axes[0][1], history)
+        fig.colorbar(im, ax=axes[0][1], label="active rank")
+    return save_png(fig, path)

@@ -23,7 +23,8 @@ def short_type(module_type: str) -> str:
     return tail
 
 
-def _plt():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,13 +33,15 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
-    plt = _plt()
+def save_png(fig: Any, path: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` as a PNG atomically (``tight``: ``tight_layout`` first), close
+    it whatever happens; returns the path."""
     try:
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        if tight:
+            fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return Path(path)
 
 
@@ -57,7 +60,7 @@ def plot_similarity_entropy(
     stats: GradientStats, path: str | os.PathLike, kind: str = "rmi"
 ) -> Path:
     """One row per module type: similarity heatmap (layer × layer) and entropy bars per layer."""
-    plt = _plt()
+    plt = pyplot()
     types = stats.types
     fig, axes = plt.subplots(
         len(types),
@@ -97,12 +100,12 @@ def plot_similarity_entropy(
         _layer_ticks(ax, layers, "x")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Gradient similarity and entropy by layer (E²LoRA Fig. 1)", fontsize=12)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_erank(stats: GradientStats, path: str | os.PathLike) -> Path:
     """Heatmap of gradient effective rank, module type (rows) × layer (columns), values written."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     types = stats.types
@@ -138,7 +141,7 @@ def plot_erank(stats: GradientStats, path: str | os.PathLike) -> Path:
                         color="white" if grid[i, j] < mid else "black",
                     )
     fig.colorbar(im, ax=ax, label="effective rank")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_budget(
@@ -148,7 +151,7 @@ def plot_budget(
     rank bought, each cell annotated with the rank and the marginal value ``s^p`` of its last
     unit. ``stats``: the probe's statistics, whose modules the plan left at rank 0 show as 0
     (without them only the adapted modules' types and layers appear)."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     marginal = plan.options.get("marginal") or {}
@@ -187,7 +190,7 @@ def plot_budget(
         fontsize=9,
     )
     fig.colorbar(im, ax=ax, label="rank")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def plot_accuracy_vs_params(runs: Sequence[Mapping[str, Any]], path: str | os.Pa
 
     Each run is a metrics mapping with ``method``, ``accuracy`` and ``trainable_params``.
     """
-    plt = _plt()
+    plt = pyplot()
     pts = [r for r in runs if r.get("accuracy") is not None and r.get("trainable_params")]
     if not pts:
         raise ValueError("no run has both accuracy and trainable_params; train a classifier first")
@@ -218,7 +221,7 @@ def plot_accuracy_vs_params(runs: Sequence[Mapping[str, Any]], path: str | os.Pa
     ys = [100 * r["accuracy"] for r in pts]
     pad = max(1.0, 0.2 * (max(ys) - min(ys)))
     ax.set_ylim(min(ys) - pad, max(ys) + pad)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_rank_evolution(history: Sequence, path: str | os.PathLike) -> Path:

@@ -165,9 +165,9 @@ def plan_figure(
     """``(matplotlib figure, the bars drawn)``: one panel per module type, in ``plan_bars``
     order; each panel's first bar container holds the trained ranks, the second (FlexLoRA) the
     initial ones."""
-    from .figures import _plt
+    from .figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     bars = plan_bars(plan, history)
     widest = max(len(v) for v in bars.values())
     fig, axes = plt.subplots(
@@ -197,12 +197,7 @@ def plot_plan(
     title: str | None = None,
 ) -> Path:
     """Write the plan figure (see the module docstring) as a PNG; returns the path."""
-    from ..files import atomic_write
-    from .figures import _plt
+    from .figures import save_png
 
     fig, _ = plan_figure(plan, history, title)
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        _plt().close(fig)
-    return Path(path)
+    return save_png(fig, path, tight=False)  # plan_figure laid it out around its legend
