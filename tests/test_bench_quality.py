@@ -555,3 +555,15 @@ def test_a_failed_selection_run_leaves_its_cell_without_test_runs(tmp_path, monk
     selection = (tmp_path / "t" / "lr_selection.md").read_text(encoding="utf-8")
     assert "| LoRA r=8 | 61.00 |  |  | pending |" in selection
     assert "| LoRA r=4 | 61.00 | **62.00** |  | 0.002 |" in selection
+
+
+def test_an_sft_grid_names_its_data_and_score():
+    """math-cpu's tables say exact match on the shipped math set, never Rotten Tomatoes accuracy
+    (the classify wording stays for the classification grids)."""
+    sft, cls = quality.CONFIGS["math-cpu"], quality.CONFIGS["rt-lowbudget"]
+    assert (qs.score_name(sft), qs.score_name(cls)) == ("exact match %", "accuracy %")
+    text = qs.settings_text(sft)
+    assert "math set" in text and "Rotten" not in text and "by film" not in text
+    assert "validation exact match" in text and "own validation split" in text
+    assert "Rotten Tomatoes" in qs.settings_text(cls) and "by film" in qs.settings_text(cls)
+    assert "exact match % (mean ± std)" in qs.table_columns(qs.score_name(sft))

@@ -86,14 +86,27 @@ def summarize(rows: Sequence[Row], cells: Sequence[Any], lr: float | None = None
     return out
 
 
-def table_rows(summary: Sequence[Mapping[str, Any]], n_seeds: int) -> list[dict[str, str]]:
+def score_name(setup: Any) -> str:
+    """What a run's ``accuracy`` holds: exact match for ``--task sft``, else accuracy."""
+    return "exact match %" if getattr(setup, "task", "classify") == "sft" else "accuracy %"
+
+
+def table_columns(score: str) -> tuple[str, ...]:
+    """table.md/.csv's columns, the score named as ``score_name`` names it."""
+    return ("method", "group", "lr", "trainable params", f"{score} (mean ± std)", "seeds",
+            "train s", "probe s", "peak MiB")  # fmt: skip
+
+
+def table_rows(
+    summary: Sequence[Mapping[str, Any]], n_seeds: int, score: str = "accuracy %"
+) -> list[dict[str, str]]:
     return [
         {
             "method": s["cell"].label,
             "group": s["cell"].group,
             "lr": ", ".join(lr_text(float(x)) for x in s["lrs"] if x) or "",
             "trainable params": params_text(s["params"]),
-            "accuracy % (mean ± std)": f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}"
+            f"{score} (mean ± std)": f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}"
             if s["n"] > 1
             else f"{s['acc_mean']:.2f} (one seed)",
             "seeds": f"{s['n']}/{n_seeds}",
@@ -103,12 +116,6 @@ def table_rows(summary: Sequence[Mapping[str, Any]], n_seeds: int) -> list[dict[
         }
         for s in summary
     ]
-
-
-TABLE_COLUMNS = (
-    "method", "group", "lr", "trainable params", "accuracy % (mean ± std)", "seeds", "train s",
-    "probe s", "peak MiB",
-)  # fmt: skip
 
 
 # -- the claims ---------------------------------------------------------------------------------
@@ -276,16 +283,19 @@ CLAIM_COLUMNS = ("claim", "ours", "Δ acc (pp)", "params ratio", "seeds", "SE < 
 
 # -- the files ----------------------------------------------------------------------------------
 def settings_text(setup: Any) -> str:
+    sft = getattr(setup, "task", "classify") == "sft"
+    held = ("the set's own validation split" if sft else f"{setup.validation_fraction:.0%} of "
+            "the training split, cut like the test split: by film")  # fmt: skip
     lr = (
-        f"lr chosen per cell from {[lr_text(x) for x in setup.lrs]} by validation accuracy on "
-        f"seed {setup.select_seed} (validation: {setup.validation_fraction:.0%} of the training "
-        "split, cut like the test split: by film)"
+        f"lr chosen per cell from {[lr_text(x) for x in setup.lrs]} by validation "
+        f"{score_name(setup)[:-2]} on seed {setup.select_seed} (validation: {held})"
         if setup.lrs
         else f"lr {setup.lr}"
     )
+    data = "the shipped math set (--task sft)" if sft else "Rotten Tomatoes snippets, film split"
     return (
         f"model {setup.model or 'MiniLM (all-MiniLM-L6-v2)'}, data "
-        f"{setup.data or 'Rotten Tomatoes snippets, film split'}, limit {setup.limit}, "
+        f"{setup.data or data}, limit {setup.limit}, "
         f"{setup.epochs} epoch(s), max_steps {setup.max_steps}, batch {setup.batch_size}, "
         f"max length {setup.max_length}, {lr}, probe steps {setup.probe_steps}, "
         f"seeds {list(setup.seeds)}, torch threads per run {setup.threads or 'default'}"
@@ -321,7 +331,8 @@ def write_summary(
     rows = current_rows(common.read_rows(folder / "runs.csv"), setup.lrs, setup.select_seed,
                         setup.edge_steps, aliases(cells))  # fmt: skip
     summary = summarize(rows, cells, setup.lr)
-    trows = table_rows(summary, len(setup.seeds))
+    score = score_name(setup)
+    trows = table_rows(summary, len(setup.seeds), score)
     done = sum(s["n"] for s in summary)
     total = len(cells) * len(setup.seeds)
     keys = {c.key for c in cells}
@@ -339,18 +350,25 @@ def write_summary(
         f"{header}\n\n{progress}."
         + (f" Failed in the last invocation: {', '.join(failed)}." if failed else "")
         + "\n\n"
-        "Trainable parameters exclude the classifier head, which every method trains "
-        f"({summary[0]['head'] if summary else 0:,} parameters), and are counted as the plan "
-        "counts them (FlexLoRA: its r active directions and λ, not the 2r capacity it "
-        "allocates; peft methods: peft's count); a range means the plan differed by seed. "
-        "`lr` is the learning rate the cell ran at. `train s` is the training loop's mean "
-        "time; `probe s` the gradient probe of the run that computed the statistics (later "
-        "cells of the same seed reuse them); `peak MiB` is CUDA max_memory_allocated on a GPU, "
-        "the run process's peak RSS on the CPU.\n\n"
+        + (
+            "Trainable parameters exclude the classifier head, which every method trains "
+            f"({summary[0]['head'] if summary else 0:,} parameters), and are"
+            if score == "accuracy %"
+            else "Exact match: under teacher forcing the argmax at every answer position, EOS "
+            "included, is the answer's token (what greedy decoding emits). Trainable "
+            "parameters are the adapters' (no head trains), and are"
+        )
+        + " counted as the plan counts them (FlexLoRA: its r active directions and λ, not the "
+        "2r capacity it allocates; peft methods: peft's count); a range means the plan "
+        "differed by seed. `lr` is the learning rate the cell ran at. `train s` is the "
+        "training loop's mean time; `probe s` the gradient probe of the run that computed the "
+        "statistics (later cells of the same seed reuse them); `peak MiB` is CUDA "
+        "max_memory_allocated on a GPU, the run process's peak RSS on the CPU.\n\n"
     )
-    atomic_write_text(folder / "table.md", note + common.markdown_table(trows, TABLE_COLUMNS))
+    columns = table_columns(score)
+    atomic_write_text(folder / "table.md", note + common.markdown_table(trows, columns))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     w.writerows(trows)
     atomic_write_text(folder / "table.csv", buf.getvalue())
@@ -361,7 +379,7 @@ def write_summary(
         f"Configuration `{setup.name}`; {done} of {total} test runs finished. Each claim "
         f"compares its two cells, {'each at its own' if setup.lrs else 'both at the same'} "
         f"learning rate{own_lr_note}, on the seeds both finished (a seed fixes the data "
-        "split): `ours` gives their mean test accuracies over those seeds, "
+        f"split): `ours` gives their mean test {score[:-2]} over those seeds, "
         "Δ the mean per-seed difference ± its standard error (SE), and `SE < 1 pp` whether "
         "that SE is under 1 pp or about how many seeds would bring it there. A claim is `held` "
         "when Δ has the claimed sign and clears its threshold by more than twice the SE, "
@@ -375,8 +393,14 @@ def write_summary(
         cols = ("method", *(lr_text(x) for x in setup.lrs), "beyond the grid", "chosen lr")
         atomic_write_text(
             folder / "lr_selection.md",
-            f"Validation accuracy % (seed {setup.select_seed}; trained on the training split "
-            "without its validation slice, evaluated on the slice) at each learning rate of "
+            f"Validation {score} (seed {setup.select_seed}; "
+            + (
+                "trained on the training split, evaluated on the set's validation split"
+                if score != "accuracy %"
+                else "trained on the training split without its "
+                "validation slice, evaluated on the slice"
+            )
+            + ") at each learning rate of "
             "the grid and, where the best was at an end of it, one or two rates beyond that "
             "end (×2 above, ÷2 below); the chosen one in bold (ties: lower validation loss)."
             "\n\n" + common.markdown_table(lrows, cols),
