@@ -140,6 +140,9 @@ def test_rt_lowbudget_smoke_end_to_end(tmp_path):
         cut = test[f"truncate-at-r{b}"]
         assert cut["lr"] == test["lora-r16"]["lr"]
         assert int(cut["plan_params"]) <= int(test["lora-r16"]["plan_params"]) * b // 16
+    # all-linear reached the job: rank 1 on the attention and the MLP holds more than rank 1 on
+    # the attention alone
+    assert int(test["lora-all-at-r2"]["plan_params"]) > int(test["lora-r1"]["plan_params"])
     text = (folder / "frontier.md").read_text()
     assert "LoRA r=16 cut to r=2's count" in text and "| 16 |" in text
     assert (folder / "frontier.png").is_file()
@@ -240,6 +243,33 @@ def test_answers_name_the_planner_above_the_best_peer_and_the_control():
     (none,) = fr.answers(rows, cells, lora, fr.ACCURACY)
     assert "No planner sits above the frontier by more than 2 SE; the nearest is RaLoRA" in none
     assert none.endswith("Not finished: E²LoRA.")
+
+
+def test_auto_is_paired_against_uniform_lora_on_its_candidate_modules():
+    """LoRA on every linear layer 2 pp below a flat 70 % frontier, auto 1 pp below it: the words
+    give the spread's distance and auto − spread = +1 pp (above); RaLoRA is not paired with it."""
+    cells = [
+        quality.Cell("auto-at-r2", "auto", "auto", 16, {}, "contender", 2),
+        quality.Cell("ralora-at-r2", "RaLoRA", "ralora", 2, {}, "contender", 2),
+        quality.Cell("lora-all-at-r2", "LoRA all-linear r=1", "lora", 1, {}, "targets", 2,
+                     targets="all-linear"),
+    ]  # fmt: skip
+    rows = []
+    for s in (0, 1, 2):
+        for r, p in LORA_PARAMS.items():
+            rows.append({"cell": f"lora-r{r}", "seed": str(s), "phase": "test", "lr": "0.001",
+                         "accuracy": "0.7", "plan_params": str(p)})  # fmt: skip
+        for cell, acc in (("auto-at-r2", 0.69 + 0.001 * s), ("ralora-at-r2", 0.7),
+                          ("lora-all-at-r2", 0.68 + 0.0005 * s)):  # fmt: skip
+            rows.append({"cell": cell, "seed": str(s), "phase": "test", "lr": "0.001",
+                         "accuracy": str(acc), "plan_params": str(LORA_PARAMS[2])})  # fmt: skip
+    (said,) = fr.answers(rows, cells, [f"lora-r{r}" for r in LORA_PARAMS], fr.ACCURACY)
+    spread = said.split("LoRA all-linear r=1 (auto's candidate modules, one rank everywhere): ")[1]
+    d = [(0.69 + 0.001 * s) - (0.68 + 0.0005 * s) for s in (0, 1, 2)]
+    mean, se = 100 * np.mean(d), 100 * np.std(d, ddof=1) / np.sqrt(3)
+    assert spread.startswith("-1.95 ± 0.03 pp from the frontier")
+    assert spread.endswith(f"auto against it (paired): auto +{mean:.2f} ± {se:.2f} pp (above).")
+    assert "RaLoRA" not in spread
 
 
 def test_auto_pairs_are_read_on_validation_and_the_best_mean_is_named():

@@ -232,6 +232,14 @@ def _side(d: Mapping[str, Any], metric: Metric) -> str:
     return "within noise" if said.endswith("(within noise)") else said
 
 
+def _against(rows: Sequence[Row], cells: Sequence[Any], base: Any, metric: Metric) -> str:
+    """Each of ``cells`` minus ``base``, paired on the seeds both finished, in words."""
+    vs = [(c, paired_difference(rows, c.key, base.key, metric)) for c in cells]
+    said = "; ".join(f"{c.label} {_delta_text(d, metric)} ({_side(d, metric)})"
+                     for c, d in vs if d["n"])  # fmt: skip
+    return said or "none finished"
+
+
 def answers(
     rows: Sequence[Row], contenders: Sequence[Any], lora: Sequence[str], metric: Metric
 ) -> list[str]:
@@ -246,8 +254,9 @@ def budget_answer(
 ) -> str | None:
     """One budget's contenders ``at`` in words: which planners (group ``contender``) sit above
     the frontier by more than 2 SE (else the nearest), which peft peer (group ``peft``) is
-    nearest it, and each planner against the truncation control (group ``control``), paired on
-    the seeds both finished; None before any of them finished."""
+    nearest it, each planner against the truncation control (group ``control``) and ``auto``
+    against uniform LoRA on its candidate modules (group ``targets``), paired on the seeds both
+    finished; None before any of them finished."""
     dist = {c.key: distance(rows, c.key, lora, metric) for c in at}
     done = [c for c in at if dist[c.key]["n"]]
     if not done:
@@ -272,12 +281,14 @@ def budget_answer(
         parts.append(f"Best peft peer: {peer.label}, {_delta_text(dist[peer.key], metric)} "
                      f"({said}).")  # fmt: skip
     for control in (c for c in done if c.group == "control"):
-        vs = [(c, paired_difference(rows, c.key, control.key, metric)) for c in planners]
-        said = "; ".join(f"{c.label} {_delta_text(d, metric)} ({_side(d, metric)})"
-                         for c, d in vs if d["n"])  # fmt: skip
         parts.append(f"{control.label}: {_delta_text(dist[control.key], metric)} from the "
-                     f"frontier; the planners against it (planner − control, paired): "
-                     f"{said or 'none finished'}.")  # fmt: skip
+                     "frontier; the planners against it (planner − control, paired): "
+                     f"{_against(rows, planners, control, metric)}.")  # fmt: skip
+    autos = [c for c in planners if c.method == "auto"]
+    for spread in (c for c in done if c.group == "targets"):
+        parts.append(f"{spread.label} (auto's candidate modules, one rank everywhere): "
+                     f"{_delta_text(dist[spread.key], metric)} from the frontier; auto against "
+                     f"it (paired): {_against(rows, autos, spread, metric)}.")  # fmt: skip
     if pending := [c.label for c in at if not dist[c.key]["n"]]:
         parts.append(f"Not finished: {', '.join(pending)}.")
     return "- " + " ".join(parts)

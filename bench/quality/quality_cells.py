@@ -22,6 +22,7 @@ class Cell:
     group: str = "methods"
     budget: int | None = None  # frontier contenders: the LoRA rank whose parameter count they match
     lr_of: str | None = None  # runs at this cell's chosen learning rate, choosing none of its own
+    targets: str | None = None  # --target-modules (None: the method's default targets)
 
 
 CELLS: tuple[Cell, ...] = (
@@ -109,6 +110,12 @@ def frontier_cells() -> tuple[Cell, ...]:
     # cell's learning rate (as the cpu-gate run did), its rank matched like the gated cell's
     cells.append(Cell("e2lora-at-r8-greedy", "E²LoRA at r=8's size, greedy boundaries", "e2lora",
                       16, {"boundaries": "greedy"}, "gate", 8, lr_of="e2lora-at-r8"))  # fmt: skip
+    # Uniform LoRA on every linear layer of the stack (peft's target_modules="all-linear", a
+    # common user choice) at half the budget's rank: auto's candidate modules without auto's
+    # allocation (1.125× the budget's count on MiniLM, 1.33× on SmolLM2; the table measures it
+    # at its own count). It separates "attention or MLP" from "auto's ranks" in auto's distance.
+    cells += [Cell(f"lora-all-at-r{b}", f"LoRA all-linear r={b // 2}", "lora", b // 2, {},
+                   "targets", b, targets="all-linear") for b in BUDGETS]  # fmt: skip
     return tuple(cells)
 
 
@@ -124,7 +131,7 @@ RT_FRONTIER = (*FRONTIER_KEYS[:5], *CONTENDERS)  # r = 1…16
 MATH_FRONTIER = (*FRONTIER_KEYS, *CONTENDERS)  # r = 1…32
 SMOKE_FRONTIER = ("lora-r1", "lora-r2", "lora-r4", "lora-r16", "ralora-at-r2", "e2lora-at-r2",
                   "eva-at-r2", "truncate-at-r2", "pissa-at-r8", "truncate-at-r8", "e2lora-at-r8",
-                  "e2lora-at-r8-greedy")  # fmt: skip
+                  "e2lora-at-r8-greedy", "lora-all-at-r2")  # fmt: skip
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 2e-3, 5e-3)
 
 

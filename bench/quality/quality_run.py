@@ -44,6 +44,7 @@ def train_config(
         "method": cell.method,
         "r": cell.r,
         "options": cell_options(setup, cell),
+        "target_modules": [cell.targets] if cell.targets else None,
         "probe_steps": setup.probe_steps,
         "stats": stats,
         "keep_gradients": probes(cell, stats),  # for the later cells' cosine/L1/L2 similarity
