@@ -1,0 +1,26 @@
+"""bench/quality/untrained.py: the untrained model's scores, as a grid's runs are scored."""
+
+from __future__ import annotations
+
+import pytest
+
+from scripts import load_script
+
+untrained = load_script("bench/quality/untrained.py")
+qr = load_script("bench/quality/quality_run.py")
+
+
+def test_untrained_scores_both_splits_and_writes_them(tmp_path):
+    model = qr.smoke_sft_model(tmp_path / "model")
+    lines = untrained.main(["--model", model, "--results", str(tmp_path / "out"), "--threads", "1"])
+    assert lines[0].startswith("# python bench/quality/untrained.py --config math-cpu; CPU")
+    assert [line.split(":")[0] for line in lines[1:]] == ["validation", "test"]
+    assert "/600)" in lines[1]
+    assert "/1200)" in lines[2]
+    text = (tmp_path / "out" / "math-cpu" / "untrained.txt").read_text()
+    assert text == "\n".join(lines) + "\n"
+
+
+def test_a_classification_grid_is_refused():
+    with pytest.raises(SystemExit):
+        untrained.main(["--config", "rt-lowbudget"])
