@@ -24,3 +24,15 @@ def test_untrained_scores_both_splits_and_writes_them(tmp_path):
 def test_a_classification_grid_is_refused():
     with pytest.raises(SystemExit):
         untrained.main(["--config", "rt-lowbudget"])
+
+
+def test_frontier_md_quotes_the_untrained_test_line(tmp_path):
+    frontier = load_script("bench/quality/frontier.py")
+    line = "test: exact match 0.25 % (3/1200), answer loss 3.5000 nats, 500 s"
+    (tmp_path / "untrained.txt").write_text(f"# header\nvalidation: exact match 0 %\n{line}\n")
+    setup = untrained.CONFIGS["math-cpu"]
+    frontier.write_frontier(tmp_path, setup, [], [])
+    text = (tmp_path / "frontier.md").read_text()
+    assert text.endswith(
+        f"The untrained model (no adapter, `bench/quality/untrained.py`), {line}.\n"
+    )

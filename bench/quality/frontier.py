@@ -403,6 +403,9 @@ def write_frontier(folder: Path, setup: Any, cells: Sequence[Any], rows: Sequenc
         said.append(f"- {auto}")
     if said:
         text += "\nIn words (generated from the table's runs):\n\n" + "\n".join(said) + "\n"
+    if (untrained := folder / "untrained.txt").is_file():  # bench/quality/untrained.py
+        scores = [line for line in untrained.read_text().splitlines() if line.startswith("test:")]
+        text += f"\nThe untrained model (no adapter, `bench/quality/untrained.py`), {scores[0]}.\n"
     atomic_write_text(folder / "frontier.md", text)
     with contextlib.suppress(ImportError):  # matplotlib is optional
         if any(by_seed(rows, k, metrics[0]) for k in keys):
