@@ -298,3 +298,15 @@ def test_auto_pairs_are_read_on_validation_and_the_best_mean_is_named():
     partial = [r for r in rows if r["cell"] != "auto-2-gradient-at-r8"]
     assert "Best mean" not in fr.auto_validation(partial, cells, setup)
     assert fr.auto_validation(rows, cells, quality.Setup("t", None, None, (0,), 1, None, 8)) is None
+
+
+def test_running_a_few_cells_keeps_the_grid_s_tables_whole(tmp_path):
+    """--cells naming cells of the configuration runs only them, and every table still lists
+    the configuration's other cells (pending), as --seeds keeps the other seeds."""
+    folder = quality.main(["--smoke", "--config", "rt-lowbudget", "--cells", "lora-r1",
+                           "--results", str(tmp_path), "--quiet"])  # fmt: skip
+    ran = {r["cell"] for r in common.read_rows(folder / "runs.csv")}
+    assert ran == {"lora-r1"}
+    table = (folder / "table.md").read_text()
+    assert f"Finished test runs: 1 of {len(quality.SMOKE_FRONTIER)} " in table
+    assert "| LoRA r=16 |" in (folder / "lr_selection.md").read_text()  # pending, listed

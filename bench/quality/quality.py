@@ -169,7 +169,7 @@ def run_grid(
     """
     import torch
 
-    names = setup.sweep_cells if sweep else setup.cells
+    names = setup.sweep_cells if sweep else (setup.only_cells or setup.cells)
     cells = [c for c in CELLS if c.key in names]
     folder.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -245,8 +245,9 @@ def smoke_frontier(setup: Setup) -> Setup:
 def check_sources(setup: Setup) -> None:
     """ValueError when a truncation cell's source (LoRA r=16), or the cell whose learning rate a
     cell runs at (``Cell.lr_of``), is not a cell of the grid."""
+    run = setup.only_cells or setup.cells
     for c in CELLS:
-        if c.key in setup.cells and lr_source(c) and lr_source(c) not in setup.cells:
+        if c.key in run and lr_source(c) and lr_source(c) not in run:
             how = "cuts the runs of" if source_of(c) else "runs at the learning rate of"
             raise ValueError(f"cell {c.key} {how} {lr_source(c)}, which is not in --cells; add it")
 
@@ -271,7 +272,12 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         unknown = sorted(set(chosen) - keys)
         if unknown:
             raise ValueError(f"unknown cell(s) {unknown}; choose from {', '.join(sorted(keys))}")
-        setup = replace(setup, **{"sweep_cells" if args.lr_sweep else "cells": chosen})
+        if args.lr_sweep:
+            setup = replace(setup, sweep_cells=chosen)
+        elif set(chosen) <= set(setup.cells) and args.lr is None:
+            setup = replace(setup, only_cells=chosen)  # run a few now; the tables keep the grid
+        else:  # other cells, or one --lr for all: a grid of its own, only they are tabled
+            setup = replace(setup, cells=chosen)
     check_sources(setup)
     if args.lr is not None:
         if not args.lr > 0:
@@ -322,7 +328,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--results", default=str(RESULTS), help="folder for <config>/ outputs")
     ap.add_argument("--work", default=None, help="folder for run folders (default runs/…)")
-    ap.add_argument("--cells", default=None, help="comma-separated cell keys (default: all)")
+    ap.add_argument(
+        "--cells",
+        default=None,
+        help="comma-separated cell keys to run now (default: all); cells of the configuration "
+        "keep its tables whole, others (or any with --lr) make a grid of their own",
+    )
     ap.add_argument(
         "--seeds",
         default=None,

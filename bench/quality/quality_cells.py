@@ -161,6 +161,7 @@ class Setup:
     isolate: bool = True  # one process per run, so that a CPU peak RSS is that run's own
     threads: int | None = None  # torch CPU threads per run (None: torch's default)
     only_seeds: tuple[int, ...] | None = None  # run just these now (tables still count ``seeds``)
+    only_cells: tuple[str, ...] | None = None  # run just these now (tables still show ``cells``)
     task: str = "classify"  # "sft": the shipped math set, validation/test splits of its own
     eval_batch_size: int = 64
     frontier: bool = False  # the capacity-frontier summary (frontier.py) beside the tables
