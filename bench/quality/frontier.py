@@ -27,8 +27,7 @@ from quality_run import PROBE_FREE
 from quality_summary import row_params, verdict
 
 import common
-from entrolora.files import atomic_write_text
-from entrolora.report.figures import pyplot, save_png
+from entrolora.files import atomic_write_text, pyplot, save_png
 
 Row = Mapping[str, str]
 

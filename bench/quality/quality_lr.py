@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-from entrolora.files import atomic_write_text
-from entrolora.report.figures import pyplot, save_png
+from entrolora.files import atomic_write_text, pyplot, save_png
 
 Row = Mapping[str, str]
 

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees half a file (write a temporary file in the same
 folder, fsync it, then rename it over the destination), published with the mode a plain
-``open`` would have given (``mkstemp`` makes 0600 files, ``mkdtemp`` 0700 folders)."""
+``open`` would have given (``mkstemp`` makes 0600 files, ``mkdtemp`` 0700 folders). Figures
+are written the same way (``save_png``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def umask() -> int:
@@ -91,3 +93,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` as a PNG atomically (``tight``: ``tight_layout`` first), close
+    it whatever happens; returns the path."""
+    try:
+        if tight:
+            fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        pyplot().close(fig)
+    return Path(path)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ..report.figures import pyplot, save_png
+from ..files import pyplot, save_png
 
 History = Iterable[tuple[int, Mapping[str, int]]]
 

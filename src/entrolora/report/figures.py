@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
+from ..files import pyplot, save_png
 from ..plans import AdaptationPlan
 from ..stats import GradientStats
 
@@ -21,28 +21,6 @@ def short_type(module_type: str) -> str:
         if tail.startswith(prefix):
             return tail[len(prefix) :]
     return tail
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig: Any, path: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
-    """Write ``fig`` to ``path`` as a PNG atomically (``tight``: ``tight_layout`` first), close
-    it whatever happens; returns the path."""
-    try:
-        if tight:
-            fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    finally:
-        pyplot().close(fig)
-    return Path(path)
 
 
 def _layer_ticks(ax: Any, layers: Sequence[int], axis: str = "x") -> None:

@@ -165,7 +165,7 @@ def plan_figure(
     """``(matplotlib figure, the bars drawn)``: one panel per module type, in ``plan_bars``
     order; each panel's first bar container holds the trained ranks, the second (FlexLoRA) the
     initial ones."""
-    from .figures import pyplot
+    from ..files import pyplot
 
     plt = pyplot()
     bars = plan_bars(plan, history)
@@ -197,7 +197,7 @@ def plot_plan(
     title: str | None = None,
 ) -> Path:
     """Write the plan figure (see the module docstring) as a PNG; returns the path."""
-    from .figures import save_png
+    from ..files import save_png
 
     fig, _ = plan_figure(plan, history, title)
     return save_png(fig, path, tight=False)  # plan_figure laid it out around its legend
