@@ -364,7 +364,6 @@ def plot_frontier(
         ax.set_ylabel(m.name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best", ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return save_png(fig, path)
 
 

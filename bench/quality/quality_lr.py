@@ -238,7 +238,6 @@ def plot_sweep(
     ax.set_ylabel("validation accuracy %")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return save_png(fig, path)
 
 

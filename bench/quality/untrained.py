@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         lines.append(f"{split}: exact match {100 * em:.2f} % ({round(em * n)}/{n}), answer loss "
                      f"{m['eval_loss']:.4f} nats, {time.perf_counter() - t0:.0f} s")  # fmt: skip
         print(lines[-1], flush=True)
-    out = args.results / args.config / "untrained.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(args.results / args.config / "untrained.txt", "\n".join(lines) + "\n")
     return lines
 
 
