@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from quality_cells import CONFIGS  # noqa: E402
 
 import common  # noqa: E402
+from entrolora.data import sft as S  # noqa: E402
 from entrolora.data.sft import SFTOptions  # noqa: E402
 from entrolora.files import atomic_write_text  # noqa: E402
 from entrolora.job import sft  # noqa: E402
@@ -27,18 +29,21 @@ from entrolora.job.run import prepare  # noqa: E402
 from entrolora.train import TrainConfig  # noqa: E402
 
 
-def untrained_scores(config: str, split: str, model: str | None = None) -> dict:
-    """``evaluate_sft``'s scores of the configuration's model (or ``model``), no adapter, on
-    ``split``."""
+def untrained_scores(config: str, model: str | None = None) -> Iterator[tuple[str, dict]]:
+    """``(split, evaluate_sft's scores)`` of the configuration's model (or ``model``), no adapter,
+    for the validation split, then the test split; the model loads once."""
     setup = CONFIGS[config]
     # one batch of training rows: prepare() tokenizes them, and nothing here trains
     cfg = TrainConfig(model=model or setup.model, task="sft", limit=setup.batch_size,
                       max_length=setup.max_length, batch_size=setup.batch_size,
-                      eval_batch_size=setup.eval_batch_size, sft=SFTOptions(eval_split=split),
-                      progress=False)  # fmt: skip
+                      eval_batch_size=setup.eval_batch_size,
+                      sft=SFTOptions(eval_split="validation"), progress=False)  # fmt: skip
     job = prepare(cfg, "lora", torch.device("cpu"))
-    return sft.evaluate_sft(job.model, job.test_ds, setup.eval_batch_size, job.device,
-                            job.tokenizer.pad_token_id)  # fmt: skip
+    test = S.tokenize(job.tokenizer, S.load_math("test", cfg.sft), cfg.max_length,
+                      cfg.sft.chat_template)  # fmt: skip
+    for split, tokens in (("validation", job.test_ds), ("test", test)):
+        yield split, sft.evaluate_sft(job.model, tokens, setup.eval_batch_size, job.device,
+                                      job.tokenizer.pad_token_id)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -53,13 +58,13 @@ def main(argv: list[str] | None = None) -> list[str]:
         torch.set_num_threads(args.threads)
     info = common.describe(common.machine_info(torch.device("cpu")))
     lines = [f"# python bench/quality/untrained.py --config {args.config}; {info}"]
-    for split in ("validation", "test"):
-        t0 = time.perf_counter()
-        m = untrained_scores(args.config, split, args.model)
+    t0 = time.perf_counter()
+    for split, m in untrained_scores(args.config, args.model):
         em, n = m["exact_match"], m["eval_examples"]
         lines.append(f"{split}: exact match {100 * em:.2f} % ({round(em * n)}/{n}), answer loss "
                      f"{m['eval_loss']:.4f} nats, {time.perf_counter() - t0:.0f} s")  # fmt: skip
         print(lines[-1], flush=True)
+        t0 = time.perf_counter()
     atomic_write_text(args.results / args.config / "untrained.txt", "\n".join(lines) + "\n")
     return lines
 
