@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import pyplot, save_png
 from ..plans import AdaptationPlan
 
 OWN = "tab:blue"  # a module with its own adapter (nothing shared)
@@ -165,8 +166,6 @@ def plan_figure(
     """``(matplotlib figure, the bars drawn)``: one panel per module type, in ``plan_bars``
     order; each panel's first bar container holds the trained ranks, the second (FlexLoRA) the
     initial ones."""
-    from ..files import pyplot
-
     plt = pyplot()
     bars = plan_bars(plan, history)
     widest = max(len(v) for v in bars.values())
@@ -197,7 +196,5 @@ def plot_plan(
     title: str | None = None,
 ) -> Path:
     """Write the plan figure (see the module docstring) as a PNG; returns the path."""
-    from ..files import save_png
-
     fig, _ = plan_figure(plan, history, title)
     return save_png(fig, path, tight=False)  # plan_figure laid it out around its legend
