@@ -86,9 +86,14 @@ def summarize(rows: Sequence[Row], cells: Sequence[Any], lr: float | None = None
     return out
 
 
+def is_sft(setup: Any) -> bool:
+    """Whether ``setup`` is an instruction-tuning grid (``--task sft``, the shipped math set)."""
+    return getattr(setup, "task", "classify") == "sft"
+
+
 def score_name(setup: Any) -> str:
     """What a run's ``accuracy`` holds: exact match for ``--task sft``, else accuracy."""
-    return "exact match %" if getattr(setup, "task", "classify") == "sft" else "accuracy %"
+    return "exact match %" if is_sft(setup) else "accuracy %"
 
 
 def table_columns(score: str) -> tuple[str, ...]:
@@ -283,7 +288,7 @@ CLAIM_COLUMNS = ("claim", "ours", "Δ acc (pp)", "params ratio", "seeds", "SE < 
 
 # -- the files ----------------------------------------------------------------------------------
 def settings_text(setup: Any) -> str:
-    sft = getattr(setup, "task", "classify") == "sft"
+    sft = is_sft(setup)
     held = ("the set's own validation split" if sft else f"{setup.validation_fraction:.0%} of "
             "the training split, cut like the test split: by film")  # fmt: skip
     lr = (
@@ -353,7 +358,7 @@ def write_summary(
         + (
             "Trainable parameters exclude the classifier head, which every method trains "
             f"({summary[0]['head'] if summary else 0:,} parameters), and are"
-            if score == "accuracy %"
+            if not is_sft(setup)
             else "Exact match: under teacher forcing the argmax at every answer position, EOS "
             "included, is the answer's token (what greedy decoding emits). Trainable "
             "parameters are the adapters' (no head trains), and are"
@@ -396,7 +401,7 @@ def write_summary(
             f"Validation {score} (seed {setup.select_seed}; "
             + (
                 "trained on the training split, evaluated on the set's validation split"
-                if score != "accuracy %"
+                if is_sft(setup)
                 else "trained on the training split without its "
                 "validation slice, evaluated on the slice"
             )
