@@ -321,6 +321,57 @@ def measured_text(rows: Sequence[Row]) -> str:
     )
 
 
+def table_note(
+    setup: Any, rows: Sequence[Row], summary: Sequence[Mapping[str, Any]], header: str,
+    failed: Sequence[str],
+) -> str:  # fmt: skip
+    """table.md's text above the table: settings, machine, ``header`` (command and progress),
+    the failed runs, and what each column counts."""
+    return (
+        f"Configuration `{setup.name}`: {settings_text(setup)}.\n\n{measured_text(rows)} "
+        f"{header}"
+        + (f" Failed in the last invocation: {', '.join(failed)}." if failed else "")
+        + "\n\n"
+        + (
+            "Trainable parameters exclude the classifier head, which every method trains "
+            f"({summary[0]['head'] if summary else 0:,} parameters), and are"
+            if not is_sft(setup)
+            else "Exact match: under teacher forcing the argmax at every answer position, EOS "
+            "included, is the answer's token (what greedy decoding emits). Trainable "
+            "parameters are the adapters' (no head trains), and are"
+        )
+        + " counted as the plan counts them (FlexLoRA: its r active directions and λ, not the "
+        "2r capacity it allocates; peft methods: peft's count); a range means the plan "
+        "differed by seed. `lr` is the learning rate the cell ran at. `train s` is the "
+        "training loop's mean time; `probe s` the gradient probe of the run that computed the "
+        "statistics (later cells of the same seed reuse them); `peak MiB` is CUDA "
+        "max_memory_allocated on a GPU, the run process's peak RSS on the CPU.\n\n"
+    )
+
+
+def write_lr_selection(
+    folder: Path, setup: Any, rows: Sequence[Row], cells: Sequence[Any], score: str
+) -> None:
+    """lr_selection.md: each selecting cell's validation score at every learning rate tried."""
+    own = [c for c in cells if selects(c)]
+    lrows = lr_selection_rows(rows, own, setup.lrs, setup.select_seed, setup.edge_steps)
+    cols = ("method", *(lr_text(x) for x in setup.lrs), "beyond the grid", "chosen lr")
+    atomic_write_text(
+        folder / "lr_selection.md",
+        f"Validation {score} (seed {setup.select_seed}; "
+        + (
+            "trained on the training split, evaluated on the set's validation split"
+            if is_sft(setup)
+            else "trained on the training split without its "
+            "validation slice, evaluated on the slice"
+        )
+        + ") at each learning rate of "
+        "the grid and, where the best was at an end of it, one or two rates beyond that "
+        "end (×2 above, ÷2 below); the chosen one in bold (ties: lower validation loss)."
+        "\n\n" + common.markdown_table(lrows, cols),
+    )
+
+
 def write_summary(
     folder: Path,
     setup: Any,
@@ -350,26 +401,7 @@ def write_summary(
         if setup.lrs
         else ""
     )
-    note = (
-        f"Configuration `{setup.name}`: {settings_text(setup)}.\n\n{measured_text(rows)} "
-        f"{header}\n\n{progress}."
-        + (f" Failed in the last invocation: {', '.join(failed)}." if failed else "")
-        + "\n\n"
-        + (
-            "Trainable parameters exclude the classifier head, which every method trains "
-            f"({summary[0]['head'] if summary else 0:,} parameters), and are"
-            if not is_sft(setup)
-            else "Exact match: under teacher forcing the argmax at every answer position, EOS "
-            "included, is the answer's token (what greedy decoding emits). Trainable "
-            "parameters are the adapters' (no head trains), and are"
-        )
-        + " counted as the plan counts them (FlexLoRA: its r active directions and λ, not the "
-        "2r capacity it allocates; peft methods: peft's count); a range means the plan "
-        "differed by seed. `lr` is the learning rate the cell ran at. `train s` is the "
-        "training loop's mean time; `probe s` the gradient probe of the run that computed the "
-        "statistics (later cells of the same seed reuse them); `peak MiB` is CUDA "
-        "max_memory_allocated on a GPU, the run process's peak RSS on the CPU.\n\n"
-    )
+    note = table_note(setup, rows, summary, f"{header}\n\n{progress}.", failed)
     columns = table_columns(score)
     atomic_write_text(folder / "table.md", note + common.markdown_table(trows, columns))
     buf = io.StringIO()
@@ -393,23 +425,7 @@ def write_summary(
         "below.\n\n" + common.markdown_table(claims_rows(rows, cells), CLAIM_COLUMNS),
     )
     if setup.lrs:
-        own = [c for c in cells if selects(c)]
-        lrows = lr_selection_rows(rows, own, setup.lrs, setup.select_seed, setup.edge_steps)
-        cols = ("method", *(lr_text(x) for x in setup.lrs), "beyond the grid", "chosen lr")
-        atomic_write_text(
-            folder / "lr_selection.md",
-            f"Validation {score} (seed {setup.select_seed}; "
-            + (
-                "trained on the training split, evaluated on the set's validation split"
-                if is_sft(setup)
-                else "trained on the training split without its "
-                "validation slice, evaluated on the slice"
-            )
-            + ") at each learning rate of "
-            "the grid and, where the best was at an end of it, one or two rates beyond that "
-            "end (×2 above, ÷2 below); the chosen one in bold (ties: lower validation loss)."
-            "\n\n" + common.markdown_table(lrows, cols),
-        )
+        write_lr_selection(folder, setup, rows, cells, score)
     if sweep_cells:
         write_sweep(folder, setup, rows, sweep_cells)
     if getattr(setup, "frontier", False):
