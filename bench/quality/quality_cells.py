@@ -194,6 +194,8 @@ CONFIGS = {
     # frontier", Sizing): two seeds, two learning rates a cell (+ one beyond an edge), 72 steps
     # of 16 (a step ≈ 8.1 CPU-s, a test-split evaluation ≈ 265 CPU-s): ≈ 10.1 h, 11.1 h with
     # the auto cells, ≈ 14 h with auto's three other power/init pairs (issue 32, item 5).
+    # Measured: ≈ 11 h for issue 31's 24 cells, ≈ 15 h for all 33 (with two rates the best is
+    # always at an edge, so every cell makes three validation runs).
     "math-cpu": Setup("math-cpu", "smollm2", None, (0, 1), epochs=1, limit=None, max_length=96,
                       batch_size=16, eval_batch_size=32, max_steps=72, lrs=(1e-3, 4e-3),
                       edge_steps=1, probe_steps=8, cells=MATH_FRONTIER, task="sft",
